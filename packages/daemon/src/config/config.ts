@@ -1,0 +1,90 @@
+/**
+ * Daemon configuration, resolved once into a frozen object:
+ * explicit option > PODFLARE_* environment variable > default.
+ */
+import { homedir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+
+export type AccelChoice = "auto" | "kvm" | "tcg";
+
+export interface Config {
+  /** Built images, database, VM working directories. */
+  readonly stateDir: string;
+  /** Guest memory files (must be on a tmpfs for speed). */
+  readonly shmDir: string;
+  /** The repository's guest/ folder: the image recipe and the agent. */
+  readonly guestDir: string;
+  readonly qemuBinary: string;
+  readonly accel: AccelChoice;
+  readonly defaultVcpuCount: number;
+  readonly defaultMemSizeMib: number;
+  readonly maxVcpuCount: number;
+  readonly maxMemSizeMib: number;
+  /** Upper bound of a VM's console log; older output is dropped. */
+  readonly consoleLogMaxBytes: number;
+  readonly bootTimeoutMs: number;
+  readonly host: string;
+  readonly port: number;
+  readonly apiKeys: readonly string[];
+  readonly maxUploadBytes: number;
+  readonly defaultSandboxTimeoutMs: number;
+  readonly maxSandboxTimeoutMs: number;
+  readonly maxSandboxes: number;
+  readonly logLevel: string;
+}
+
+const here = dirname(fileURLToPath(import.meta.url));
+/** packages/daemon/dist/config -> repository root. */
+export const repoRoot = resolve(here, "../../../..");
+
+function envInt(name: string, fallback: number): number {
+  const raw = process.env[name];
+  if (raw === undefined || raw === "") return fallback;
+  const value = Number(raw);
+  if (!Number.isSafeInteger(value) || value < 0) {
+    throw new Error(`${name}=${raw} is not a non-negative integer; unset it or fix its value`);
+  }
+  return value;
+}
+
+function envAccel(): AccelChoice {
+  const raw = process.env.PODFLARE_ACCEL ?? "auto";
+  if (raw === "auto" || raw === "kvm" || raw === "tcg") return raw;
+  throw new Error(`PODFLARE_ACCEL=${raw} is not one of auto, kvm, tcg`);
+}
+
+function defaultStateDir(): string {
+  if (process.getuid?.() === 0) return "/var/lib/podflare";
+  return join(process.env.XDG_DATA_HOME ?? join(homedir(), ".local/share"), "podflare");
+}
+
+export function loadConfig(overrides: Partial<Config> = {}): Config {
+  const env = process.env;
+  const config: Config = {
+    stateDir: env.PODFLARE_STATE_DIR || defaultStateDir(),
+    shmDir: env.PODFLARE_SHM_DIR || "/dev/shm/podflare",
+    guestDir: env.PODFLARE_GUEST_DIR || join(repoRoot, "guest"),
+    qemuBinary: env.PODFLARE_QEMU || "qemu-system-x86_64",
+    accel: envAccel(),
+    defaultVcpuCount: envInt("PODFLARE_VCPU_COUNT", 2),
+    defaultMemSizeMib: envInt("PODFLARE_MEM_SIZE_MIB", 1024),
+    maxVcpuCount: envInt("PODFLARE_MAX_VCPU_COUNT", 4),
+    maxMemSizeMib: envInt("PODFLARE_MAX_MEM_SIZE_MIB", 4096),
+    consoleLogMaxBytes: envInt("PODFLARE_CONSOLE_LOG_MAX_BYTES", 256 * 1024),
+    bootTimeoutMs: envInt("PODFLARE_BOOT_TIMEOUT_MS", 60_000),
+    host: env.PODFLARE_BIND_HOST || "127.0.0.1",
+    port: envInt("PODFLARE_PORT", 7070),
+    apiKeys: (env.PODFLARE_API_KEYS ?? "")
+      .split(",")
+      .map((k) => k.trim())
+      .filter(Boolean),
+    maxUploadBytes: envInt("PODFLARE_MAX_UPLOAD_BYTES", 1024 * 1024 * 1024),
+    defaultSandboxTimeoutMs: envInt("PODFLARE_SANDBOX_TIMEOUT_MS", 5 * 60_000),
+    maxSandboxTimeoutMs: envInt("PODFLARE_MAX_SANDBOX_TIMEOUT_MS", 24 * 3600_000),
+    maxSandboxes: envInt("PODFLARE_MAX_SANDBOXES", 64),
+    logLevel: env.PODFLARE_LOG_LEVEL || "info",
+    ...overrides,
+  };
+  return Object.freeze(config);
+}

@@ -1,0 +1,248 @@
+/**
+ * `podflare image build`: kernel, initramfs and root file system for the guest, built
+ * without mounting anything, cached under <stateDir>/images/<key>/ by content hash.
+ * Concurrent builders of one key (several tests, several daemons) serialise on a lock
+ * file; the loser finds the finished image.
+ */
+import { constants } from "node:fs";
+import { access, copyFile, mkdir, readFile, readdir, rename, rm, stat, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { CleanupStack } from "../util/cleanup.js";
+import { withFileLock } from "../util/lock.js";
+import { run } from "../util/run.js";
+import {
+  DEBIAN_SUITE,
+  GUEST_FILES,
+  KERNEL_META_PACKAGE,
+  KERNEL_MODULES,
+  type KernelPackage,
+  ROOTFS_PACKAGES,
+  ROOTFS_SIZE,
+  recipeKey,
+} from "./recipe.js";
+
+export interface GuestImage {
+  key: string;
+  dir: string;
+  kernel: string;
+  initrd: string;
+  rootfs: string;
+  kernelPackage: KernelPackage;
+}
+
+export type Progress = (message: string) => void;
+
+/** Debian package that provides each tool, for the error message when one is missing. */
+const REQUIRED_TOOLS: Record<string, string> = {
+  "apt-get": "apt",
+  "apt-cache": "apt",
+  "dpkg-deb": "dpkg",
+  mmdebstrap: "mmdebstrap",
+  "mkfs.ext4": "e2fsprogs",
+  cpio: "cpio",
+  gzip: "gzip",
+};
+
+async function onPath(tool: string): Promise<boolean> {
+  for (const dir of (process.env.PATH ?? "").split(":").concat(["/usr/sbin", "/sbin"])) {
+    try {
+      await access(join(dir, tool), constants.X_OK);
+      return true;
+    } catch {}
+  }
+  return false;
+}
+
+async function checkTools(): Promise<void> {
+  const missing: string[] = [];
+  for (const [tool, pkg] of Object.entries(REQUIRED_TOOLS)) {
+    if (!(await onPath(tool))) missing.push(`${tool} (Debian package ${pkg})`);
+  }
+  const busybox = await readFile("/bin/busybox").catch(() => null);
+  if (!busybox || busybox.includes("ld-linux-x86-64.so")) {
+    missing.push("a static /bin/busybox (Debian package busybox-static)");
+  }
+  if (missing.length > 0) {
+    throw new Error(
+      `cannot build the guest image; missing: ${missing.join(", ")}. ` +
+        "Install them with apt-get install, or run scripts/setup.sh.",
+    );
+  }
+  if (process.getuid?.() !== 0) {
+    throw new Error("building the guest image needs root (mmdebstrap, device nodes); run it as root");
+  }
+}
+
+export async function resolveKernelPackage(): Promise<KernelPackage> {
+  const depends = await run("apt-cache", ["depends", KERNEL_META_PACKAGE]);
+  const name = /Depends:\s*(linux-image-\S+)/.exec(depends)?.[1];
+  if (!name) {
+    throw new Error(
+      `apt does not know ${KERNEL_META_PACKAGE}; run \`apt-get update\` (the package lists may be missing)`,
+    );
+  }
+  const policy = await run("apt-cache", ["policy", name]);
+  const version = /Candidate:\s*(\S+)/.exec(policy)?.[1];
+  if (!version || version === "(none)") {
+    throw new Error(`apt has no installable version of ${name}; run \`apt-get update\``);
+  }
+  return { name, version };
+}
+
+export function imagePaths(stateDir: string, key: string, kernelPackage: KernelPackage): GuestImage {
+  const dir = join(stateDir, "images", key);
+  return {
+    key,
+    dir,
+    kernel: join(dir, "vmlinuz"),
+    initrd: join(dir, "initrd.img"),
+    rootfs: join(dir, "rootfs.ext4"),
+    kernelPackage,
+  };
+}
+
+async function exists(path: string): Promise<boolean> {
+  return stat(path).then(
+    () => true,
+    () => false,
+  );
+}
+
+/** Return the cached image for the current recipe, building it first if needed. */
+export async function ensureImage(
+  opts: { stateDir: string; guestDir: string },
+  progress: Progress = () => {},
+): Promise<GuestImage> {
+  const kernelPackage = await resolveKernelPackage();
+  const key = await recipeKey(opts.guestDir, kernelPackage);
+  const image = imagePaths(opts.stateDir, key, kernelPackage);
+  const manifest = join(image.dir, "manifest.json");
+  if (await exists(manifest)) return image;
+
+  await mkdir(join(opts.stateDir, "images"), { recursive: true });
+  return withFileLock(join(opts.stateDir, "images", `.lock-${key}`), async () => {
+    if (await exists(manifest)) return image; // another builder finished while we waited
+    await checkTools();
+    const started = Date.now();
+    progress(`building guest image ${key} (kernel ${kernelPackage.name} ${kernelPackage.version})`);
+    const cleanup = new CleanupStack();
+    const work = join(opts.stateDir, "images", `.build-${key}-${process.pid}`);
+    await rm(work, { recursive: true, force: true });
+    await mkdir(work, { recursive: true });
+    cleanup.defer("remove build directory", () => rm(work, { recursive: true, force: true }));
+    try {
+      await buildInto(work, opts.guestDir, kernelPackage, progress);
+      await writeFile(
+        join(work, "out", "manifest.json"),
+        `${JSON.stringify({ key, kernelPackage, suite: DEBIAN_SUITE, builtAt: new Date().toISOString() }, null, 2)}\n`,
+      );
+      await rm(image.dir, { recursive: true, force: true });
+      await rename(join(work, "out"), image.dir);
+      progress(`guest image ${key} ready in ${((Date.now() - started) / 1000).toFixed(1)} s: ${image.dir}`);
+      return image;
+    } finally {
+      await cleanup.unwind();
+    }
+  });
+}
+
+async function buildInto(
+  work: string,
+  guestDir: string,
+  kernelPackage: KernelPackage,
+  progress: Progress,
+): Promise<void> {
+  const out = join(work, "out");
+  await mkdir(out);
+  const step = (n: number, what: string) => progress(`[${n}/4] ${what}`);
+
+  step(1, `kernel: apt-get download ${kernelPackage.name}`);
+  const debDir = join(work, "deb");
+  await mkdir(debDir);
+  await run("apt-get", ["download", `${kernelPackage.name}=${kernelPackage.version}`], { cwd: debDir });
+  const deb = (await readdir(debDir)).find((f) => f.endsWith(".deb"));
+  if (!deb) throw new Error(`apt-get download produced no .deb for ${kernelPackage.name}`);
+  const kernelTree = join(work, "kernel");
+  await run("dpkg-deb", ["-x", join(debDir, deb), kernelTree]);
+  const vmlinuz = (await readdir(join(kernelTree, "boot"))).find((f) => f.startsWith("vmlinuz-"));
+  if (!vmlinuz) throw new Error(`${deb} holds no /boot/vmlinuz-*`);
+  await copyFile(join(kernelTree, "boot", vmlinuz), join(out, "vmlinuz"));
+
+  step(2, "initramfs: busybox-static, virtio modules, init");
+  const initramfs = join(work, "initramfs");
+  await mkdir(join(initramfs, "bin"), { recursive: true });
+  await mkdir(join(initramfs, "lib/modules"), { recursive: true });
+  await copyFile("/bin/busybox", join(initramfs, "bin/busybox"));
+  const release = vmlinuz.slice("vmlinuz-".length);
+  const moduleFiles = await findModules(join(kernelTree, "lib/modules", release, "kernel"));
+  for (const mod of KERNEL_MODULES) {
+    const path = moduleFiles.get(`${mod}.ko`);
+    if (!path) throw new Error(`kernel ${release} has no module ${mod}.ko`);
+    await copyFile(path, join(initramfs, "lib/modules", `${mod}.ko`));
+  }
+  await copyFile(join(guestDir, "image/init"), join(initramfs, "init"));
+  await run("chmod", ["0755", join(initramfs, "init"), join(initramfs, "bin/busybox")]);
+  await run("sh", [
+    "-c",
+    'cd "$1" && find . -print0 | cpio --null -o -H newc --quiet --owner=0:0 | gzip -1 > "$2"',
+    "sh",
+    initramfs,
+    join(out, "initrd.img"),
+  ]);
+
+  step(3, `root file system: mmdebstrap ${DEBIAN_SUITE} minbase + ${ROOTFS_PACKAGES.join(", ")} (about a minute)`);
+  const root = join(work, "root");
+  let lines = 0;
+  await run(
+    "mmdebstrap",
+    [
+      "--variant=minbase",
+      `--include=${ROOTFS_PACKAGES.join(",")}`,
+      "--dpkgopt=path-exclude=/usr/share/doc/*",
+      "--dpkgopt=path-exclude=/usr/share/man/*",
+      "--dpkgopt=path-exclude=/usr/share/locale/*",
+      "--dpkgopt=path-exclude=/usr/share/info/*",
+      DEBIAN_SUITE,
+      root,
+    ],
+    {
+      onLine: (line) => {
+        lines += 1;
+        if (/^I: /.test(line) || lines % 50 === 0) progress(`      ${line.slice(0, 120)}`);
+      },
+    },
+  );
+  await mkdir(join(root, "opt/podflare"), { recursive: true });
+  for (const file of GUEST_FILES.filter((f) => f.startsWith("agent/"))) {
+    await copyFile(join(guestDir, file), join(root, "opt/podflare", file.slice("agent/".length)));
+  }
+  await writeFile(join(root, "etc/hostname"), "sandbox\n");
+  await writeFile(join(root, "etc/hosts"), "127.0.0.1\tlocalhost\n127.0.1.1\tsandbox\n::1\tlocalhost\n");
+  await writeFile(join(root, "etc/machine-id"), "");
+  await mkdir(join(root, "root"), { recursive: true });
+
+  step(4, `ext4 image: mkfs.ext4 -d (${ROOTFS_SIZE}, nothing mounted)`);
+  await run("mkfs.ext4", [
+    "-q",
+    "-F",
+    "-L",
+    "podflare-root",
+    "-O",
+    "^has_journal",
+    "-E",
+    "root_owner=0:0",
+    "-d",
+    root,
+    join(out, "rootfs.ext4"),
+    ROOTFS_SIZE,
+  ]);
+}
+
+async function findModules(dir: string, found = new Map<string, string>()): Promise<Map<string, string>> {
+  for (const entry of await readdir(dir, { withFileTypes: true })) {
+    const path = join(dir, entry.name);
+    if (entry.isDirectory()) await findModules(path, found);
+    else if (entry.name.endsWith(".ko")) found.set(entry.name, path);
+  }
+  return found;
+}

@@ -1,0 +1,52 @@
+/**
+ * What goes into a guest image, and the content hash that names a build of it.
+ * Change anything here or in guest/ and the hash changes, so the next build rebuilds.
+ */
+import { createHash } from "node:crypto";
+import { readFile } from "node:fs/promises";
+import { join } from "node:path";
+
+/** Bump when the build steps change in a way the inputs below do not capture. */
+export const RECIPE_VERSION = 3;
+export const DEBIAN_SUITE = "bookworm";
+export const KERNEL_META_PACKAGE = "linux-image-cloud-amd64";
+export const ROOTFS_PACKAGES = ["python3", "procps"] as const;
+export const ROOTFS_SIZE = "2G";
+/** In load order: each module's dependencies come before it. */
+export const KERNEL_MODULES = [
+  "virtio_ring",
+  "virtio",
+  "virtio_mmio",
+  "virtio_blk",
+  "virtio_console",
+] as const;
+/** Files of guest/ that end up in the image, relative to guest/. */
+export const GUEST_FILES = [
+  "image/init",
+  "agent/podflare_agent.py",
+  "agent/podflare_init.py",
+] as const;
+
+export interface KernelPackage {
+  name: string;
+  version: string;
+}
+
+export async function recipeKey(guestDir: string, kernel: KernelPackage): Promise<string> {
+  const hash = createHash("sha256");
+  hash.update(
+    JSON.stringify({
+      RECIPE_VERSION,
+      DEBIAN_SUITE,
+      ROOTFS_PACKAGES,
+      ROOTFS_SIZE,
+      KERNEL_MODULES,
+      kernel,
+    }),
+  );
+  for (const file of GUEST_FILES) {
+    hash.update(`\0${file}\0`);
+    hash.update(await readFile(join(guestDir, file)));
+  }
+  return hash.digest("hex").slice(0, 16);
+}

@@ -1,0 +1,228 @@
+/**
+ * A typed QMP client over any duplex byte stream (here: a socketpair handed to QEMU as a
+ * file descriptor, so there is no socket path to wait for). QEMU's replies are treated as
+ * untrusted input: lines are bounded and every reply is shape-checked.
+ */
+import { EventEmitter } from "node:events";
+import type { Duplex } from "node:stream";
+
+export const MAX_QMP_LINE = 1024 * 1024;
+
+export class QmpError extends Error {
+  constructor(
+    readonly command: string,
+    readonly errorClass: string,
+    readonly desc: string,
+  ) {
+    super(`QMP ${command} failed: ${errorClass}: ${desc}`);
+    this.name = "QmpError";
+  }
+}
+
+export class QmpClosedError extends Error {
+  constructor(reason: string) {
+    super(`QMP connection closed: ${reason}`);
+    this.name = "QmpClosedError";
+  }
+}
+
+export class QmpTimeoutError extends Error {
+  constructor(command: string, timeoutMs: number) {
+    super(`QMP ${command} got no reply within ${timeoutMs} ms`);
+    this.name = "QmpTimeoutError";
+  }
+}
+
+export interface QmpEvent {
+  event: string;
+  data: Record<string, unknown>;
+  timestamp?: { seconds: number; microseconds: number };
+}
+
+export interface QmpGreeting {
+  version: { qemu: { major: number; minor: number; micro: number }; package: string };
+  capabilities: unknown[];
+}
+
+/** The commands podflare uses, with their argument and return types. */
+export interface QmpCommands {
+  qmp_capabilities: { args: Record<string, never>; ret: Record<string, never> };
+  "query-status": { args: Record<string, never>; ret: { status: string; running: boolean } };
+  stop: { args: Record<string, never>; ret: Record<string, never> };
+  cont: { args: Record<string, never>; ret: Record<string, never> };
+  quit: { args: Record<string, never>; ret: Record<string, never> };
+  "migrate-set-capabilities": {
+    args: { capabilities: { capability: string; state: boolean }[] };
+    ret: Record<string, never>;
+  };
+  "migrate-set-parameters": { args: Record<string, unknown>; ret: Record<string, never> };
+  migrate: { args: { uri: string }; ret: Record<string, never> };
+  "migrate-incoming": { args: { uri: string }; ret: Record<string, never> };
+  "query-migrate": { args: Record<string, never>; ret: { status?: string; [k: string]: unknown } };
+  "getfd": { args: { fdname: string }; ret: Record<string, never> };
+  "blockdev-snapshot-sync": {
+    args: { device?: string; "node-name"?: string; "snapshot-file": string; format?: string };
+    ret: Record<string, never>;
+  };
+}
+
+interface Pending {
+  command: string;
+  resolve: (value: unknown) => void;
+  reject: (err: Error) => void;
+  timer: NodeJS.Timeout;
+}
+
+export class QmpClient extends EventEmitter {
+  private buffer = "";
+  private nextId = 1;
+  private readonly pending = new Map<string, Pending>();
+  private closedReason: string | null = null;
+  private greetingResolve!: (g: QmpGreeting) => void;
+  private greetingReject!: (e: Error) => void;
+  readonly greeting: Promise<QmpGreeting>;
+
+  constructor(private readonly stream: Duplex) {
+    super();
+    this.greeting = new Promise((resolve, reject) => {
+      this.greetingResolve = resolve;
+      this.greetingReject = reject;
+    });
+    this.greeting.catch(() => {}); // observed through connect()
+    stream.setEncoding("utf8");
+    stream.on("data", (chunk: string) => this.onData(chunk));
+    stream.on("error", (err) => this.close(err.message));
+    stream.on("close", () => this.close("stream closed"));
+  }
+
+  /** Wait for the greeting and leave capabilities-negotiation mode. */
+  async connect(timeoutMs = 10_000): Promise<QmpGreeting> {
+    const timer = setTimeout(() => this.close(`no QMP greeting within ${timeoutMs} ms`), timeoutMs);
+    try {
+      const greeting = await this.greeting;
+      await this.execute("qmp_capabilities", {}, timeoutMs);
+      return greeting;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  execute<K extends keyof QmpCommands>(
+    command: K,
+    args: QmpCommands[K]["args"],
+    timeoutMs = 10_000,
+  ): Promise<QmpCommands[K]["ret"]> {
+    if (this.closedReason) return Promise.reject(new QmpClosedError(this.closedReason));
+    const id = `pf-${this.nextId++}`;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new QmpTimeoutError(command, timeoutMs));
+      }, timeoutMs);
+      this.pending.set(id, { command, resolve: resolve as (v: unknown) => void, reject, timer });
+      const message: Record<string, unknown> = { execute: command, id };
+      if (Object.keys(args).length > 0) message.arguments = args;
+      this.stream.write(`${JSON.stringify(message)}\n`);
+    });
+  }
+
+  /** Resolve with the first event of that name satisfying `match`, or reject on timeout. */
+  waitForEvent(
+    name: string,
+    timeoutMs: number,
+    match: (e: QmpEvent) => boolean = () => true,
+  ): Promise<QmpEvent> {
+    return new Promise((resolve, reject) => {
+      const onEvent = (e: QmpEvent) => {
+        if (e.event !== name || !match(e)) return;
+        cleanup();
+        resolve(e);
+      };
+      const onClose = (reason: string) => {
+        cleanup();
+        reject(new QmpClosedError(reason));
+      };
+      const timer = setTimeout(() => {
+        cleanup();
+        reject(new Error(`no QMP ${name} event within ${timeoutMs} ms`));
+      }, timeoutMs);
+      const cleanup = () => {
+        clearTimeout(timer);
+        this.off("event", onEvent);
+        this.off("closed", onClose);
+      };
+      this.on("event", onEvent);
+      this.on("closed", onClose);
+    });
+  }
+
+  get closed(): boolean {
+    return this.closedReason !== null;
+  }
+
+  close(reason = "closed by host"): void {
+    if (this.closedReason) return;
+    this.closedReason = reason;
+    const err = new QmpClosedError(reason);
+    this.greetingReject(err);
+    for (const p of this.pending.values()) {
+      clearTimeout(p.timer);
+      p.reject(err);
+    }
+    this.pending.clear();
+    this.stream.destroy();
+    this.emit("closed", reason);
+  }
+
+  private onData(chunk: string): void {
+    this.buffer += chunk;
+    for (;;) {
+      const newline = this.buffer.indexOf("\n");
+      if (newline < 0) break;
+      const line = this.buffer.slice(0, newline).trim();
+      this.buffer = this.buffer.slice(newline + 1);
+      if (line) this.onLine(line);
+      if (this.closedReason) return;
+    }
+    if (this.buffer.length > MAX_QMP_LINE) {
+      this.close(`QMP line longer than ${MAX_QMP_LINE} bytes`);
+    }
+  }
+
+  private onLine(line: string): void {
+    let msg: unknown;
+    try {
+      msg = JSON.parse(line);
+    } catch {
+      this.close("QMP sent a line that is not JSON");
+      return;
+    }
+    if (typeof msg !== "object" || msg === null || Array.isArray(msg)) {
+      this.close("QMP sent a non-object message");
+      return;
+    }
+    const m = msg as Record<string, unknown>;
+    if ("QMP" in m) {
+      this.greetingResolve(m.QMP as QmpGreeting);
+      return;
+    }
+    if (typeof m.event === "string") {
+      const data = typeof m.data === "object" && m.data !== null ? (m.data as Record<string, unknown>) : {};
+      this.emit("event", { event: m.event, data, timestamp: m.timestamp } as QmpEvent);
+      return;
+    }
+    const id = typeof m.id === "string" ? m.id : undefined;
+    const pending = id ? this.pending.get(id) : undefined;
+    if (!pending || !id) return; // a reply to a request that already timed out
+    this.pending.delete(id);
+    clearTimeout(pending.timer);
+    if ("return" in m) {
+      pending.resolve(m.return);
+    } else if (typeof m.error === "object" && m.error !== null) {
+      const e = m.error as Record<string, unknown>;
+      pending.reject(new QmpError(pending.command, String(e.class ?? "GenericError"), String(e.desc ?? "")));
+    } else {
+      pending.reject(new QmpError(pending.command, "ProtocolError", "reply has neither return nor error"));
+    }
+  }
+}

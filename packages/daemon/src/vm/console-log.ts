@@ -1,0 +1,43 @@
+/**
+ * A size-bounded console log: the guest's serial output goes to <dir>/console.log; when
+ * that file reaches half the bound it becomes console.log.1 (replacing the older one),
+ * so at most `maxBytes` are on disk. The last few KiB are also kept in memory for
+ * error messages (a boot that fails says why).
+ */
+import { closeSync, openSync, renameSync, writeSync } from "node:fs";
+
+export class ConsoleLog {
+  private fd: number | null;
+  private written = 0;
+  private tailText = "";
+
+  constructor(
+    private readonly path: string,
+    private readonly maxBytes: number,
+  ) {
+    this.fd = openSync(path, "w", 0o600);
+  }
+
+  write(chunk: Buffer): void {
+    this.tailText = (this.tailText + chunk.toString("utf8")).slice(-4096);
+    if (this.fd === null) return;
+    if (this.written + chunk.length > this.maxBytes / 2) {
+      closeSync(this.fd);
+      renameSync(this.path, `${this.path}.1`);
+      this.fd = openSync(this.path, "w", 0o600);
+      this.written = 0;
+    }
+    const part = chunk.subarray(0, Math.floor(this.maxBytes / 2));
+    writeSync(this.fd, part);
+    this.written += part.length;
+  }
+
+  tail(): string {
+    return this.tailText;
+  }
+
+  close(): void {
+    if (this.fd !== null) closeSync(this.fd);
+    this.fd = null;
+  }
+}

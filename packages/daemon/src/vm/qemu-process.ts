@@ -1,0 +1,80 @@
+/**
+ * One QEMU process and its three host channels. QEMU runs under `setpriv --pdeathsig
+ * KILL`, so it dies with the daemon even on `kill -9`: no VM can outlive its owner.
+ */
+import { type ChildProcess, spawn } from "node:child_process";
+import type { Duplex } from "node:stream";
+import { QmpClient } from "../qmp/client.js";
+import { ConsoleLog } from "./console-log.js";
+import { FD_AGENT, FD_CONSOLE, FD_QMP } from "./qemu-args.js";
+
+export interface QemuExit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+}
+
+export class QemuProcess {
+  readonly qmp: QmpClient;
+  readonly agentStream: Duplex;
+  readonly exited: Promise<QemuExit>;
+  private exitInfo: QemuExit | null = null;
+  private stderrTail = "";
+
+  private constructor(
+    private readonly child: ChildProcess,
+    readonly console: ConsoleLog,
+  ) {
+    const stdio = child.stdio as unknown as (Duplex | null)[];
+    const qmpStream = stdio[FD_QMP];
+    const agentStream = stdio[FD_AGENT];
+    const consoleStream = stdio[FD_CONSOLE];
+    if (!qmpStream || !agentStream || !consoleStream) throw new Error("QEMU channels were not created");
+    this.qmp = new QmpClient(qmpStream);
+    this.agentStream = agentStream;
+    consoleStream.on("data", (chunk: Buffer) => console.write(chunk));
+    consoleStream.on("error", () => {});
+    child.stderr?.on("data", (chunk: Buffer) => {
+      this.stderrTail = (this.stderrTail + chunk.toString("utf8")).slice(-4096);
+    });
+    this.exited = new Promise((resolve) => {
+      child.once("exit", (code, signal) => {
+        this.exitInfo = { code, signal };
+        this.qmp.close("QEMU exited");
+        console.close();
+        resolve(this.exitInfo);
+      });
+    });
+  }
+
+  static spawn(qemuBinary: string, args: string[], consolePath: string, consoleMaxBytes: number): QemuProcess {
+    const consoleLog = new ConsoleLog(consolePath, consoleMaxBytes);
+    const child = spawn("setpriv", ["--pdeathsig", "KILL", "--", qemuBinary, ...args], {
+      stdio: ["ignore", "ignore", "pipe", "pipe", "pipe", "pipe"],
+    });
+    const proc = new QemuProcess(child, consoleLog);
+    child.on("error", () => {}); // surfaces as an exit with code null
+    return proc;
+  }
+
+  get pid(): number | undefined {
+    return this.child.pid;
+  }
+
+  get hasExited(): boolean {
+    return this.exitInfo !== null;
+  }
+
+  /** What QEMU and the guest said last: for error messages. */
+  diagnostics(): string {
+    const parts: string[] = [];
+    if (this.stderrTail.trim()) parts.push(`qemu: ${this.stderrTail.trim().slice(-1500)}`);
+    const con = this.console.tail().trim();
+    if (con) parts.push(`console: …${con.slice(-1500)}`);
+    return parts.join("\n");
+  }
+
+  async kill(): Promise<QemuExit> {
+    if (!this.exitInfo) this.child.kill("SIGKILL");
+    return this.exited;
+  }
+}

@@ -1,0 +1,43 @@
+/**
+ * A running microVM as the rest of the daemon sees it: its agent, its QEMU, and one
+ * idempotent destroy that undoes everything the VM acquired, in reverse order.
+ */
+import type { AgentClient } from "../guest/agent-client.js";
+import type { CleanupStack } from "../util/cleanup.js";
+import type { Accel, VmShape } from "./qemu-args.js";
+import type { QemuExit, QemuProcess } from "./qemu-process.js";
+
+export class Vm {
+  private destroying: Promise<void> | null = null;
+
+  constructor(
+    readonly id: string,
+    readonly dir: string,
+    readonly shape: VmShape,
+    readonly accel: Accel,
+    readonly qemu: QemuProcess,
+    readonly agent: AgentClient,
+    private readonly cleanup: CleanupStack,
+    private readonly onCleanupFailure: (name: string, error: unknown) => void,
+  ) {}
+
+  get pid(): number | undefined {
+    return this.qemu.pid;
+  }
+
+  get alive(): boolean {
+    return !this.qemu.hasExited && !this.agent.closed;
+  }
+
+  /** Resolves when QEMU exits for any reason (crash, guest poweroff, kill). */
+  get exited(): Promise<QemuExit> {
+    return this.qemu.exited;
+  }
+
+  destroy(): Promise<void> {
+    this.destroying ??= this.cleanup.unwind().then((failures) => {
+      for (const f of failures) this.onCleanupFailure(f.name, f.error);
+    });
+    return this.destroying;
+  }
+}
