@@ -11,6 +11,8 @@ export type AccelChoice = "auto" | "kvm" | "tcg";
 export interface Config {
   /** Built images, database, VM working directories. */
   readonly stateDir: string;
+  /** Built guest images, shareable between daemons (and test runs): cached by content hash. */
+  readonly imagesDir: string;
   /** Guest memory files (must be on a tmpfs for speed). */
   readonly shmDir: string;
   /** The repository's guest/ folder: the image recipe and the agent. */
@@ -61,8 +63,10 @@ function defaultStateDir(): string {
 
 export function loadConfig(overrides: Partial<Config> = {}): Config {
   const env = process.env;
+  const stateDir = overrides.stateDir ?? (env.PODFLARE_STATE_DIR || defaultStateDir());
   const config: Config = {
-    stateDir: env.PODFLARE_STATE_DIR || defaultStateDir(),
+    stateDir,
+    imagesDir: env.PODFLARE_IMAGES_DIR || join(stateDir, "images"),
     shmDir: env.PODFLARE_SHM_DIR || "/dev/shm/podflare",
     guestDir: env.PODFLARE_GUEST_DIR || join(repoRoot, "guest"),
     qemuBinary: env.PODFLARE_QEMU || "qemu-system-x86_64",

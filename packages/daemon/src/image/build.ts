@@ -1,6 +1,6 @@
 /**
  * `podflare image build`: kernel, initramfs and root file system for the guest, built
- * without mounting anything, cached under <stateDir>/images/<key>/ by content hash.
+ * without mounting anything, cached under <imagesDir>/<key>/ by content hash.
  * Concurrent builders of one key (several tests, several daemons) serialise on a lock
  * file; the loser finds the finished image.
  */
@@ -89,8 +89,8 @@ export async function resolveKernelPackage(): Promise<KernelPackage> {
   return { name, version };
 }
 
-export function imagePaths(stateDir: string, key: string, kernelPackage: KernelPackage): GuestImage {
-  const dir = join(stateDir, "images", key);
+export function imagePaths(imagesDir: string, key: string, kernelPackage: KernelPackage): GuestImage {
+  const dir = join(imagesDir, key);
   return {
     key,
     dir,
@@ -110,23 +110,23 @@ async function exists(path: string): Promise<boolean> {
 
 /** Return the cached image for the current recipe, building it first if needed. */
 export async function ensureImage(
-  opts: { stateDir: string; guestDir: string },
+  opts: { imagesDir: string; guestDir: string },
   progress: Progress = () => {},
 ): Promise<GuestImage> {
   const kernelPackage = await resolveKernelPackage();
   const key = await recipeKey(opts.guestDir, kernelPackage);
-  const image = imagePaths(opts.stateDir, key, kernelPackage);
+  const image = imagePaths(opts.imagesDir, key, kernelPackage);
   const manifest = join(image.dir, "manifest.json");
   if (await exists(manifest)) return image;
 
-  await mkdir(join(opts.stateDir, "images"), { recursive: true });
-  return withFileLock(join(opts.stateDir, "images", `.lock-${key}`), async () => {
+  await mkdir(opts.imagesDir, { recursive: true });
+  return withFileLock(join(opts.imagesDir, `.lock-${key}`), async () => {
     if (await exists(manifest)) return image; // another builder finished while we waited
     await checkTools();
     const started = Date.now();
     progress(`building guest image ${key} (kernel ${kernelPackage.name} ${kernelPackage.version})`);
     const cleanup = new CleanupStack();
-    const work = join(opts.stateDir, "images", `.build-${key}-${process.pid}`);
+    const work = join(opts.imagesDir, `.build-${key}-${process.pid}`);
     await rm(work, { recursive: true, force: true });
     await mkdir(work, { recursive: true });
     cleanup.defer("remove build directory", () => rm(work, { recursive: true, force: true }));

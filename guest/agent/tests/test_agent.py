@@ -1,0 +1,557 @@
+"""Tests of the guest agent: the real agent as a subprocess over a socket pair (--fd).
+
+Run: cd guest/agent && python3 -m unittest discover -s tests -v
+"""
+
+import base64
+import itertools
+import json
+import os
+import random
+import stat
+import struct
+import sys
+import tempfile
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import podflare_agent  # noqa: E402  (in-process tests of the pure parts)
+from frames import MAGIC, AgentProcess, encode  # noqa: E402
+
+
+class Result:
+    def __init__(self, events, exit_header):
+        self.events = events  # [(stream, text)], consecutive same-stream writes merged
+        self.exit = exit_header
+        self.stdout = "".join(text for stream, text in events if stream == "stdout")
+        self.stderr = "".join(text for stream, text in events if stream == "stderr")
+        self.code = exit_header["code"]
+
+
+class AgentCase(unittest.TestCase):
+    def setUp(self):
+        self.agent = AgentProcess()
+        self.addCleanup(self._stop_agent)
+        self.ch = self.agent.channel
+        self._ids = itertools.count(1)
+
+    def _stop_agent(self):
+        self.assertEqual(self.agent.close(), 0, "the agent must exit cleanly on EOF")
+
+    def new_id(self):
+        return next(self._ids)
+
+    def recv(self, timeout=10.0):
+        return self.ch.recv(timeout)
+
+    def request(self, kind, payload=b"", **fields):
+        """Sends one request and returns its reply header (which must carry the id)."""
+        rid = self.new_id()
+        self.ch.send({"type": kind, "id": rid, **fields}, payload)
+        header, _ = self.recv()
+        self.assertEqual(header.get("id"), rid, header)
+        return header
+
+    def start(self, code, language="python", timeout_ms=None, max_output_bytes=None):
+        rid = self.new_id()
+        header = {"type": "exec", "id": rid, "language": language, "timeout_ms": timeout_ms, "max_output_bytes": max_output_bytes}
+        self.ch.send(header, code.encode("utf-8"))
+        return rid
+
+    def collect(self, rid, timeout=10.0, expect_also=()):
+        """Output and exit of exec `rid`; `expect_also`: other frames that must show up meanwhile."""
+        events = []
+        pending = list(expect_also)
+        deadline = time.monotonic() + timeout
+        while True:
+            header, payload = self.recv(max(0.01, deadline - time.monotonic()))
+            if header in pending:
+                pending.remove(header)
+                continue
+            self.assertEqual(header.get("id"), rid, header)
+            if header["type"] == "exit":
+                for _ in list(pending):
+                    other, _ = self.recv()
+                    self.assertIn(other, pending)
+                    pending.remove(other)
+                return Result(events, header)
+            self.assertEqual(header["type"], "output", header)
+            self.assertLessEqual(len(payload), 64 << 10)
+            text = payload.decode("utf-8")  # strict: never a split character
+            if events and events[-1][0] == header["stream"]:
+                events[-1] = (header["stream"], events[-1][1] + text)
+            else:
+                events.append((header["stream"], text))
+
+    def run_code(self, code, **kwargs):
+        return self.collect(self.start(code, **kwargs))
+
+    def assertError(self, header, code, rid="any"):
+        self.assertEqual(header["type"], "error", header)
+        self.assertEqual(header["code"], code, header)
+        self.assertIsInstance(header["message"], str)
+        if rid != "any":
+            self.assertEqual(header["id"], rid, header)
+
+
+class HandshakeTests(AgentCase):
+    def test_hello(self):
+        reply = self.request("hello", version=1)
+        self.assertEqual(reply["type"], "hello")
+        self.assertEqual(reply["version"], 1)
+        self.assertTrue(reply["agent"].startswith("podflare-agent/"))
+        self.assertEqual(reply["python"], "%d.%d.%d" % sys.version_info[:3])
+        self.assertEqual(reply["pid"], self.agent.proc.pid)
+
+    def test_hello_unsupported_version(self):
+        self.assertError(self.request("hello", version=2), "unsupported_version")
+        self.assertError(self.request("hello", version=True), "unsupported_version")
+
+    def test_ping(self):
+        self.assertEqual(self.request("ping"), {"type": "pong", "id": 1})
+
+
+class PythonTests(AgentCase):
+    def test_state_persists_between_calls(self):
+        first = self.run_code("x = 42; import json")
+        self.assertEqual((first.code, first.events), (0, []))
+        second = self.run_code("print(x, json.dumps({'ok': True}))")
+        self.assertEqual(second.code, 0)
+        self.assertEqual(second.stdout, '42 {"ok": true}\n')
+        self.assertNotIn("error", second.exit)
+
+    def test_exception_then_working_call(self):
+        result = self.run_code("def f():\n    raise ValueError('boom')\n\nf()\n")
+        self.assertEqual(result.code, 1)
+        error = result.exit["error"]
+        self.assertEqual((error["name"], error["value"]), ("ValueError", "boom"))
+        self.assertIn("raise ValueError('boom')", error["traceback"])  # source lines via linecache
+        self.assertIn('File "<cell-1>", line 4', error["traceback"])
+        self.assertNotIn("podflare_agent", error["traceback"])
+        self.assertEqual(result.stderr, error["traceback"])
+        self.assertEqual(self.run_code("print('still here')").stdout, "still here\n")
+
+    def test_syntax_error(self):
+        result = self.run_code("def broken(:\n")
+        self.assertEqual(result.code, 1)
+        self.assertEqual(result.exit["error"]["name"], "SyntaxError")
+        self.assertIn("SyntaxError", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertEqual(self.run_code("1").stdout, "1\n")
+
+    def test_system_exit(self):
+        self.assertEqual(self.run_code("raise SystemExit(3)").exit, {"type": "exit", "id": 1, "code": 3})
+        self.assertEqual(self.run_code("import sys; sys.exit()").code, 0)
+        result = self.run_code("sys.exit('bye')")
+        self.assertEqual((result.code, result.stderr), (1, "bye\n"))
+        self.assertNotIn("error", result.exit)
+        self.assertEqual(self.run_code("print('alive')").stdout, "alive\n")
+
+    def test_last_expression_is_displayed(self):
+        self.assertEqual(self.run_code("1 + 1").stdout, "2\n")
+        self.assertEqual(self.run_code("_ * 10").stdout, "20\n")
+        self.assertEqual(self.run_code("x = 5\nx").stdout, "5\n")
+        self.assertEqual(self.run_code("'s'").stdout, "'s'\n")
+        self.assertEqual(self.run_code("None").stdout, "")
+        self.assertEqual(self.run_code("y = 7").stdout, "")
+        self.assertEqual(self.run_code("_").stdout, "'s'\n")
+
+    def test_stdout_stderr_order_is_exact(self):
+        code = (
+            "import sys\n"
+            "for i in range(20):\n"
+            "    if i % 2: print(f'err{i}', file=sys.stderr, flush=True)\n"
+            "    else: print(f'out{i}', flush=True)\n"
+        )
+        result = self.run_code(code)
+        expected = [("stderr" if i % 2 else "stdout", f"{'err' if i % 2 else 'out'}{i}\n") for i in range(20)]
+        self.assertEqual(result.events, expected)
+
+    def test_child_process_output_is_captured(self):
+        result = self.run_code("import os\nprint('a')\nrc = os.system('echo b')")
+        self.assertEqual((result.stdout, result.code), ("a\nb\n", 0))
+        result = self.run_code("import subprocess\nsubprocess.run(['sh', '-c', 'echo to-err >&2'])\nNone")
+        self.assertEqual(result.stderr, "to-err\n")
+
+    def test_c_stdio_output_is_flushed(self):
+        result = self.run_code("import ctypes\nctypes.CDLL(None).printf(b'from C\\n')\nNone")
+        self.assertEqual(result.stdout, "from C\n")
+
+    def test_binary_buffer_writes(self):
+        result = self.run_code("import sys\nsys.stdout.buffer.write('bytes \u00e9\\n'.encode())\nNone")
+        self.assertEqual(result.stdout, "bytes \u00e9\n")
+
+    def test_cwd_and_environment_persist(self):
+        directory = os.path.realpath(tempfile.mkdtemp())
+        self.addCleanup(os.rmdir, directory)
+        self.run_code(f"import os\nos.chdir({directory!r})\nos.environ['PODFLARE_T'] = 'v1'")
+        self.assertEqual(self.run_code("print(os.getcwd(), os.environ['PODFLARE_T'])").stdout, f"{directory} v1\n")
+        self.assertEqual(self.run_code('pwd; echo "$PODFLARE_T"', language="bash").stdout, f"{directory}\nv1\n")
+
+    def test_stdin_is_empty(self):
+        self.assertEqual(self.run_code("import sys\nsys.stdin.read()").stdout, "''\n")
+        self.assertEqual(self.run_code("input()").exit["error"]["name"], "EOFError")
+
+    def test_main_module_is_the_repl(self):
+        code = "import pickle, sys\nclass P: pass\nprint(sys.modules['__main__'].P is P, type(pickle.loads(pickle.dumps(P()))).__name__)"
+        self.assertEqual(self.run_code(code).stdout, "True P\n")
+
+    def test_output_truncation(self):
+        result = self.run_code("print('x' * 1000)\nprint('more')", max_output_bytes=100)
+        self.assertEqual(result.stdout, "x" * 100)
+        self.assertIs(result.exit["truncated"], True)
+        # Cut at a character boundary: 5 bytes hold two 2-byte characters.
+        result = self.run_code("print('\u00e9' * 10)", max_output_bytes=5)
+        self.assertEqual(result.stdout, "\u00e9\u00e9")
+        self.assertNotIn("truncated", self.run_code("print('fits')", max_output_bytes=5).exit)
+
+    def test_large_output_is_split_on_characters(self):
+        result = self.run_code("print('\u00e9' * 100000)")  # collect() checks frame size and UTF-8
+        self.assertEqual(result.stdout, "\u00e9" * 100000 + "\n")
+
+
+class TimeoutAndCancelTests(AgentCase):
+    def test_busy_loop_times_out(self):
+        began = time.monotonic()
+        result = self.run_code("while True: pass", timeout_ms=300)
+        self.assertLess(time.monotonic() - began, 3)
+        self.assertEqual(result.code, 124)
+        self.assertIs(result.exit["timed_out"], True)
+        self.assertEqual(result.exit["error"]["name"], "KeyboardInterrupt")
+        self.assertIn("KeyboardInterrupt", result.stderr)
+        self.assertEqual(self.run_code("print('usable')").stdout, "usable\n")
+
+    def test_sleep_times_out(self):
+        began = time.monotonic()
+        result = self.run_code("import time\ntime.sleep(100)", timeout_ms=200)
+        self.assertLess(time.monotonic() - began, 3)
+        self.assertEqual((result.code, result.exit.get("timed_out")), (124, True))
+        self.assertIn("time.sleep(100)", result.stderr)
+
+    def test_interrupt_is_repeated_when_swallowed(self):
+        code = "import time\ntry:\n    time.sleep(100)\nexcept KeyboardInterrupt:\n    print('swallowed')\ntime.sleep(100)\n"
+        began = time.monotonic()
+        result = self.run_code(code, timeout_ms=200)
+        self.assertLess(time.monotonic() - began, 4)
+        self.assertEqual((result.code, result.stdout), (124, "swallowed\n"))
+
+    def test_bash_timeout_kills_the_process_group(self):
+        began = time.monotonic()
+        result = self.run_code("sleep 100 & sleep 100; echo never", language="bash", timeout_ms=200)
+        self.assertLess(time.monotonic() - began, 3)
+        self.assertEqual((result.code, result.exit.get("timed_out"), result.stdout), (124, True, ""))
+
+    def test_ping_is_answered_while_code_runs(self):
+        rid = self.start("import time\nprint('go', flush=True)\ntime.sleep(0.5)\nprint('done')")
+        header, payload = self.recv()
+        self.assertEqual((header["type"], payload), ("output", b"go\n"))
+        ping_id = self.new_id()
+        self.ch.send({"type": "ping", "id": ping_id})
+        self.assertEqual(self.recv(timeout=0.3)[0], {"type": "pong", "id": ping_id})
+        self.assertEqual(self.collect(rid).stdout, "done\n")
+
+    def test_cancel_queued_and_running(self):
+        running = self.start("import time\nprint('started', flush=True)\ntime.sleep(100)")
+        queued = self.start("print('never')")
+        self.assertEqual(self.recv()[0]["type"], "output")  # `running` is on the main thread
+        cancel_id = self.new_id()
+        self.ch.send({"type": "cancel", "id": cancel_id, "target": queued})
+        self.assertEqual(self.recv()[0], {"type": "exit", "id": queued, "code": 130, "cancelled": True})
+        self.assertEqual(self.recv()[0], {"type": "ok", "id": cancel_id})
+        cancel_id = self.new_id()
+        self.ch.send({"type": "cancel", "id": cancel_id, "target": running})
+        # The ok (reader thread) may come before or among the exec's last events.
+        result = self.collect(running, expect_also=[{"type": "ok", "id": cancel_id}])
+        self.assertEqual((result.code, result.exit["cancelled"]), (130, True))
+        self.assertNotIn("timed_out", result.exit)
+        self.assertIn("KeyboardInterrupt", result.stderr)
+        self.assertEqual(self.request("cancel", target=999)["type"], "ok")  # unknown: idempotent
+        self.assertEqual(self.run_code("print('after')").stdout, "after\n")
+
+    def test_close_while_code_runs(self):
+        self.start("import time\ntime.sleep(100)")
+        time.sleep(0.1)
+        # _stop_agent checks that it exits cleanly.
+
+
+class BashTests(AgentCase):
+    def test_bash(self):
+        result = self.run_code("echo hi; echo err >&2; exit 5", language="bash")
+        self.assertEqual((result.stdout, result.stderr, result.code), ("hi\n", "err\n", 5))
+
+    def test_bash_killed_by_signal(self):
+        self.assertEqual(self.run_code("kill -TERM $$", language="bash").code, 128 + 15)
+
+    def test_bash_has_its_own_session(self):
+        result = self.run_code("cut -d' ' -f6 /proc/$$/stat; echo $$", language="bash")
+        sid, pid = result.stdout.split()
+        self.assertEqual(sid, pid)
+
+
+class MalformedFrameTests(AgentCase):
+    def ping_works(self):
+        self.assertEqual(self.request("ping")["type"], "pong")
+
+    def test_garbage_then_valid_frame(self):
+        self.ch.send_raw(b"garbage!" * 100 + b"PF" + encode({"type": "ping", "id": 7}))
+        self.assertError(self.recv()[0], "bad_frame", rid=None)
+        self.assertEqual(self.recv()[0], {"type": "pong", "id": 7})
+
+    def test_lengths_out_of_bounds(self):
+        for header_len, payload_len in ((70000, 0), (1, 0), (10, (1 << 20) + 1)):
+            self.ch.send_raw(MAGIC + struct.pack(">II", header_len, payload_len) + b"x" * 30)
+            self.assertError(self.recv()[0], "bad_frame", rid=None)
+            self.ping_works()
+
+    def test_truncated_frame_then_more_frames(self):
+        # The next frame's bytes complete the truncated header (invalid JSON); what is left
+        # of it is garbage up to the following magic.
+        self.ch.send_raw(MAGIC + struct.pack(">II", 20, 0) + b'{"type"')
+        self.assertTrue(self.ch.nothing_within(0.2))
+        self.ch.send({"type": "ping", "id": 1})
+        self.assertError(self.recv()[0], "bad_request", rid=None)
+        self.assertError(self.recv()[0], "bad_frame", rid=None)
+        self.ping_works()
+
+    def test_truncated_frame_then_eof(self):
+        self.ch.send_raw(MAGIC + struct.pack(">II", 100, 10) + b'{"type":')
+        # _stop_agent closes the channel and checks the agent exits cleanly.
+
+    def test_bad_headers(self):
+        for raw in (b"{not json", b"[1, 2]", b'"str"', b"\xff\xfe\x00x", b"[" * 60000, b'{"id": 3}', b'{"type": 5, "id": 3}'):
+            self.ch.send_raw(encode(raw))
+            header = self.recv()[0]
+            self.assertError(header, "bad_request")
+            self.assertIn(header["id"], (None, 3))
+        self.ping_works()
+
+    def test_bad_ids(self):
+        for rid in (0, -1, True, 1.5, "1", 1 << 53, None):
+            self.ch.send({"type": "ping", "id": rid})
+            self.assertError(self.recv()[0], "bad_request", rid=None)
+        self.ch.send({"type": "ping"})
+        self.assertError(self.recv()[0], "bad_request", rid=None)
+
+    def test_unknown_type(self):
+        self.assertError(self.request("nope"), "bad_request")
+        self.assertError(self.request("stat_tree", path="/"), "bad_request")
+
+    def test_bad_exec_requests(self):
+        self.assertError(self.request("exec", b"1", language="ruby"), "bad_request")
+        self.assertError(self.request("exec", b"1", language="python", timeout_ms=0), "bad_request")
+        self.assertError(self.request("exec", b"1", language="python", max_output_bytes="9"), "bad_request")
+        self.assertError(self.request("exec", b"\xff", language="python"), "bad_request")
+        self.assertError(self.request("exec", b"echo \0", language="bash"), "bad_request")
+        self.assertError(self.request("cancel"), "bad_request")
+        self.ping_works()
+
+    def test_stream_survives_everything_above(self):
+        self.ch.send_raw(b"\x00" * 5000 + encode(b"{}") + MAGIC + b"\xff" * 8)
+        self.assertError(self.recv()[0], "bad_frame")
+        self.assertError(self.recv()[0], "bad_request")
+        self.assertError(self.recv()[0], "bad_frame")
+        self.assertEqual(self.run_code("print(6 * 7)").stdout, "42\n")
+
+
+class FileTests(AgentCase):
+    def setUp(self):
+        super().setUp()
+        self.dir = tempfile.TemporaryDirectory()
+        self.addCleanup(self.dir.cleanup)
+        self.root = self.dir.name
+
+    def upload(self, path, chunks, mode=None, size=None):
+        reply = self.request("write_begin", path=path, mode=mode)
+        self.assertEqual(reply["type"], "ok", reply)
+        rid = reply["id"]
+        for chunk in chunks:
+            self.ch.send({"type": "write_chunk", "id": rid}, chunk)
+        self.ch.send({"type": "write_end", "id": rid, "size": sum(map(len, chunks)) if size is None else size})
+        return self.recv()[0]
+
+    def test_write_creates_parents_and_sets_mode(self):
+        path = os.path.join(self.root, "a", "b", "file.bin")
+        data = os.urandom(3 << 20)
+        reply = self.upload(path, [data[: 1 << 20], data[1 << 20 : 2 << 20], data[2 << 20 :]], mode=0o640)
+        self.assertEqual(reply, {"type": "ok", "id": 1, "size": len(data)})
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), data)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o640)
+        self.assertEqual(os.listdir(os.path.dirname(path)), ["file.bin"])
+
+    def test_overwrite_keeps_mode(self):
+        path = os.path.join(self.root, "script.sh")
+        with open(path, "w") as f:
+            f.write("old")
+        os.chmod(path, 0o755)
+        self.assertEqual(self.upload(path, [b"new"])["type"], "ok")
+        with open(path) as f:
+            self.assertEqual(f.read(), "new")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o755)
+
+    def test_size_mismatch_leaves_nothing(self):
+        path = os.path.join(self.root, "f.txt")
+        self.assertError(self.upload(path, [b"12345"], size=6), "bad_request", rid=1)
+        self.assertEqual(os.listdir(self.root), [])
+
+    def test_abort_leaves_nothing(self):
+        path = os.path.join(self.root, "f.txt")
+        rid = self.request("write_begin", path=path, mode=None)["id"]
+        self.ch.send({"type": "write_chunk", "id": rid}, b"partial")
+        self.ch.send({"type": "write_abort", "id": rid})
+        self.assertEqual(self.recv()[0], {"type": "ok", "id": rid})
+        self.assertEqual(os.listdir(self.root), [])
+        self.ch.send({"type": "write_end", "id": rid, "size": 7})
+        self.assertError(self.recv()[0], "unknown_transfer", rid=rid)
+
+    def test_write_errors(self):
+        self.assertError(self.request("write_begin", path="relative/file"), "bad_path")
+        self.assertError(self.request("write_begin", path="/tmp/a\0b"), "bad_path")
+        self.assertError(self.request("write_begin", path="/" + "a" * 5000), "bad_path")
+        self.assertError(self.request("write_begin", path=self.root), "is_directory")
+        self.assertError(self.request("write_begin", path=self.root + "/sub/"), "is_directory")
+        with open(os.path.join(self.root, "plain"), "w"):
+            pass
+        self.assertError(self.request("write_begin", path=self.root + "/plain/x"), "bad_path")
+        self.assertError(self.request("write_begin", path=self.root + "/m", mode=0o10000), "bad_request")
+        self.ch.send({"type": "write_chunk", "id": 99}, b"x")
+        self.assertError(self.recv()[0], "unknown_transfer", rid=99)
+        self.assertEqual(os.listdir(self.root), ["plain"])
+
+    def test_read_with_credit_window(self):
+        path = os.path.join(self.root, "big.bin")
+        data = os.urandom(600 << 10)
+        with open(path, "wb") as f:
+            f.write(data)
+        window = 64 << 10
+        rid = self.new_id()
+        self.ch.send({"type": "read", "id": rid, "path": path, "window": window})
+        self.assertEqual(self.recv()[0], {"type": "read_begin", "id": rid, "size": len(data)})
+        received = bytearray()
+        while True:
+            # Exactly one window arrives, then nothing until it is acknowledged.
+            target = min(len(received) + window, len(data))
+            while len(received) < target:
+                header, payload = self.recv()
+                self.assertEqual(header, {"type": "data", "id": rid})
+                received += payload
+            self.assertEqual(len(received), target)
+            if target == len(data):
+                break
+            self.assertTrue(self.ch.nothing_within(0.1))
+            self.ch.send({"type": "read_ack", "id": rid, "bytes": len(received)})
+        self.assertEqual(self.recv()[0], {"type": "read_end", "id": rid, "size": len(data)})
+        self.assertEqual(bytes(received), data)
+
+    def test_read_chunks_and_abort(self):
+        path = os.path.join(self.root, "big.bin")
+        with open(path, "wb") as f:
+            f.write(b"z" * (2 << 20))
+        rid = self.new_id()
+        self.ch.send({"type": "read", "id": rid, "path": path, "window": 1 << 20})
+        self.assertEqual(self.recv()[0]["type"], "read_begin")
+        sizes = []
+        while sum(sizes) < 1 << 20:
+            header, payload = self.recv()
+            self.assertEqual(header["type"], "data")
+            sizes.append(len(payload))
+        self.assertEqual(sizes, [256 << 10] * 4)
+        self.ch.send({"type": "read_abort", "id": rid})
+        self.ch.send({"type": "read_ack", "id": rid, "bytes": 1 << 20})  # late ack: ignored
+        self.assertTrue(self.ch.nothing_within(0.2))
+        self.assertEqual(self.request("ping")["type"], "pong")
+
+    def test_read_errors(self):
+        self.assertError(self.request("read", path=self.root + "/missing", window=65536), "not_found")
+        self.assertError(self.request("read", path=self.root, window=65536), "is_directory")
+        self.assertError(self.request("read", path="relative", window=65536), "bad_path")
+        self.assertError(self.request("read", path="/dev/null", window=65536), "io_error")
+        self.assertError(self.request("read", path=self.root, window=1024), "bad_request")
+
+    def test_read_empty_file(self):
+        path = os.path.join(self.root, "empty")
+        open(path, "wb").close()
+        self.assertEqual(self.request("read", path=path, window=65536), {"type": "read_begin", "id": 1, "size": 0})
+        self.assertEqual(self.recv()[0], {"type": "read_end", "id": 1, "size": 0})
+
+
+class RestoreTests(AgentCase):
+    def restore(self, **overrides):
+        fields = {"entropy": base64.b64encode(os.urandom(64)).decode(), "time_ns": time.time_ns(), "hostname": "sbx-1", "machine_id": "0" * 32}
+        fields.update(overrides)
+        return self.request("restore", **fields)
+
+    def test_restore_reseeds_random(self):
+        self.run_code("import random\nrandom.seed(1234)")
+        self.assertEqual(self.restore()["type"], "ok")
+        expected = random.Random(1234).random()
+        value = float(self.run_code("random.random()").stdout)
+        self.assertNotEqual(value, expected)
+
+    def test_restore_validation(self):
+        self.assertError(self.restore(entropy=base64.b64encode(b"x" * 16).decode()), "bad_request")
+        self.assertError(self.restore(entropy="not base64!"), "bad_request")
+        self.assertError(self.restore(time_ns=-1), "bad_request")
+        self.assertError(self.restore(hostname="Bad_Host"), "bad_request")
+        self.assertError(self.restore(hostname="a" * 64), "bad_request")
+        self.assertError(self.restore(machine_id="xyz"), "bad_request")
+
+
+class PureTests(unittest.TestCase):
+    """The agent's pure helpers, in-process."""
+
+    def frame(self, header, payload=b""):
+        return encode(header, payload)
+
+    def test_parser_byte_by_byte(self):
+        parser = podflare_agent.FrameParser()
+        events = []
+        for byte in self.frame({"type": "ping", "id": 1}, b"body"):
+            events += parser.feed(bytes([byte]))
+        self.assertEqual(events, [("frame", b'{"type": "ping", "id": 1}', b"body")])
+
+    def test_parser_reset_drops_partial_frame(self):
+        parser = podflare_agent.FrameParser()
+        self.assertEqual(parser.feed(self.frame({"type": "ping", "id": 1})[:15]), [])
+        self.assertTrue(parser.reset())
+        frame = self.frame({"type": "ping", "id": 2})
+        self.assertEqual(parser.feed(frame), [("frame", b'{"type": "ping", "id": 2}', b"")])
+        self.assertFalse(parser.reset())
+
+    def test_parser_keeps_partial_magic_after_garbage(self):
+        parser = podflare_agent.FrameParser()
+        frame = self.frame({"type": "ping", "id": 1})
+        events = parser.feed(b"junk" + frame[:3])
+        self.assertEqual([kind for kind, _, _ in events], ["bad_frame"])
+        self.assertEqual(parser.feed(frame[3:]), [("frame", b'{"type": "ping", "id": 1}', b"")])
+
+    def test_parser_memory_is_bounded(self):
+        parser = podflare_agent.FrameParser()
+        events = parser.feed(MAGIC + struct.pack(">II", 64 << 10, 1 << 20))
+        while not events:
+            self.assertGreater(parser.room(), 0)
+            events = parser.feed(b"\x00" * min(parser.room(), 300_000))
+        self.assertEqual([(kind, len(header), len(payload)) for kind, header, payload in events], [("frame", 64 << 10, 1 << 20)])
+        self.assertEqual(parser.room(), podflare_agent.MAX_FRAME)
+
+    def test_rand_pool_info_layout(self):
+        info = podflare_agent.rand_pool_info(b"\x01" * 32)
+        self.assertEqual(struct.unpack_from("ii", info), (256, 32))
+        self.assertEqual(info[8:], b"\x01" * 32)
+
+    def test_utf8_cut(self):
+        data = "a\u00e9\u20ac\U0001f600".encode()  # 1 + 2 + 3 + 4 bytes
+        self.assertEqual([podflare_agent._utf8_cut(data, 0, n) for n in range(11)], [0, 1, 1, 3, 3, 3, 6, 6, 6, 6, 10])
+
+    def test_ioctl_numbers(self):
+        def ioc(direction, kind, number, size):
+            return direction << 30 | size << 16 | ord(kind) << 8 | number
+
+        self.assertEqual(podflare_agent.RNDADDENTROPY, ioc(1, "R", 3, 8))
+        self.assertEqual(podflare_agent.RNDRESEEDCRNG, ioc(0, "R", 7, 0))
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,127 @@
+/**
+ * The HTTP transport: parse, validate, call one service method, serialize. Errors map to
+ * statuses in api/errors.ts only.
+ */
+import { Readable } from "node:stream";
+import { type TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
+import Fastify from "fastify";
+import type { ExecEvent } from "../guest/agent-client.js";
+import { NotImplementedError, PodflareError } from "../sandboxes/errors.js";
+import type { SandboxService } from "../sandboxes/service.js";
+import type { Logger } from "../util/logger.js";
+import { makeKeyChecker } from "./auth.js";
+import { toHttpError } from "./errors.js";
+import { CreateBody, ExecBody, FileQuery, ForkBody, SandboxIdParams } from "./schemas.js";
+
+export interface ServerDeps {
+  service: SandboxService;
+  apiKeys: readonly string[];
+  capacity: () => Record<string, unknown>;
+  metrics?: () => Promise<{ contentType: string; body: string }>;
+  log: Logger;
+}
+
+export function buildServer(deps: ServerDeps) {
+  const { service } = deps;
+  const app = Fastify({
+    loggerInstance: deps.log,
+    disableRequestLogging: true,
+    bodyLimit: 2 * 1024 * 1024,
+    ajv: { customOptions: { coerceTypes: false, removeAdditional: false, allErrors: false } },
+  }).withTypeProvider<TypeBoxTypeProvider>();
+
+  app.setErrorHandler((err, request, reply) => {
+    const { status, body } = toHttpError(err);
+    if (status >= 500) request.log.error({ err, url: request.url }, "request failed");
+    void reply.status(status).send(body);
+  });
+  app.setNotFoundHandler((request, reply) => {
+    void reply.status(404).send({ error: `no route ${request.method} ${request.url.split("?")[0]}`, code: "not_found" });
+  });
+  app.addHook("onResponse", (request, reply, done) => {
+    request.log.info({ method: request.method, url: request.url.split("?")[0], status: reply.statusCode, ms: Math.round(reply.elapsedTime) }, "request");
+    done();
+  });
+
+  const checkKey = makeKeyChecker(deps.apiKeys);
+  if (checkKey) {
+    app.addHook("onRequest", (request, reply, done) => {
+      if (request.url === "/v1/healthz" || !checkKey(request.headers.authorization)) {
+        if (request.url === "/v1/healthz") return done();
+        void reply.status(401).send({ error: "missing or wrong API key: send Authorization: Bearer <key>", code: "unauthorized" });
+        return;
+      }
+      done();
+    });
+  }
+
+  app.get("/v1/healthz", async (_req, reply) => reply.type("text/plain").send("ok"));
+  app.get("/v1/capacity", async () => deps.capacity());
+  if (deps.metrics) {
+    const metrics = deps.metrics;
+    app.get("/metrics", async (_req, reply) => {
+      const m = await metrics();
+      return reply.type(m.contentType).send(m.body);
+    });
+  }
+
+  app.post("/v1/sandboxes", { schema: { body: CreateBody } }, async (req, reply) => {
+    const info = await service.create(req.body ?? {});
+    return reply.status(201).send(info);
+  });
+  app.get("/v1/sandboxes", async () => ({ sandboxes: service.list() }));
+  app.get("/v1/sandboxes/:id", { schema: { params: SandboxIdParams } }, async (req) => service.info(req.params.id));
+  app.delete("/v1/sandboxes/:id", { schema: { params: SandboxIdParams } }, async (req, reply) => {
+    await service.destroy(req.params.id);
+    return reply.status(204).send();
+  });
+
+  app.post("/v1/sandboxes/:id/exec", { schema: { params: SandboxIdParams, body: ExecBody } }, async (req, reply) => {
+    const events = service.exec(req.params.id, req.body);
+    return reply.type("application/x-ndjson").send(Readable.from(ndjson(events)));
+  });
+
+  app.post("/v1/sandboxes/:id/fork", { schema: { params: SandboxIdParams, body: ForkBody } }, async (req) => {
+    service.info(req.params.id); // 404 first, as for every route
+    throw new NotImplementedError("fork is not available in this version of podflare yet");
+  });
+  app.post("/v1/sandboxes/:id/merge_into/:winner", async (req) => {
+    const { id } = req.params as { id: string; winner: string };
+    service.info(id);
+    throw new NotImplementedError("merge_into is not available in this version of podflare yet");
+  });
+
+  // Files: raw bytes streamed straight through, never buffered whole.
+  void app.register(async (plugin) => {
+    const files = plugin.withTypeProvider<TypeBoxTypeProvider>();
+    files.removeAllContentTypeParsers();
+    files.addContentTypeParser("*", (_req, payload, done) => done(null, payload));
+    files.put("/v1/sandboxes/:id/files", { schema: { params: SandboxIdParams, querystring: FileQuery } }, async (req, reply) => {
+      const length = req.headers["content-length"] ? Number(req.headers["content-length"]) : undefined;
+      const body = (req.body as Readable | undefined) ?? Readable.from([]);
+      try {
+        await service.upload(req.params.id, req.query.path, body, length);
+      } catch (err) {
+        // Stop reading a body we refuse; the connection closes after the error reply.
+        if (err instanceof PodflareError) void reply.header("connection", "close");
+        throw err;
+      }
+      return reply.status(204).send();
+    });
+    files.get("/v1/sandboxes/:id/files", { schema: { params: SandboxIdParams, querystring: FileQuery } }, async (req, reply) => {
+      const { size, stream } = await service.download(req.params.id, req.query.path);
+      return reply.type("application/octet-stream").header("content-length", size).send(stream);
+    });
+  });
+
+  return app;
+}
+
+async function* ndjson(events: AsyncIterable<ExecEvent>): AsyncGenerator<string> {
+  let seq = 0;
+  for await (const event of events) {
+    yield `${JSON.stringify({ ...event, seq: seq++, ts: Date.now() })}\n`;
+  }
+}
+
+export type PodflareServer = ReturnType<typeof buildServer>;

@@ -1,0 +1,56 @@
+/**
+ * Start-up reconciliation. A sandbox cannot outlive the daemon that ran it (QEMU dies
+ * with its parent and the host channels were socketpairs), so whatever a previous run
+ * left is ended and removed: rows marked ended, stray QEMU processes killed, VM
+ * directories and memory files deleted.
+ */
+import { readFile, readdir, rm } from "node:fs/promises";
+import { join } from "node:path";
+import type { Store } from "../store/db.js";
+import type { Logger } from "../util/logger.js";
+import { LIVE_STATES } from "./lifecycle.js";
+
+export interface ReconcileReport {
+  sandboxesEnded: number;
+  processesKilled: number;
+  filesRemoved: number;
+}
+
+/** QEMU processes whose command line points into our VM directory. */
+export async function findStrayQemus(vmsDir: string): Promise<number[]> {
+  const pids: number[] = [];
+  for (const entry of await readdir("/proc").catch(() => [] as string[])) {
+    if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
+    const cmdline = await readFile(`/proc/${entry}/cmdline`, "utf8").catch(() => "");
+    const argv = cmdline.split("\0");
+    if (argv.some((a) => a.includes("qemu-system")) && argv.some((a) => a.includes(`${vmsDir}/`))) {
+      pids.push(Number(entry));
+    }
+  }
+  return pids;
+}
+
+export async function reconcile(store: Store, dirs: { vmsDir: string; shmDir: string }, log: Logger): Promise<ReconcileReport> {
+  const report: ReconcileReport = { sandboxesEnded: 0, processesKilled: 0, filesRemoved: 0 };
+  for (const row of store.listSandboxes(LIVE_STATES)) {
+    store.setState(row.id, "ended", { endReason: "the daemon restarted" });
+    report.sandboxesEnded++;
+  }
+  for (const pid of await findStrayQemus(dirs.vmsDir)) {
+    try {
+      process.kill(pid, "SIGKILL");
+      report.processesKilled++;
+    } catch {}
+  }
+  for (const dir of [dirs.vmsDir, dirs.shmDir]) {
+    for (const entry of await readdir(dir).catch(() => [] as string[])) {
+      await rm(join(dir, entry), { recursive: true, force: true });
+      report.filesRemoved++;
+    }
+  }
+  store.pruneEnded(7 * 24 * 3600_000);
+  if (report.sandboxesEnded + report.processesKilled + report.filesRemoved > 0) {
+    log.warn(report, "reconciled what a previous daemon run left behind");
+  }
+  return report;
+}

@@ -1,0 +1,309 @@
+/**
+ * The sandbox operations. Transports (HTTP today) call these methods and nothing else;
+ * this module never sees HTTP. State lives in SQLite; the live VMs in `live`.
+ */
+import { randomBytes } from "node:crypto";
+import type { Readable } from "node:stream";
+import { AgentClosedError, AgentError, type ExecEvent, type Language } from "../guest/agent-client.js";
+import type { Store, SandboxRow } from "../store/db.js";
+import type { Logger } from "../util/logger.js";
+import type { VmShape } from "../vm/qemu-args.js";
+import type { Vm } from "../vm/vm.js";
+import {
+  BadRequestError,
+  FileNotFoundError,
+  OverLimitError,
+  PodflareError,
+  SandboxDeadError,
+  SandboxNotFoundError,
+  TooLargeError,
+  WrongStateError,
+} from "./errors.js";
+import { LIVE_STATES, type SandboxState, canTransition } from "./lifecycle.js";
+import { validateGuestPath } from "./paths.js";
+
+export interface SandboxLimits {
+  defaultVcpuCount: number;
+  defaultMemSizeMib: number;
+  maxVcpuCount: number;
+  maxMemSizeMib: number;
+  defaultSandboxTimeoutMs: number;
+  maxSandboxTimeoutMs: number;
+  maxSandboxes: number;
+  maxUploadBytes: number;
+}
+
+export interface CreateRequest {
+  template?: string;
+  vcpu_count?: number;
+  mem_size_mib?: number;
+  timeout_ms?: number;
+  metadata?: Record<string, string>;
+}
+
+export interface SandboxInfo {
+  id: string;
+  state: SandboxState;
+  template: string;
+  vcpu_count: number;
+  mem_size_mib: number;
+  created_at: string;
+  expires_at: string;
+  metadata: Record<string, string>;
+}
+
+export interface ExecRequest {
+  code: string;
+  language?: Language;
+  timeout_ms?: number;
+}
+
+/** Where VMs come from: a cold boot today, the warm pool later. */
+export interface VmSource {
+  acquire(template: string, shape: VmShape): Promise<Vm>;
+  templates(): readonly string[];
+}
+
+interface Live {
+  vm: Vm;
+  expiry: NodeJS.Timeout;
+  destroying?: Promise<void>;
+}
+
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+export class SandboxService {
+  private readonly live = new Map<string, Live>();
+  private creating = 0;
+
+  constructor(
+    private readonly store: Store,
+    private readonly source: VmSource,
+    private readonly limits: SandboxLimits,
+    private readonly log: Logger,
+  ) {}
+
+  async create(req: CreateRequest): Promise<SandboxInfo> {
+    const template = req.template ?? "default";
+    if (!this.source.templates().includes(template)) {
+      throw new BadRequestError(`unknown template ${JSON.stringify(template).slice(0, 80)}; available: ${this.source.templates().join(", ")}`);
+    }
+    const shape = this.shapeOf(req);
+    const timeoutMs = req.timeout_ms ?? this.limits.defaultSandboxTimeoutMs;
+    if (timeoutMs < 1 || timeoutMs > this.limits.maxSandboxTimeoutMs) {
+      throw new BadRequestError(`timeout_ms must be between 1 and ${this.limits.maxSandboxTimeoutMs}`);
+    }
+    if (this.live.size + this.creating >= this.limits.maxSandboxes) {
+      throw new OverLimitError(`this host runs at most ${this.limits.maxSandboxes} sandboxes; destroy one first`);
+    }
+    const id = `sbx_${randomBytes(8).toString("hex")}`;
+    const now = Date.now();
+    const row: SandboxRow = {
+      id,
+      state: "creating",
+      template,
+      vcpu_count: shape.vcpuCount,
+      mem_size_mib: shape.memSizeMib,
+      created_at: now,
+      expires_at: now + timeoutMs,
+      ended_at: null,
+      end_reason: null,
+      metadata: JSON.stringify(req.metadata ?? {}),
+      pid: null,
+    };
+    this.store.insertSandbox(row);
+    this.creating++;
+    let vm: Vm;
+    try {
+      vm = await this.source.acquire(template, shape);
+    } catch (err) {
+      this.store.deleteSandbox(id); // a failed create leaves no trace
+      throw err;
+    } finally {
+      this.creating--;
+    }
+    this.transition(id, "ready", { pid: vm.pid ?? null });
+    const expiry = setTimeout(() => void this.destroy(id, "expired"), Math.min(timeoutMs, MAX_TIMER_MS));
+    expiry.unref();
+    this.live.set(id, { vm, expiry });
+    vm.exited.then(() => this.onVmExit(id, vm));
+    this.log.info({ sandbox: id, vm: vm.id, template }, "sandbox created");
+    return this.info(id);
+  }
+
+  list(): SandboxInfo[] {
+    return this.store.listSandboxes(["creating", "ready", "dead", "destroying"]).map(toInfo);
+  }
+
+  info(id: string): SandboxInfo {
+    const row = this.store.getSandbox(id);
+    if (!row || row.state === "ended") throw new SandboxNotFoundError(id);
+    return toInfo(row);
+  }
+
+  /**
+   * Run code. Checks happen now (so a caller can answer with an error status); the events
+   * then stream as they happen and always end with exactly one exit event.
+   */
+  exec(id: string, req: ExecRequest): AsyncIterable<ExecEvent> {
+    const vm = this.readyVm(id, "exec");
+    if (req.timeout_ms !== undefined && (req.timeout_ms < 1 || req.timeout_ms > 24 * 3600_000)) {
+      throw new BadRequestError("timeout_ms must be between 1 and 86400000");
+    }
+    let events: AsyncIterable<ExecEvent>;
+    try {
+      events = vm.agent.exec(req.code, { language: req.language ?? "python", timeoutMs: req.timeout_ms ?? null });
+    } catch (err) {
+      throw mapAgentError(err, id);
+    }
+    return this.guardExecStream(id, vm, events);
+  }
+
+  private async *guardExecStream(id: string, vm: Vm, events: AsyncIterable<ExecEvent>): AsyncGenerator<ExecEvent> {
+    try {
+      yield* events;
+    } catch (err) {
+      if (err instanceof AgentClosedError || !vm.alive) {
+        yield {
+          type: "exit",
+          code: -1,
+          error: { name: "SandboxDied", value: `sandbox ${id} stopped while the code ran`, traceback: "" },
+        };
+        return;
+      }
+      throw err;
+    }
+  }
+
+  async upload(id: string, rawPath: unknown, body: AsyncIterable<Buffer>, declaredLength?: number): Promise<number> {
+    const path = validateGuestPath(rawPath);
+    const vm = this.readyVm(id, "upload");
+    if (declaredLength !== undefined && declaredLength > this.limits.maxUploadBytes) {
+      throw new TooLargeError(`the upload is ${declaredLength} bytes; the limit is ${this.limits.maxUploadBytes}`);
+    }
+    try {
+      return await vm.agent.writeFile(path, body, { maxBytes: this.limits.maxUploadBytes });
+    } catch (err) {
+      throw mapAgentError(err, id, path);
+    }
+  }
+
+  async download(id: string, rawPath: unknown): Promise<{ size: number; stream: Readable }> {
+    const path = validateGuestPath(rawPath);
+    const vm = this.readyVm(id, "download");
+    try {
+      return await vm.agent.readFile(path);
+    } catch (err) {
+      throw mapAgentError(err, id, path);
+    }
+  }
+
+  /** Idempotent: destroying an ended sandbox succeeds; an unknown id is not found. */
+  async destroy(id: string, reason = "destroyed"): Promise<void> {
+    const row = this.store.getSandbox(id);
+    if (!row) throw new SandboxNotFoundError(id);
+    const live = this.live.get(id);
+    if (!live) {
+      if (row.state !== "ended") this.transitionToEnded(row, reason);
+      return;
+    }
+    live.destroying ??= (async () => {
+      if (this.store.getSandbox(id)?.state !== "destroying") this.transition(id, "destroying");
+      clearTimeout(live.expiry);
+      await live.vm.destroy();
+      this.live.delete(id);
+      this.transition(id, "ended", { endReason: reason });
+      this.log.info({ sandbox: id, reason }, "sandbox ended");
+    })();
+    await live.destroying;
+  }
+
+  /** Destroy every live sandbox (daemon shutdown). */
+  async destroyAll(reason: string): Promise<void> {
+    await Promise.all([...this.live.keys()].map((id) => this.destroy(id, reason).catch(() => {})));
+  }
+
+  get liveCount(): number {
+    return this.live.size;
+  }
+
+  private onVmExit(id: string, vm: Vm): void {
+    const row = this.store.getSandbox(id);
+    if (!row || row.state !== "ready") return; // an ordinary destroy
+    this.transition(id, "dead", { endReason: "the VM exited unexpectedly" });
+    this.log.warn({ sandbox: id, vm: vm.id }, "sandbox VM died");
+    void vm.destroy(); // free its files now; the row stays until the user deletes it
+  }
+
+  private readyVm(id: string, operation: string): Vm {
+    const row = this.store.getSandbox(id);
+    if (!row || row.state === "ended") throw new SandboxNotFoundError(id);
+    if (row.state === "dead") throw new SandboxDeadError(id, row.end_reason ?? "its VM exited");
+    const live = this.live.get(id);
+    if (row.state !== "ready" || !live) throw new WrongStateError(id, row.state, operation);
+    if (!live.vm.alive) throw new SandboxDeadError(id, "its VM exited");
+    return live.vm;
+  }
+
+  private shapeOf(req: CreateRequest): VmShape {
+    const vcpuCount = req.vcpu_count ?? this.limits.defaultVcpuCount;
+    const memSizeMib = req.mem_size_mib ?? this.limits.defaultMemSizeMib;
+    if (!Number.isInteger(vcpuCount) || vcpuCount < 1 || vcpuCount > this.limits.maxVcpuCount) {
+      throw new BadRequestError(`vcpu_count must be an integer from 1 to ${this.limits.maxVcpuCount}`);
+    }
+    if (!Number.isInteger(memSizeMib) || memSizeMib < 128 || memSizeMib > this.limits.maxMemSizeMib) {
+      throw new BadRequestError(`mem_size_mib must be an integer from 128 to ${this.limits.maxMemSizeMib}`);
+    }
+    return { vcpuCount, memSizeMib };
+  }
+
+  private transition(id: string, to: SandboxState, extra: { pid?: number | null; endReason?: string } = {}): void {
+    const row = this.store.getSandbox(id);
+    if (!row) throw new SandboxNotFoundError(id);
+    if (!canTransition(row.state, to)) {
+      throw new PodflareError("internal", `illegal sandbox transition ${row.state} -> ${to} for ${id}`);
+    }
+    this.store.setState(id, to, extra);
+  }
+
+  private transitionToEnded(row: SandboxRow, reason: string): void {
+    if (row.state === "ready" || row.state === "dead") this.transition(row.id, "destroying");
+    this.store.setState(row.id, "ended", { endReason: reason });
+  }
+}
+
+function toInfo(row: SandboxRow): SandboxInfo {
+  return {
+    id: row.id,
+    state: row.state,
+    template: row.template,
+    vcpu_count: row.vcpu_count,
+    mem_size_mib: row.mem_size_mib,
+    created_at: new Date(row.created_at).toISOString(),
+    expires_at: new Date(row.expires_at).toISOString(),
+    metadata: JSON.parse(row.metadata) as Record<string, string>,
+  };
+}
+
+function mapAgentError(err: unknown, id: string, path?: string): Error {
+  if (err instanceof PodflareError) return err;
+  if (err instanceof AgentClosedError) return new SandboxDeadError(id, "its agent channel closed");
+  if (err instanceof AgentError) {
+    switch (err.code) {
+      case "not_found":
+        return new FileNotFoundError(path ?? "");
+      case "is_directory":
+        return new BadRequestError(`${path} is a directory in the sandbox; give a file path`);
+      case "bad_path":
+      case "bad_request":
+        return new BadRequestError(err.message);
+      case "too_large":
+        return new TooLargeError(err.message);
+      case "io_error":
+        return new PodflareError("internal", `the sandbox could not complete the file operation: ${err.message}`);
+    }
+  }
+  return err as Error;
+}
+
+export { LIVE_STATES };

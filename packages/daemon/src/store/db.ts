@@ -1,0 +1,103 @@
+/**
+ * The daemon's durable state in SQLite (better-sqlite3: synchronous, so each statement is
+ * atomic with respect to the event loop). Schema migrations are numbered by user_version.
+ */
+import Database from "better-sqlite3";
+import type { SandboxState } from "../sandboxes/lifecycle.js";
+
+export interface SandboxRow {
+  id: string;
+  state: SandboxState;
+  template: string;
+  vcpu_count: number;
+  mem_size_mib: number;
+  created_at: number;
+  expires_at: number;
+  ended_at: number | null;
+  end_reason: string | null;
+  metadata: string;
+  pid: number | null;
+}
+
+const MIGRATIONS: string[] = [
+  `CREATE TABLE sandboxes (
+     id TEXT PRIMARY KEY,
+     state TEXT NOT NULL,
+     template TEXT NOT NULL,
+     vcpu_count INTEGER NOT NULL,
+     mem_size_mib INTEGER NOT NULL,
+     created_at INTEGER NOT NULL,
+     expires_at INTEGER NOT NULL,
+     ended_at INTEGER,
+     end_reason TEXT,
+     metadata TEXT NOT NULL DEFAULT '{}',
+     pid INTEGER
+   );
+   CREATE INDEX sandboxes_state ON sandboxes(state);`,
+];
+
+export class Store {
+  readonly db: Database.Database;
+
+  constructor(path: string) {
+    this.db = new Database(path);
+    this.db.pragma("journal_mode = WAL");
+    this.db.pragma("synchronous = NORMAL");
+    this.db.pragma("busy_timeout = 5000");
+    this.migrate();
+  }
+
+  private migrate(): void {
+    const current = this.db.pragma("user_version", { simple: true }) as number;
+    for (let v = current; v < MIGRATIONS.length; v++) {
+      this.db.transaction(() => {
+        this.db.exec(MIGRATIONS[v] as string);
+        this.db.pragma(`user_version = ${v + 1}`);
+      })();
+    }
+  }
+
+  insertSandbox(row: SandboxRow): void {
+    this.db
+      .prepare(
+        `INSERT INTO sandboxes (id, state, template, vcpu_count, mem_size_mib, created_at, expires_at, ended_at, end_reason, metadata, pid)
+         VALUES (@id, @state, @template, @vcpu_count, @mem_size_mib, @created_at, @expires_at, @ended_at, @end_reason, @metadata, @pid)`,
+      )
+      .run(row);
+  }
+
+  getSandbox(id: string): SandboxRow | undefined {
+    return this.db.prepare("SELECT * FROM sandboxes WHERE id = ?").get(id) as SandboxRow | undefined;
+  }
+
+  listSandboxes(states: readonly SandboxState[]): SandboxRow[] {
+    const marks = states.map(() => "?").join(",");
+    return this.db.prepare(`SELECT * FROM sandboxes WHERE state IN (${marks}) ORDER BY created_at, id`).all(...states) as SandboxRow[];
+  }
+
+  setState(id: string, state: SandboxState, extra: { pid?: number | null; endReason?: string } = {}): void {
+    const ended = state === "ended" ? Date.now() : null;
+    this.db
+      .prepare(
+        `UPDATE sandboxes SET state = @state,
+           pid = CASE WHEN @setPid THEN @pid ELSE pid END,
+           ended_at = COALESCE(@ended, ended_at),
+           end_reason = COALESCE(@reason, end_reason)
+         WHERE id = @id`,
+      )
+      .run({ id, state, setPid: extra.pid !== undefined ? 1 : 0, pid: extra.pid ?? null, ended, reason: extra.endReason ?? null });
+  }
+
+  deleteSandbox(id: string): void {
+    this.db.prepare("DELETE FROM sandboxes WHERE id = ?").run(id);
+  }
+
+  /** Forget sandboxes that ended long ago, so the table does not grow without bound. */
+  pruneEnded(olderThanMs: number): number {
+    return this.db.prepare("DELETE FROM sandboxes WHERE state = 'ended' AND ended_at < ?").run(Date.now() - olderThanMs).changes;
+  }
+
+  close(): void {
+    this.db.close();
+  }
+}

@@ -1,0 +1,172 @@
+/** A podflare sandbox: a microVM with a persistent Python REPL. */
+import { type ConnectionOptions, Http, type RequestBody } from "./http.js";
+
+export interface SandboxCreateOptions extends ConnectionOptions {
+  template?: string;
+  vcpuCount?: number;
+  memSizeMib?: number;
+  /** Lifetime; the daemon destroys the sandbox after it. */
+  timeoutMs?: number;
+  metadata?: Record<string, string>;
+}
+
+export interface SandboxInfo {
+  id: string;
+  state: string;
+  template: string;
+  vcpu_count: number;
+  mem_size_mib: number;
+  created_at: string;
+  expires_at: string;
+  metadata: Record<string, string>;
+}
+
+export interface ExecError {
+  name: string;
+  value: string;
+  traceback: string;
+}
+
+export type ExecEvent =
+  | { type: "stdout" | "stderr"; data: string; seq: number; ts: number }
+  | { type: "exit"; code: number; error?: ExecError; timed_out?: boolean; truncated?: boolean; seq: number; ts: number };
+
+export interface RunCodeOptions {
+  language?: "python" | "bash";
+  timeoutMs?: number;
+}
+
+export interface ExecResult {
+  stdout: string;
+  stderr: string;
+  exitCode: number;
+  error?: ExecError;
+  timedOut?: boolean;
+  truncated?: boolean;
+}
+
+export type UploadData = Uint8Array | string | Blob | ReadableStream<Uint8Array> | AsyncIterable<Uint8Array>;
+
+export class Sandbox {
+  private closed = false;
+
+  private constructor(
+    readonly id: string,
+    private readonly http: Http,
+    readonly info: SandboxInfo,
+  ) {}
+
+  /** Create a sandbox (a ready VM from the pool when there is one). */
+  static async create(opts: SandboxCreateOptions = {}): Promise<Sandbox> {
+    const http = new Http(opts);
+    const body: Record<string, unknown> = {};
+    if (opts.template !== undefined) body.template = opts.template;
+    if (opts.vcpuCount !== undefined) body.vcpu_count = opts.vcpuCount;
+    if (opts.memSizeMib !== undefined) body.mem_size_mib = opts.memSizeMib;
+    if (opts.timeoutMs !== undefined) body.timeout_ms = opts.timeoutMs;
+    if (opts.metadata !== undefined) body.metadata = opts.metadata;
+    const info = await http.json<SandboxInfo>("POST", "/v1/sandboxes", body);
+    return new Sandbox(info.id, http, info);
+  }
+
+  /** Attach to an existing sandbox by id. */
+  static async connect(id: string, opts: ConnectionOptions = {}): Promise<Sandbox> {
+    const http = new Http(opts);
+    const info = await http.json<SandboxInfo>("GET", `/v1/sandboxes/${encodeURIComponent(id)}`);
+    return new Sandbox(info.id, http, info);
+  }
+
+  static async list(opts: ConnectionOptions = {}): Promise<SandboxInfo[]> {
+    const http = new Http(opts);
+    return (await http.json<{ sandboxes: SandboxInfo[] }>("GET", "/v1/sandboxes")).sandboxes;
+  }
+
+  /** Events as the code produces them; the last one is always `exit`. */
+  async *runCodeStream(code: string, opts: RunCodeOptions = {}): AsyncGenerator<ExecEvent> {
+    const body: Record<string, unknown> = { code, language: opts.language ?? "python" };
+    if (opts.timeoutMs !== undefined) body.timeout_ms = opts.timeoutMs;
+    const res = await this.http.request("POST", `${this.path}/exec`, { json: body });
+    yield* this.http.ndjson<ExecEvent>(res);
+  }
+
+  async runCode(code: string, opts: RunCodeOptions = {}): Promise<ExecResult> {
+    let stdout = "";
+    let stderr = "";
+    for await (const event of this.runCodeStream(code, opts)) {
+      if (event.type !== "exit") {
+        if (event.type === "stdout") stdout += event.data;
+        else stderr += event.data;
+      } else {
+        const result: ExecResult = { stdout, stderr, exitCode: event.code };
+        if (event.error) result.error = event.error;
+        if (event.timed_out) result.timedOut = true;
+        if (event.truncated) result.truncated = true;
+        return result;
+      }
+    }
+    throw new Error("the exec stream ended without an exit event (the connection was cut)");
+  }
+
+  async fork(n = 1): Promise<Sandbox[]> {
+    const { children } = await this.http.json<{ children: string[] }>("POST", `${this.path}/fork`, { n });
+    return Promise.all(children.map(async (id) => new Sandbox(id, this.http, await this.http.json<SandboxInfo>("GET", `/v1/sandboxes/${id}`))));
+  }
+
+  /** Afterwards this sandbox's id runs the winner's VM; the winner's id is gone. */
+  async mergeInto(winner: Sandbox | string): Promise<void> {
+    const winnerId = typeof winner === "string" ? winner : winner.id;
+    await this.http.request("POST", `${this.path}/merge_into/${encodeURIComponent(winnerId)}`);
+  }
+
+  /** Write a file in the sandbox (atomically; parents are created). Streams are not buffered. */
+  async upload(path: string, data: UploadData): Promise<void> {
+    let body: RequestBody;
+    if (typeof data === "string" || data instanceof Uint8Array || data instanceof Blob || data instanceof ReadableStream) {
+      body = data as RequestBody;
+    } else {
+      const iterator = data[Symbol.asyncIterator]();
+      body = new ReadableStream<Uint8Array>({
+        async pull(controller) {
+          const { value, done } = await iterator.next();
+          if (done) controller.close();
+          else controller.enqueue(value);
+        },
+        async cancel() {
+          await iterator.return?.();
+        },
+      });
+    }
+    await this.http.request("PUT", `${this.path}/files`, { body, query: { path } });
+  }
+
+  async download(path: string): Promise<Uint8Array> {
+    const res = await this.http.request("GET", `${this.path}/files`, { query: { path } });
+    return new Uint8Array(await res.arrayBuffer());
+  }
+
+  /** The file as a stream, for files too large to hold in memory. */
+  async downloadStream(path: string): Promise<ReadableStream<Uint8Array>> {
+    const res = await this.http.request("GET", `${this.path}/files`, { query: { path } });
+    if (!res.body) throw new Error("the daemon sent no body");
+    return res.body;
+  }
+
+  async getInfo(): Promise<SandboxInfo> {
+    return this.http.json<SandboxInfo>("GET", this.path);
+  }
+
+  /** Destroy the sandbox. Idempotent. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.http.request("DELETE", this.path);
+    this.closed = true;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+
+  private get path(): string {
+    return `/v1/sandboxes/${encodeURIComponent(this.id)}`;
+  }
+}
