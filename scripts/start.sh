@@ -20,7 +20,7 @@ echo $! > "$state/podflared.pid"
 for _ in $(seq 1 600); do
   if curl -fsS "$url/v1/healthz" >/dev/null 2>&1; then
     echo "podflared is running at $url (pid $(cat "$state/podflared.pid"), log $state/podflared.log)"
-    echo "try: python3 examples/hello.py   or   node examples/hello.mjs"
+    echo "try: PYTHONPATH=python python3 examples/hello.py   or   node examples/dist/hello.js"
     exit 0
   fi
   if ! kill -0 "$(cat "$state/podflared.pid")" 2>/dev/null; then

@@ -21,6 +21,7 @@ import builtins
 import codecs
 import collections
 import ctypes
+import errno
 import fcntl
 import io
 import json
@@ -28,7 +29,6 @@ import linecache
 import os
 import random
 import re
-import secrets
 import select
 import signal
 import socket
@@ -176,11 +176,9 @@ class FrameParser:
         return MAX_FRAME - len(self._buf)
 
     def reset(self):
-        """Drops a partial frame (its sender went away); True if there was one."""
-        dropped = bool(self._buf)
+        """Drops a partial frame: its sender went away."""
         self._buf.clear()
         self._skipping = False
-        return dropped
 
     def feed(self, data):
         """Returns a list of ("frame", header_bytes, payload) and ("bad_frame", reason, None)."""
@@ -335,8 +333,15 @@ class CapturedStream(io.TextIOBase):
         self._collector = collector
         self._stream = stream
         self._fd = fd
+        self._forked = False
         # Binary writes go to the real fd, whose capture is best-effort ordered.
         self.buffer = os.fdopen(fd, "wb", buffering=0, closefd=False)
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self):
+        # A forked child (multiprocessing) has no flusher thread, and maybe a copy of a
+        # held lock: it writes to the fd, which the parent's pump forwards.
+        self._forked = True
 
     def writable(self):
         return True
@@ -350,7 +355,10 @@ class CapturedStream(io.TextIOBase):
     def write(self, text):
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        self._collector.push(self._stream, text)
+        if self._forked:
+            _write_all(self._fd, text.encode("utf-8", "replace"))
+        else:
+            self._collector.push(self._stream, text)
         return len(text)
 
 
@@ -450,6 +458,20 @@ def _compile_cell(source, filename):
     if tree.body and isinstance(tree.body[-1], ast.Expr):
         last = compile(ast.Expression(tree.body.pop().value), filename, "eval", dont_inherit=True)
     return compile(tree, filename, "exec", dont_inherit=True), last
+
+
+def _without_agent_frames(tb):
+    """Relinks a traceback without the agent's frames (the cell's caller, _on_sigint, ...)."""
+    kept = []
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename != __file__:
+            kept.append(tb)
+        tb = tb.tb_next
+    for outer, inner in zip(kept, kept[1:]):
+        outer.tb_next = inner
+    if kept:
+        kept[-1].tb_next = None
+    return kept[0] if kept else None
 
 
 def _error_info(exc, text):
@@ -577,16 +599,13 @@ class ExecRunner:
                 return {"code": int(exc.code)}
             self._collector.push("stderr", _safe_str(exc.code) + "\n")
             return {"code": 1}
-        tb = exc.__traceback__
-        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-            tb = tb.tb_next
-        return self._report(exc, tb)
+        return self._report(exc, _without_agent_frames(exc.__traceback__))
 
     def _call_armed(self, job, body, last):
         """Runs the cell; returns the exception that ended it, or None.
 
-        A KeyboardInterrupt can only be raised while _armed is set (see _on_sigint), and
-        every point where _armed is set lies inside the outer try, so none escapes.
+        _on_sigint raises only while _armed is set and never in this frame itself, so a
+        KeyboardInterrupt always starts below the try and can never escape from here.
         """
         try:
             self._armed = True
@@ -641,10 +660,11 @@ class ExecRunner:
         return {"code": code if code >= 0 else 128 - code}
 
     def _on_sigint(self, signum, frame):
-        # Only an interrupt meant for the exec running right now may raise; a late signal
-        # for an exec that already ended is ignored.
+        # Only an interrupt meant for the exec running right now may raise: a late signal
+        # for an exec that already ended is ignored, and so is one that would land in
+        # _call_armed's own bookkeeping (the watchdog repeats it a second later).
         job = self._current
-        if self._armed and job is not None and job.reason is not None:
+        if self._armed and job is not None and job.reason is not None and frame is not None and frame.f_code is not _CALL_ARMED_CODE:
             raise KeyboardInterrupt
 
     def _watch(self):
@@ -663,6 +683,9 @@ class ExecRunner:
                         job.next_kick = now + KICK_INTERVAL
                         signal.pthread_kill(self._main_ident, signal.SIGINT)
                     self._cond.wait(job.next_kick - now)
+
+
+_CALL_ARMED_CODE = ExecRunner._call_armed.__code__
 
 
 class _Upload:
@@ -734,7 +757,7 @@ class FileTransfers:
                     mode = stat.S_IMODE(os.stat(path).st_mode)
                 except FileNotFoundError:
                     mode = 0o644
-            tmp = os.path.join(directory, f".{name[:32]}.podflare-{secrets.token_hex(8)}.tmp")
+            tmp = os.path.join(directory, f".{name[:32]}.podflare-{os.urandom(8).hex()}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except (FileExistsError, NotADirectoryError):
             raise RequestError("bad_path", f"a parent of {path} is not a directory") from None
@@ -821,8 +844,13 @@ class FileTransfers:
         download = _Download(fd, window)
         with self._cond:
             self._downloads[rid] = download
-        self._writer.send({"type": "read_begin", "id": rid, "size": info.st_size})
-        threading.Thread(target=self._stream, args=(rid, download), name=f"podflare-read-{rid}", daemon=True).start()
+        try:
+            threading.Thread(target=self._stream, args=(rid, download, info.st_size), name=f"podflare-read-{rid}", daemon=True).start()
+        except RuntimeError:  # out of threads
+            with self._cond:
+                del self._downloads[rid]
+            os.close(fd)
+            raise RequestError("busy", "cannot start a download thread") from None
         return None
 
     def read_ack(self, rid, header, payload):
@@ -842,8 +870,9 @@ class FileTransfers:
                 self._cond.notify_all()
         return None
 
-    def _stream(self, rid, download):
+    def _stream(self, rid, download, size):
         try:
+            self._writer.send({"type": "read_begin", "id": rid, "size": size})
             while True:
                 with self._cond:
                     while not download.aborted and download.sent - download.acked >= download.window:
@@ -913,15 +942,15 @@ class Agent:
 
     def read_loop(self):
         parser = FrameParser()
-        connected = True
+        connected = False  # until the first bytes arrive
         while True:
             try:
                 data = os.read(self._fd, min(parser.room(), 1 << 20))
             except OSError as exc:
-                if not self._reconnects:
+                if not self._reconnects or exc.errno == errno.EBADF:
                     log(f"channel read failed: {exc}")
                     break
-                data = b""
+                data = b""  # e.g. EIO around a reconnect: handled like a disconnect
             if not data:
                 if not self._reconnects:
                     break
@@ -937,12 +966,17 @@ class Agent:
             if not connected:
                 connected = True
                 log("host connected")
-            for kind, first, payload in parser.feed(data):
-                if kind == "frame":
-                    self._dispatch(first, payload)
-                else:
-                    self._writer.send({"type": "error", "id": None, "code": "bad_frame", "message": first})
+            try:
+                for kind, first, payload in parser.feed(data):
+                    if kind == "frame":
+                        self._dispatch(first, payload)
+                    else:
+                        self._writer.send({"type": "error", "id": None, "code": "bad_frame", "message": first})
+            except Exception:  # _dispatch catches per request; this is a last resort
+                log(f"reader: {traceback.format_exc()}")
+                parser.reset()
         log("channel closed; exiting")
+        self._transfers.reset()
         self._runner.shutdown()
         if not self._runner.stopped.wait(SHUTDOWN_GRACE):
             os._exit(0)  # user code ignores KeyboardInterrupt; the channel is gone anyway
@@ -975,12 +1009,15 @@ class Agent:
             log(f"request failed: {traceback.format_exc()}")
             self._writer.send({"type": "error", "id": rid, "code": "io_error", "message": _clip(f"internal error: {exc!r}", MAX_MESSAGE)})
 
+    @staticmethod
+    def identity():
+        return {"version": PROTOCOL, "agent": f"podflare-agent/{VERSION}", "python": "%d.%d.%d" % sys.version_info[:3], "pid": os.getpid()}
+
     def _hello(self, rid, header, payload):
         version = header.get("version")
         if not _is_int(version) or version != PROTOCOL:
             raise RequestError("unsupported_version", f"this agent speaks protocol {PROTOCOL}")
-        python = "%d.%d.%d" % sys.version_info[:3]
-        return {"type": "hello", "id": rid, "version": PROTOCOL, "agent": f"podflare-agent/{VERSION}", "python": python, "pid": os.getpid()}
+        return {"type": "hello", "id": rid, **self.identity()}
 
     def _ping(self, rid, header, payload):
         return {"type": "pong", "id": rid}
@@ -1104,6 +1141,9 @@ def main(argv=None):
     runner.install()
     collector.start()
     capture.start()
+    # First frame of every agent process: the host learns that the state and requests of
+    # an earlier agent (say, OOM-killed with the user code inside it) are gone.
+    writer.send({"type": "started", "id": None, **agent.identity()})
     threading.Thread(target=agent.read_loop, name="podflare-reader", daemon=True).start()
     log(f"version {VERSION} started pid={os.getpid()}")
     runner.run_forever()

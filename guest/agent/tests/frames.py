@@ -68,7 +68,7 @@ class Channel:
 class AgentProcess:
     """The agent as a subprocess, talking over a socket pair (--fd)."""
 
-    def __init__(self):
+    def __init__(self, preexec_fn=None):
         host, guest = socket.socketpair()
         stderr = None if os.environ.get("PODFLARE_TEST_AGENT_LOG") else subprocess.DEVNULL
         self.proc = subprocess.Popen(
@@ -77,10 +77,12 @@ class AgentProcess:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
+            preexec_fn=preexec_fn,
         )
         guest.close()
         self.sock = host
         self.channel = Channel(host)
+        self.started, _ = self.channel.recv()  # the unsolicited first frame
 
     def close(self):
         """Closes the channel; returns the agent's exit code (it must leave on its own)."""

@@ -8,17 +8,21 @@ import itertools
 import json
 import os
 import random
+import resource
 import stat
 import struct
 import sys
+import socket
 import tempfile
+import threading
 import time
 import unittest
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import podflare_agent  # noqa: E402  (in-process tests of the pure parts)
-from frames import MAGIC, AgentProcess, encode  # noqa: E402
+from frames import MAGIC, AgentProcess, Channel, encode  # noqa: E402
 
 
 class Result:
@@ -31,8 +35,10 @@ class Result:
 
 
 class AgentCase(unittest.TestCase):
+    preexec_fn = None  # runs in the agent's process before it starts
+
     def setUp(self):
-        self.agent = AgentProcess()
+        self.agent = AgentProcess(preexec_fn=type(self).preexec_fn)
         self.addCleanup(self._stop_agent)
         self.ch = self.agent.channel
         self._ids = itertools.count(1)
@@ -105,6 +111,12 @@ class HandshakeTests(AgentCase):
         self.assertEqual(reply["python"], "%d.%d.%d" % sys.version_info[:3])
         self.assertEqual(reply["pid"], self.agent.proc.pid)
 
+    def test_started_event_comes_first(self):
+        started = self.agent.started
+        self.assertEqual((started["type"], started["id"], started["version"]), ("started", None, 1))
+        self.assertEqual(started["pid"], self.agent.proc.pid)
+        self.assertTrue(started["agent"].startswith("podflare-agent/"))
+
     def test_hello_unsupported_version(self):
         self.assertError(self.request("hello", version=2), "unsupported_version")
         self.assertError(self.request("hello", version=True), "unsupported_version")
@@ -175,6 +187,10 @@ class PythonTests(AgentCase):
         result = self.run_code("import subprocess\nsubprocess.run(['sh', '-c', 'echo to-err >&2'])\nNone")
         self.assertEqual(result.stderr, "to-err\n")
 
+    def test_forked_child_output_is_captured(self):
+        code = "import multiprocessing, sys\np = multiprocessing.Process(target=print, args=('from child',))\np.start(); p.join()"
+        self.assertEqual(self.run_code(code).stdout, "from child\n")
+
     def test_c_stdio_output_is_flushed(self):
         result = self.run_code("import ctypes\nctypes.CDLL(None).printf(b'from C\\n')\nNone")
         self.assertEqual(result.stdout, "from C\n")
@@ -197,6 +213,7 @@ class PythonTests(AgentCase):
     def test_main_module_is_the_repl(self):
         code = "import pickle, sys\nclass P: pass\nprint(sys.modules['__main__'].P is P, type(pickle.loads(pickle.dumps(P()))).__name__)"
         self.assertEqual(self.run_code(code).stdout, "True P\n")
+        self.assertEqual(self.run_code("sys.argv, sys.path[0], __name__").stdout, "([''], '', '__main__')\n")
 
     def test_output_truncation(self):
         result = self.run_code("print('x' * 1000)\nprint('more')", max_output_bytes=100)
@@ -229,6 +246,7 @@ class TimeoutAndCancelTests(AgentCase):
         self.assertLess(time.monotonic() - began, 3)
         self.assertEqual((result.code, result.exit.get("timed_out")), (124, True))
         self.assertIn("time.sleep(100)", result.stderr)
+        self.assertNotIn("podflare_agent", result.stderr)  # not even the SIGINT handler
 
     def test_interrupt_is_repeated_when_swallowed(self):
         code = "import time\ntry:\n    time.sleep(100)\nexcept KeyboardInterrupt:\n    print('swallowed')\ntime.sleep(100)\n"
@@ -406,6 +424,14 @@ class FileTests(AgentCase):
         self.ch.send({"type": "write_end", "id": rid, "size": 7})
         self.assertError(self.recv()[0], "unknown_transfer", rid=rid)
 
+    def test_unfinished_upload_is_removed_when_the_channel_closes(self):
+        rid = self.request("write_begin", path=os.path.join(self.root, "f"))["id"]
+        self.ch.send({"type": "write_chunk", "id": rid}, b"partial")
+        self.assertEqual(self.request("ping")["type"], "pong")  # the chunk was processed
+        self.assertEqual(len(os.listdir(self.root)), 1)
+        self.assertEqual(self.agent.close(), 0)
+        self.assertEqual(os.listdir(self.root), [])
+
     def test_write_errors(self):
         self.assertError(self.request("write_begin", path="relative/file"), "bad_path")
         self.assertError(self.request("write_begin", path="/tmp/a\0b"), "bad_path")
@@ -422,7 +448,7 @@ class FileTests(AgentCase):
 
     def test_read_with_credit_window(self):
         path = os.path.join(self.root, "big.bin")
-        data = os.urandom(600 << 10)
+        data = os.urandom(300 << 10)
         with open(path, "wb") as f:
             f.write(data)
         window = 64 << 10
@@ -477,6 +503,31 @@ class FileTests(AgentCase):
         self.assertEqual(self.recv()[0], {"type": "read_end", "id": 1, "size": 0})
 
 
+class DiskFullTests(AgentCase):
+    LIMIT = 1 << 20
+
+    @staticmethod
+    def preexec_fn():
+        # The agent's files may not grow past LIMIT: writes fail with EFBIG, like ENOSPC.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (DiskFullTests.LIMIT, DiskFullTests.LIMIT))
+
+    def setUp(self):
+        super().setUp()
+        self.dir = tempfile.TemporaryDirectory()
+        self.addCleanup(self.dir.cleanup)
+
+    def test_write_failure_is_reported_once_and_cleaned_up(self):
+        rid = self.request("write_begin", path=os.path.join(self.dir.name, "big"))["id"]
+        for _ in range(3):
+            self.ch.send({"type": "write_chunk", "id": rid}, b"x" * (self.LIMIT // 2 + 1))
+        self.assertError(self.recv()[0], "io_error", rid=rid)
+        self.assertEqual(self.request("ping")["type"], "pong")  # the third chunk was dropped silently
+        self.assertEqual(os.listdir(self.dir.name), [])
+        self.ch.send({"type": "write_end", "id": rid, "size": 3 * (self.LIMIT // 2 + 1)})
+        self.assertError(self.recv()[0], "io_error", rid=rid)
+        self.assertEqual(self.request("write_abort")["type"], "ok")
+
+
 class RestoreTests(AgentCase):
     def restore(self, **overrides):
         fields = {"entropy": base64.b64encode(os.urandom(64)).decode(), "time_ns": time.time_ns(), "hostname": "sbx-1", "machine_id": "0" * 32}
@@ -499,6 +550,56 @@ class RestoreTests(AgentCase):
         self.assertError(self.restore(machine_id="xyz"), "bad_request")
 
 
+class PortModeTests(unittest.TestCase):
+    """The reader in virtio-port mode, in-process: EOF there means "host not connected"."""
+
+    class StubRunner:
+        def __init__(self):
+            self.stopped = threading.Event()
+
+        def shutdown(self):
+            self.stopped.set()
+
+    def wait_for_log(self, log, message, count):
+        deadline = time.monotonic() + 5
+        while sum(call.args == (message,) for call in log.call_args_list) < count:
+            self.assertLess(time.monotonic(), deadline, f"no log {message!r}")
+            time.sleep(0.01)
+
+    def test_disconnect_drops_partial_frame_and_uploads_then_reconnects(self):
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        host, guest = socket.socketpair()
+        self.addCleanup(host.close)
+        self.addCleanup(guest.close)
+        channel = Channel(host)
+        writer = podflare_agent.FrameWriter(guest.fileno())
+        runner = self.StubRunner()
+        port, host_end = os.pipe()  # stands in for the port: reads EOF while nobody writes
+        agent = podflare_agent.Agent(port, True, True, writer, runner, podflare_agent.FileTransfers(writer))
+        with mock.patch.object(podflare_agent, "log") as log:
+            thread = threading.Thread(target=agent.read_loop)
+            thread.start()
+            begin = {"type": "write_begin", "id": 1, "path": os.path.join(directory.name, "f"), "mode": None}
+            os.write(host_end, encode(begin) + encode({"type": "ping", "id": 2})[:10])
+            self.assertEqual(channel.recv()[0], {"type": "ok", "id": 1})
+            self.assertEqual(len(os.listdir(directory.name)), 1)  # the upload's temp file
+            os.close(host_end)  # the host goes away mid-frame
+            self.wait_for_log(log, "host disconnected", 1)
+            self.assertEqual(os.listdir(directory.name), [])
+            new_port, host_end = os.pipe()  # the host reconnects
+            os.dup2(new_port, port)
+            os.close(new_port)
+            os.write(host_end, encode({"type": "ping", "id": 3}))
+            self.assertEqual(channel.recv()[0], {"type": "pong", "id": 3})  # no trace of the partial frame
+            os.close(host_end)
+            self.wait_for_log(log, "host disconnected", 2)
+            os.close(port)  # EBADF is the one read error that ends the reader
+            thread.join(5)
+        self.assertFalse(thread.is_alive())
+        self.assertTrue(runner.stopped.is_set())
+
+
 class PureTests(unittest.TestCase):
     """The agent's pure helpers, in-process."""
 
@@ -515,10 +616,10 @@ class PureTests(unittest.TestCase):
     def test_parser_reset_drops_partial_frame(self):
         parser = podflare_agent.FrameParser()
         self.assertEqual(parser.feed(self.frame({"type": "ping", "id": 1})[:15]), [])
-        self.assertTrue(parser.reset())
+        parser.reset()
+        self.assertEqual(parser.room(), podflare_agent.MAX_FRAME)
         frame = self.frame({"type": "ping", "id": 2})
         self.assertEqual(parser.feed(frame), [("frame", b'{"type": "ping", "id": 2}', b"")])
-        self.assertFalse(parser.reset())
 
     def test_parser_keeps_partial_magic_after_garbage(self):
         parser = podflare_agent.FrameParser()

@@ -19,6 +19,8 @@ export interface ServerDeps {
   capacity: () => Record<string, unknown>;
   metrics?: () => Promise<{ contentType: string; body: string }>;
   log: Logger;
+  /** Told of every route as it is registered (the OpenAPI sync test uses it). */
+  onRoute?: (route: { url: string; method: string }) => void;
 }
 
 export function buildServer(deps: ServerDeps) {
@@ -29,6 +31,13 @@ export function buildServer(deps: ServerDeps) {
     bodyLimit: 2 * 1024 * 1024,
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, allErrors: false } },
   }).withTypeProvider<TypeBoxTypeProvider>();
+
+  if (deps.onRoute) {
+    const onRoute = deps.onRoute;
+    app.addHook("onRoute", (r) => {
+      for (const method of [r.method].flat()) onRoute({ url: r.url, method });
+    });
+  }
 
   app.setErrorHandler((err, request, reply) => {
     const { status, body } = toHttpError(err);

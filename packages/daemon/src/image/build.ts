@@ -59,7 +59,7 @@ async function checkTools(): Promise<void> {
     if (!(await onPath(tool))) missing.push(`${tool} (Debian package ${pkg})`);
   }
   const busybox = await readFile("/bin/busybox").catch(() => null);
-  if (!busybox || busybox.includes("ld-linux-x86-64.so")) {
+  if (!busybox || !isStaticElf(busybox)) {
     missing.push("a static /bin/busybox (Debian package busybox-static)");
   }
   if (missing.length > 0) {
@@ -71,6 +71,20 @@ async function checkTools(): Promise<void> {
   if (process.getuid?.() !== 0) {
     throw new Error("building the guest image needs root (mmdebstrap, device nodes); run it as root");
   }
+}
+
+/** A 64-bit little-endian ELF with no PT_INTERP program header needs no dynamic loader. */
+export function isStaticElf(file: Buffer): boolean {
+  if (file.length < 64 || file.readUInt32BE(0) !== 0x7f454c46 || file[4] !== 2 || file[5] !== 1) return false;
+  const phoff = Number(file.readBigUInt64LE(32));
+  const phentsize = file.readUInt16LE(54);
+  const phnum = file.readUInt16LE(56);
+  for (let i = 0; i < phnum; i++) {
+    const at = phoff + i * phentsize;
+    if (at + 4 > file.length) return false;
+    if (file.readUInt32LE(at) === 3) return false; // PT_INTERP
+  }
+  return true;
 }
 
 export async function resolveKernelPackage(): Promise<KernelPackage> {

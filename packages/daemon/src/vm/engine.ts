@@ -122,7 +122,10 @@ export class VmEngine {
         if (exited) continue;
         return;
       } catch (err) {
-        if (!(err instanceof AgentError && err.code === "timeout")) throw err;
+        if (!(err instanceof AgentError && err.code === "timeout")) {
+          await Promise.race([qemu.exited, new Promise((r) => setTimeout(r, 200))]);
+          throw new BootError(`${(err as Error).message}\n${qemu.diagnostics()}`);
+        }
       }
     }
     throw new BootError(`the guest agent did not answer within ${timeoutMs} ms.\n${qemu.diagnostics()}`);

@@ -91,7 +91,7 @@ export function buildQemuArgs(input: QemuArgsInput): string[] {
     "-mon",
     "chardev=qmp,mode=control",
     "-device",
-    "virtio-serial-device,max_ports=1",
+    "virtio-serial-device,max_ports=2",
     "-chardev",
     `socket,id=agent,fd=${FD_AGENT},server=off`,
     "-device",

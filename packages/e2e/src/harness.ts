@@ -1,0 +1,72 @@
+/**
+ * Test harness: a real daemon on a random loopback port with its own state directory
+ * and memory directory, sharing the built guest image (cached by content hash).
+ */
+import { mkdtemp, readdir, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { type Config, type Daemon, createLogger, loadConfig, startDaemon } from "@podflare/daemon";
+
+export const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR || "/var/lib/podflare/images";
+
+export async function testConfig(overrides: Partial<Config> = {}): Promise<Config> {
+  const stateDir = await mkdtemp(join(tmpdir(), "podflare-test-"));
+  return loadConfig({
+    stateDir,
+    imagesDir: IMAGES_DIR,
+    shmDir: join("/dev/shm", `podflare-test-${stateDir.slice(-6)}`),
+    port: 0,
+    logLevel: process.env.PODFLARE_TEST_LOG ?? "warn",
+    ...overrides,
+  });
+}
+
+export interface TestDaemon {
+  url: string;
+  daemon: Daemon;
+  config: Config;
+  /** Stop the daemon, then check nothing of any VM is left, then remove the state. */
+  close(): Promise<void>;
+}
+
+export async function startTestDaemon(overrides: Partial<Config> = {}): Promise<TestDaemon> {
+  const config = await testConfig(overrides);
+  const daemon = await startDaemon(config, createLogger(config.logLevel));
+  return {
+    url: daemon.url,
+    daemon,
+    config,
+    close: async () => {
+      await daemon.close();
+      await rm(config.stateDir, { recursive: true, force: true });
+      await rm(config.shmDir, { recursive: true, force: true });
+    },
+  };
+}
+
+export async function listDir(path: string): Promise<string[]> {
+  return readdir(path).catch(() => []);
+}
+
+/** PIDs of QEMU processes whose command line mentions `needle`. */
+export async function qemuPids(needle: string): Promise<number[]> {
+  const pids: number[] = [];
+  for (const entry of await listDir("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    const { readFile } = await import("node:fs/promises");
+    const cmd = await readFile(`/proc/${entry}/cmdline`, "utf8").catch(() => "");
+    if (cmd.includes("qemu-system") && cmd.includes(needle)) pids.push(Number(entry));
+  }
+  return pids;
+}
+
+/** Wait for a condition that an event elsewhere (a process exit, a timer) makes true. */
+export async function eventually<T>(what: string, probe: () => Promise<T | undefined | false>, timeoutMs = 30_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await probe();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}

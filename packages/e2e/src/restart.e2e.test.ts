@@ -1,0 +1,86 @@
+/**
+ * `kill -9` of the daemon while sandboxes run, then a restart: no orphan process, no
+ * stray file, and a list that tells the truth.
+ */
+import assert from "node:assert/strict";
+import { type ChildProcess, spawn } from "node:child_process";
+import { rm } from "node:fs/promises";
+import { join } from "node:path";
+import { after, describe, it } from "node:test";
+import { repoRoot } from "@podflare/daemon";
+import { Sandbox } from "podflare";
+import { eventually, listDir, qemuPids, testConfig } from "./harness.js";
+
+function serve(env: NodeJS.ProcessEnv): Promise<{ child: ChildProcess; url: string }> {
+  const child = spawn(process.execPath, [join(repoRoot, "packages/cli/dist/main.js"), "serve"], {
+    env,
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  return new Promise((resolve, reject) => {
+    let log = "";
+    child.stderr?.setEncoding("utf8");
+    child.stderr?.on("data", (chunk: string) => {
+      log += chunk;
+      const m = /"address":"(http:\/\/[^"]+)".*podflared listening/.exec(log);
+      if (m?.[1]) resolve({ child, url: m[1] });
+    });
+    child.once("exit", (code) => reject(new Error(`daemon exited (${code}) before listening:\n${log.slice(-3000)}`)));
+  });
+}
+
+describe("daemon restart after kill -9", () => {
+  const cleanup: (() => Promise<void>)[] = [];
+  after(async () => {
+    for (const c of cleanup.reverse()) await c();
+  });
+
+  it("ends the old sandboxes, kills their VMs and removes their files", async () => {
+    const config = await testConfig();
+    const env = {
+      ...process.env,
+      PODFLARE_STATE_DIR: config.stateDir,
+      PODFLARE_IMAGES_DIR: config.imagesDir,
+      PODFLARE_SHM_DIR: config.shmDir,
+      PODFLARE_PORT: "0",
+      PODFLARE_LOG_LEVEL: "info",
+    };
+    cleanup.push(async () => {
+      await rm(config.stateDir, { recursive: true, force: true });
+      await rm(config.shmDir, { recursive: true, force: true });
+    });
+    const vmsDir = join(config.stateDir, "vms");
+
+    const first = await serve(env);
+    cleanup.push(async () => void first.child.kill("SIGKILL"));
+    const [a, b] = await Promise.all([
+      Sandbox.create({ host: first.url, vcpuCount: 1, memSizeMib: 256 }),
+      Sandbox.create({ host: first.url, vcpuCount: 1, memSizeMib: 256 }),
+    ]);
+    await a.runCode("open('/root/x', 'w').write('x')");
+    assert.equal((await qemuPids(vmsDir)).length, 2);
+    assert.equal((await listDir(config.shmDir)).length, 2);
+
+    first.child.kill("SIGKILL");
+    await new Promise((r) => first.child.once("exit", r));
+    // QEMU runs with a parent-death signal: the VMs die with the daemon.
+    await eventually("the VMs to die with the daemon", async () => (await qemuPids(vmsDir)).length === 0, 10_000);
+
+    const second = await serve(env);
+    cleanup.push(async () => {
+      second.child.kill("SIGTERM");
+      await new Promise((r) => second.child.once("exit", r));
+    });
+    assert.deepEqual(await Sandbox.list({ host: second.url }), []);
+    assert.deepEqual(await listDir(vmsDir), []);
+    assert.deepEqual(await listDir(config.shmDir), []);
+    for (const s of [a, b]) {
+      const res = await fetch(`${second.url}/v1/sandboxes/${s.id}`);
+      assert.equal(res.status, 404);
+    }
+    // The restarted daemon works.
+    const c = await Sandbox.create({ host: second.url, vcpuCount: 1, memSizeMib: 256 });
+    assert.equal((await c.runCode("print(6*7)")).stdout, "42\n");
+    await c.close();
+    assert.deepEqual(await listDir(vmsDir), []);
+  });
+});

@@ -1,0 +1,101 @@
+"""HTTP plumbing of the SDK (standard library only): host, key, JSON, NDJSON, raw bytes."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import urllib.parse
+from typing import Any, Dict, Iterable, Iterator, Optional, Union
+
+from .errors import ConnectionError, error_from_response
+
+DEFAULT_HOST = "http://127.0.0.1:7070"
+_CHUNK = 256 * 1024
+
+
+class Http:
+    def __init__(self, host: Optional[str] = None, api_key: Optional[str] = None, timeout: float = 600.0):
+        raw = host or os.environ.get("PODFLARE_HOST") or DEFAULT_HOST
+        if "://" not in raw:
+            raw = "http://" + raw
+        url = urllib.parse.urlsplit(raw.rstrip("/"))
+        if url.scheme not in ("http", "https"):
+            raise ValueError(f"PODFLARE_HOST must be an http(s) URL, got {raw!r}")
+        self.host = raw.rstrip("/")
+        self._url = url
+        self._api_key = api_key or os.environ.get("PODFLARE_API_KEY") or None
+        self._timeout = timeout
+
+    def _connection(self) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._url.scheme == "https" else http.client.HTTPConnection
+        return cls(self._url.hostname or "127.0.0.1", self._url.port, timeout=self._timeout)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        body: Union[bytes, Iterable[bytes], None] = None,
+        query: Optional[Dict[str, str]] = None,
+    ) -> http.client.HTTPResponse:
+        """Send a request; return the open response (status < 400) or raise the mapped error."""
+        target = (self._url.path or "") + path
+        if query:
+            target += "?" + urllib.parse.urlencode(query)
+        headers = {}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        payload: Union[bytes, Iterable[bytes], None] = None
+        if json_body is not None:
+            payload = json.dumps(json_body).encode()
+            headers["Content-Type"] = "application/json"
+        elif body is not None:
+            payload = body
+            headers["Content-Type"] = "application/octet-stream"
+            if not isinstance(body, (bytes, bytearray)):
+                headers["Transfer-Encoding"] = "chunked"
+        conn = self._connection()
+        try:
+            conn.request(method, target, body=payload, headers=headers, encode_chunked="Transfer-Encoding" in headers)
+            resp = conn.getresponse()
+        except OSError as exc:
+            conn.close()
+            raise ConnectionError(
+                f"cannot reach the podflare daemon at {self.host} ({exc}); is `podflare serve` running? "
+                "Set PODFLARE_HOST if it listens elsewhere"
+            ) from exc
+        if resp.status >= 400:
+            data = resp.read()
+            conn.close()
+            raise error_from_response(resp.status, data)
+        return resp
+
+    def json(self, method: str, path: str, json_body: Any = None) -> Any:
+        resp = self.request(method, path, json_body=json_body)
+        try:
+            data = resp.read()
+        finally:
+            resp.close()
+        return json.loads(data) if data else None
+
+    @staticmethod
+    def ndjson(resp: http.client.HTTPResponse) -> Iterator[Dict[str, Any]]:
+        try:
+            for line in resp:
+                line = line.strip()
+                if line:
+                    yield json.loads(line)
+        finally:
+            resp.close()
+
+    @staticmethod
+    def chunks(resp: http.client.HTTPResponse) -> Iterator[bytes]:
+        try:
+            while True:
+                block = resp.read(_CHUNK)
+                if not block:
+                    return
+                yield block
+        finally:
+            resp.close()

@@ -1,0 +1,79 @@
+"""One exception class per failure; HTTP statuses map to them in `error_from_response` only."""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+
+class PodflareError(Exception):
+    def __init__(self, message: str, status: Optional[int] = None, code: str = "error"):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+
+
+class InvalidArgumentError(PodflareError):
+    """400: the request is malformed or a value is out of range."""
+
+
+class AuthenticationError(PodflareError):
+    """401: no API key, or a wrong one (set PODFLARE_API_KEY)."""
+
+
+class NotFoundError(PodflareError):
+    """404: no such sandbox (or not yours), or no such file."""
+
+
+class SandboxStateError(PodflareError):
+    """409: the sandbox is not in a state that allows the operation (e.g. it died)."""
+
+
+class PayloadTooLargeError(PodflareError):
+    """413: an upload over the daemon's limit."""
+
+
+class RateLimitError(PodflareError):
+    """429: over a limit (sandbox count, quota)."""
+
+
+class NotImplementedByDaemonError(PodflareError):
+    """501: the daemon does not implement this operation yet."""
+
+
+class CapacityError(PodflareError):
+    """503: the host has no capacity right now; retry later."""
+
+
+class ServerError(PodflareError):
+    """5xx: a bug in the daemon; its log has details."""
+
+
+class ConnectionError(PodflareError):  # noqa: A001 - mirrors the TypeScript SDK's name
+    """The daemon could not be reached at all."""
+
+
+_BY_STATUS = {
+    400: InvalidArgumentError,
+    401: AuthenticationError,
+    404: NotFoundError,
+    409: SandboxStateError,
+    413: PayloadTooLargeError,
+    429: RateLimitError,
+    501: NotImplementedByDaemonError,
+    503: CapacityError,
+}
+
+
+def error_from_response(status: int, body: bytes) -> PodflareError:
+    text = body[:2000].decode("utf-8", "replace")
+    message, code = text or f"HTTP {status}", "error"
+    try:
+        parsed = json.loads(body)
+        if isinstance(parsed, dict):
+            message = str(parsed.get("error", message))
+            code = str(parsed.get("code", code))
+    except ValueError:
+        pass
+    cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else PodflareError)
+    return cls(message, status, code)

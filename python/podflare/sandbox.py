@@ -1,0 +1,154 @@
+"""A podflare sandbox: a microVM with a persistent Python REPL."""
+from __future__ import annotations
+
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Optional, Union
+
+from ._http import Http
+
+
+@dataclass
+class ExecResult:
+    stdout: str
+    stderr: str
+    exit_code: int
+    error: Optional[Dict[str, str]] = None
+    timed_out: bool = False
+    truncated: bool = False
+
+
+UploadData = Union[bytes, bytearray, str, BinaryIO, Iterable[bytes]]
+
+
+class Sandbox:
+    """`with Sandbox() as s:` creates a sandbox on enter and destroys it on exit."""
+
+    def __init__(
+        self,
+        host: Optional[str] = None,
+        api_key: Optional[str] = None,
+        template: Optional[str] = None,
+        *,
+        vcpu_count: Optional[int] = None,
+        mem_size_mib: Optional[int] = None,
+        timeout_ms: Optional[int] = None,
+        metadata: Optional[Dict[str, str]] = None,
+        _id: Optional[str] = None,
+        _http: Optional[Http] = None,
+    ):
+        self._http = _http or Http(host, api_key)
+        self._closed = False
+        if _id is not None:
+            self.id = _id
+            return
+        body: Dict[str, Any] = {}
+        for key, value in (
+            ("template", template),
+            ("vcpu_count", vcpu_count),
+            ("mem_size_mib", mem_size_mib),
+            ("timeout_ms", timeout_ms),
+            ("metadata", metadata),
+        ):
+            if value is not None:
+                body[key] = value
+        self.info: Dict[str, Any] = self._http.json("POST", "/v1/sandboxes", body)
+        self.id: str = self.info["id"]
+
+    @classmethod
+    def connect(cls, sandbox_id: str, host: Optional[str] = None, api_key: Optional[str] = None) -> "Sandbox":
+        """Attach to an existing sandbox by id."""
+        http = Http(host, api_key)
+        sbx = cls(_id=sandbox_id, _http=http)
+        sbx.info = http.json("GET", f"/v1/sandboxes/{urllib.parse.quote(sandbox_id, safe='')}")
+        return sbx
+
+    @staticmethod
+    def list(host: Optional[str] = None, api_key: Optional[str] = None) -> List[Dict[str, Any]]:
+        return Http(host, api_key).json("GET", "/v1/sandboxes")["sandboxes"]
+
+    @property
+    def _path(self) -> str:
+        return f"/v1/sandboxes/{urllib.parse.quote(self.id, safe='')}"
+
+    def run_code_stream(self, code: str, language: str = "python", timeout_ms: Optional[int] = None) -> Iterator[Dict[str, Any]]:
+        """Yield events as the code produces them; the last one is always `exit`."""
+        body: Dict[str, Any] = {"code": code, "language": language}
+        if timeout_ms is not None:
+            body["timeout_ms"] = timeout_ms
+        return Http.ndjson(self._http.request("POST", f"{self._path}/exec", json_body=body))
+
+    def run_code(self, code: str, language: str = "python", timeout_ms: Optional[int] = None) -> ExecResult:
+        out: List[str] = []
+        err: List[str] = []
+        for event in self.run_code_stream(code, language, timeout_ms):
+            kind = event.get("type")
+            if kind == "stdout":
+                out.append(event["data"])
+            elif kind == "stderr":
+                err.append(event["data"])
+            elif kind == "exit":
+                return ExecResult(
+                    stdout="".join(out),
+                    stderr="".join(err),
+                    exit_code=int(event["code"]),
+                    error=event.get("error"),
+                    timed_out=bool(event.get("timed_out")),
+                    truncated=bool(event.get("truncated")),
+                )
+        raise RuntimeError("the exec stream ended without an exit event (the connection was cut)")
+
+    def fork(self, n: int = 1) -> List["Sandbox"]:
+        children = self._http.json("POST", f"{self._path}/fork", {"n": n})["children"]
+        return [self._child(child) for child in children]
+
+    def _child(self, child_id: str) -> "Sandbox":
+        sbx = Sandbox(_id=child_id, _http=self._http)
+        sbx.info = self._http.json("GET", f"/v1/sandboxes/{urllib.parse.quote(child_id, safe='')}")
+        return sbx
+
+    def merge_into(self, winner: Union["Sandbox", str]) -> None:
+        """Afterwards this sandbox's id runs the winner's VM; the winner's id is gone."""
+        winner_id = winner if isinstance(winner, str) else winner.id
+        self._http.request("POST", f"{self._path}/merge_into/{urllib.parse.quote(winner_id, safe='')}").close()
+
+    def upload(self, path: str, data: UploadData) -> None:
+        """Write a file in the sandbox, atomically; file objects and iterables are streamed."""
+        body: Union[bytes, Iterable[bytes]]
+        if isinstance(data, str):
+            body = data.encode("utf-8")
+        elif isinstance(data, (bytes, bytearray)):
+            body = bytes(data)
+        elif hasattr(data, "read"):
+            stream = data
+            body = iter(lambda: stream.read(256 * 1024), b"")  # type: ignore[union-attr]
+        else:
+            body = data
+        self._http.request("PUT", f"{self._path}/files", body=body, query={"path": path}).close()
+
+    def download(self, path: str) -> bytes:
+        resp = self._http.request("GET", f"{self._path}/files", query={"path": path})
+        try:
+            return resp.read()
+        finally:
+            resp.close()
+
+    def download_stream(self, path: str) -> Iterator[bytes]:
+        """The file in chunks, for files too large to hold in memory."""
+        return Http.chunks(self._http.request("GET", f"{self._path}/files", query={"path": path}))
+
+    def close(self) -> None:
+        """Destroy the sandbox. Idempotent."""
+        if self._closed:
+            return
+        self._http.request("DELETE", self._path).close()
+        self._closed = True
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Sandbox(id={self.id!r})"
