@@ -377,20 +377,18 @@ class FdCapture:
             self._streams[read_end] = (stream, codecs.getincrementaldecoder("utf-8")("replace"))
         self._wake_r, self._wake_w = os.pipe()
         self._drained = threading.Event()
-        self._drain_lock = threading.Lock()
         self._libc = ctypes.CDLL(None)
 
     def start(self):
         threading.Thread(target=self._pump, name="podflare-fd-pump", daemon=True).start()
 
     def drain(self):
-        """Returns once what was written to fds 1/2 so far is in the collector."""
+        """Returns once what was written to fds 1/2 so far is in the collector (main thread only)."""
         self._libc.fflush(None)  # C stdio buffers fully when fd 1 is a pipe
-        with self._drain_lock:
-            self._drained.clear()
-            os.write(self._wake_w, b"\0")
-            if not self._drained.wait(DRAIN_TIMEOUT):
-                log("fd drain timed out")
+        self._drained.clear()
+        os.write(self._wake_w, b"\0")
+        if not self._drained.wait(DRAIN_TIMEOUT):
+            log("fd drain timed out")
 
     def _pump(self):
         poller = select.poll()
@@ -475,7 +473,12 @@ def _without_agent_frames(tb):
 
 
 def _error_info(exc, text):
-    return {"name": type(exc).__name__, "value": _clip(_safe_str(exc), MAX_MESSAGE), "traceback": _clip(text, MAX_TRACEBACK, keep_tail=True)}
+    # Clipped so that the exit header stays within MAX_HEADER whatever the exception.
+    return {
+        "name": _clip(type(exc).__name__, 200),
+        "value": _clip(_safe_str(exc), MAX_MESSAGE),
+        "traceback": _clip(text, MAX_TRACEBACK, keep_tail=True),
+    }
 
 
 class ExecRunner:
@@ -547,7 +550,10 @@ class ExecRunner:
                     job.deadline = None if job.timeout is None else time.monotonic() + job.timeout
                     self._current = job
                     self._cond.notify_all()
-                self._run(job)
+                try:
+                    self._run(job)
+                except Exception:  # an agent bug; the REPL must survive it
+                    log(f"exec {job.id}: {traceback.format_exc()}")
         finally:
             self.stopped.set()
 
@@ -619,6 +625,7 @@ class ExecRunner:
                     value = eval(last, self._globals)
                     if value is not None:
                         self._globals["_"] = value
+                        self._capture.drain()  # `subprocess.run(...)`: its output first
                         print(repr(value))
             finally:
                 self._armed = False
@@ -907,12 +914,21 @@ def _mix_entropy(entropy):
         os.close(fd)
 
 
-def _write_machine_id(machine_id):
-    tmp = "/etc/.machine-id.podflare.tmp"
+def _replace_file(path, text, mode):
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".podflare.tmp")
     with open(tmp, "w", encoding="ascii") as f:
-        f.write(machine_id + "\n")
-    os.chmod(tmp, 0o444)
-    os.replace(tmp, "/etc/machine-id")
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _write_machine_id(machine_id):
+    _replace_file("/etc/machine-id", machine_id + "\n", 0o444)
+
+
+def _write_hosts(hostname):
+    # So that the new hostname resolves (Python's socket.getfqdn, sudo-like tools).
+    _replace_file("/etc/hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost\n", 0o644)
 
 
 class Agent:
@@ -1062,6 +1078,7 @@ class Agent:
                 ("entropy", lambda: _mix_entropy(entropy)),
                 ("clock", lambda: time.clock_settime_ns(time.CLOCK_REALTIME, time_ns)),
                 ("hostname", lambda: socket.sethostname(hostname)),
+                ("hosts", lambda: _write_hosts(hostname)),
                 ("machine-id", lambda: _write_machine_id(machine_id)),
             )
             for name, step in steps:
@@ -1141,11 +1158,11 @@ def main(argv=None):
     runner.install()
     collector.start()
     capture.start()
+    log(f"version {VERSION} started pid={os.getpid()}")
     # First frame of every agent process: the host learns that the state and requests of
     # an earlier agent (say, OOM-killed with the user code inside it) are gone.
     writer.send({"type": "started", "id": None, **agent.identity()})
     threading.Thread(target=agent.read_loop, name="podflare-reader", daemon=True).start()
-    log(f"version {VERSION} started pid={os.getpid()}")
     runner.run_forever()
     # Only reached once the channel is closed for good (--fd). User threads may still be
     # running and must not keep the process alive.

@@ -5,14 +5,13 @@ Run: cd guest/agent && python3 -m unittest discover -s tests -v
 
 import base64
 import itertools
-import json
 import os
 import random
 import resource
+import socket
 import stat
 import struct
 import sys
-import socket
 import tempfile
 import threading
 import time
@@ -145,6 +144,14 @@ class PythonTests(AgentCase):
         self.assertEqual(result.stderr, error["traceback"])
         self.assertEqual(self.run_code("print('still here')").stdout, "still here\n")
 
+    def test_huge_exception_fits_in_the_exit_header(self):
+        code = "E = type('E' * 100000, (Exception,), {})\nraise E('\u00e9' * 100000)"
+        result = self.run_code(code)
+        self.assertEqual(result.code, 1)
+        self.assertLess(len(result.exit["error"]["name"]), 300)
+        self.assertLess(len(result.exit["error"]["value"]), 3000)
+        self.assertIn("\u00e9" * 100000, result.stderr)  # the full text still goes to stderr
+
     def test_syntax_error(self):
         result = self.run_code("def broken(:\n")
         self.assertEqual(result.code, 1)
@@ -186,6 +193,8 @@ class PythonTests(AgentCase):
         self.assertEqual((result.stdout, result.code), ("a\nb\n", 0))
         result = self.run_code("import subprocess\nsubprocess.run(['sh', '-c', 'echo to-err >&2'])\nNone")
         self.assertEqual(result.stderr, "to-err\n")
+        result = self.run_code("subprocess.run(['echo', 'first']).returncode")
+        self.assertEqual(result.stdout, "first\n0\n")  # a displayed value comes after child output
 
     def test_forked_child_output_is_captured(self):
         code = "import multiprocessing, sys\np = multiprocessing.Process(target=print, args=('from child',))\np.start(); p.join()"
@@ -287,6 +296,15 @@ class TimeoutAndCancelTests(AgentCase):
         self.assertIn("KeyboardInterrupt", result.stderr)
         self.assertEqual(self.request("cancel", target=999)["type"], "ok")  # unknown: idempotent
         self.assertEqual(self.run_code("print('after')").stdout, "after\n")
+
+    def test_queue_is_bounded(self):
+        self.start("import time\nprint('started', flush=True)\ntime.sleep(100)")
+        self.assertEqual(self.recv()[0]["type"], "output")
+        for _ in range(podflare_agent.MAX_QUEUED_EXECS):
+            self.start("pass")
+        rid = self.start("pass")
+        self.assertError(self.recv()[0], "busy", rid=rid)
+        # _stop_agent: closing the channel drops the queue and interrupts the sleep.
 
     def test_close_while_code_runs(self):
         self.start("import time\ntime.sleep(100)")

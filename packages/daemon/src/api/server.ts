@@ -4,7 +4,7 @@
  */
 import { Readable } from "node:stream";
 import { type TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
-import Fastify from "fastify";
+import Fastify, { LogController } from "fastify";
 import type { ExecEvent } from "../guest/agent-client.js";
 import { NotImplementedError, PodflareError } from "../sandboxes/errors.js";
 import type { SandboxService } from "../sandboxes/service.js";
@@ -27,7 +27,7 @@ export function buildServer(deps: ServerDeps) {
   const { service } = deps;
   const app = Fastify({
     loggerInstance: deps.log,
-    disableRequestLogging: true,
+    logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: 2 * 1024 * 1024,
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, allErrors: false } },
   }).withTypeProvider<TypeBoxTypeProvider>();

@@ -284,6 +284,7 @@ export class AgentClient {
     let received = 0;
     const client = this;
     let finished = false;
+    let begun = false;
     const stream = new Readable({
       highWaterMark: 1024 * 1024,
       read() {
@@ -310,6 +311,7 @@ export class AgentClient {
           switch (header.type) {
             case "read_begin":
               clearTimeout(timer);
+              begun = true;
               resolve({ size: Number(header.size) || 0, stream });
               break;
             case "data":
@@ -326,16 +328,17 @@ export class AgentClient {
               finished = true;
               this.routes.delete(id);
               const err = agentError(header);
-              reject(err); // no-op once resolved
-              stream.destroy(err);
+              // Before read_begin the caller holds no stream yet: the rejection is the report.
+              if (begun) stream.destroy(err);
+              else reject(err);
               break;
             }
           }
         },
         onClose: (err) => {
           clearTimeout(timer);
-          reject(err);
-          stream.destroy(err);
+          if (begun) stream.destroy(err);
+          else reject(err);
         },
       });
       this.send({ type: "read", id, path, window: READ_WINDOW });
@@ -387,6 +390,22 @@ export class AgentClient {
     });
   }
 
+  /**
+   * A (re)started agent process knows nothing of earlier requests: the OOM killer may have
+   * ended it together with the user code inside it. Fail everything in flight.
+   */
+  private onAgentStarted(): void {
+    const inFlight = [...this.routes.values()];
+    this.routes.clear();
+    if (inFlight.length === 0) return;
+    this.log("guest agent restarted; failing requests in flight", { requests: inFlight.length });
+    const err = new AgentError(
+      "agent_restarted",
+      "the sandbox's Python process restarted (most likely killed for using too much memory); its REPL state is lost",
+    );
+    for (const route of inFlight) route.onClose(err);
+  }
+
   private allocId(): number {
     const id = this.nextId;
     this.nextId = this.nextId >= Number.MAX_SAFE_INTEGER ? 1 : this.nextId + 1;
@@ -415,6 +434,10 @@ export class AgentClient {
   }
 
   private dispatch(frame: Frame): void {
+    if (frame.header.type === "started") {
+      this.onAgentStarted();
+      return;
+    }
     const id = frame.header.id;
     const route = typeof id === "number" ? this.routes.get(id) : undefined;
     if (route) route.onFrame(frame);

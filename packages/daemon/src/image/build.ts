@@ -18,8 +18,13 @@ import {
   type KernelPackage,
   ROOTFS_PACKAGES,
   ROOTFS_SIZE,
+  DPKG_EXCLUDES,
   recipeKey,
+  rootTreeKey,
 } from "./recipe.js";
+
+/** How many built images to keep; older ones are removed after a successful build. */
+const KEEP_IMAGES = 3;
 
 export interface GuestImage {
   key: string;
@@ -88,19 +93,15 @@ export function isStaticElf(file: Buffer): boolean {
 }
 
 export async function resolveKernelPackage(): Promise<KernelPackage> {
-  const depends = await run("apt-cache", ["depends", KERNEL_META_PACKAGE]);
-  const name = /Depends:\s*(linux-image-\S+)/.exec(depends)?.[1];
-  if (!name) {
+  // One apt call (about a second): the meta package pins the exact kernel package.
+  const show = await run("apt-cache", ["show", "--no-all-versions", KERNEL_META_PACKAGE]).catch(() => "");
+  const match = /^Depends:.*?\b(linux-image-[\w.+-]+)\s*\(=\s*([^)\s]+)\)/m.exec(show);
+  if (!match?.[1] || !match[2]) {
     throw new Error(
       `apt does not know ${KERNEL_META_PACKAGE}; run \`apt-get update\` (the package lists may be missing)`,
     );
   }
-  const policy = await run("apt-cache", ["policy", name]);
-  const version = /Candidate:\s*(\S+)/.exec(policy)?.[1];
-  if (!version || version === "(none)") {
-    throw new Error(`apt has no installable version of ${name}; run \`apt-get update\``);
-  }
-  return { name, version };
+  return { name: match[1], version: match[2] };
 }
 
 export function imagePaths(imagesDir: string, key: string, kernelPackage: KernelPackage): GuestImage {
@@ -145,7 +146,7 @@ export async function ensureImage(
     await mkdir(work, { recursive: true });
     cleanup.defer("remove build directory", () => rm(work, { recursive: true, force: true }));
     try {
-      await buildInto(work, opts.guestDir, kernelPackage, progress);
+      await buildInto(work, opts.imagesDir, opts.guestDir, kernelPackage, progress);
       await writeFile(
         join(work, "out", "manifest.json"),
         `${JSON.stringify({ key, kernelPackage, suite: DEBIAN_SUITE, builtAt: new Date().toISOString() }, null, 2)}\n`,
@@ -153,6 +154,7 @@ export async function ensureImage(
       await rm(image.dir, { recursive: true, force: true });
       await rename(join(work, "out"), image.dir);
       progress(`guest image ${key} ready in ${((Date.now() - started) / 1000).toFixed(1)} s: ${image.dir}`);
+      await pruneImages(opts.imagesDir, key);
       return image;
     } finally {
       await cleanup.unwind();
@@ -160,8 +162,65 @@ export async function ensureImage(
   });
 }
 
+/** Remove all but the newest images (running VMs keep their open files). */
+async function pruneImages(imagesDir: string, keep: string): Promise<void> {
+  const entries = await readdir(imagesDir, { withFileTypes: true });
+  const images = await Promise.all(
+    entries
+      .filter((e) => e.isDirectory() && /^[0-9a-f]{16}$/.test(e.name) && e.name !== keep)
+      .map(async (e) => ({ name: e.name, mtime: (await stat(join(imagesDir, e.name))).mtimeMs })),
+  );
+  images.sort((a, b) => b.mtime - a.mtime);
+  for (const old of images.slice(KEEP_IMAGES - 1)) await rm(join(imagesDir, old.name), { recursive: true, force: true });
+}
+
+/**
+ * The Debian root tree from mmdebstrap, cached under .cache/ by its own key so that a
+ * change to the agent does not repeat the slow package installation.
+ */
+async function ensureRootTree(imagesDir: string, progress: Progress): Promise<string> {
+  const cacheDir = join(imagesDir, ".cache");
+  const tree = join(cacheDir, `root-${rootTreeKey()}`);
+  if (await exists(join(tree, ".podflare-complete"))) return tree;
+  await mkdir(cacheDir, { recursive: true });
+  const partial = `${tree}.partial-${process.pid}`;
+  await rm(partial, { recursive: true, force: true });
+  let lines = 0;
+  try {
+    await run(
+      "mmdebstrap",
+      [
+        "--variant=minbase",
+        `--include=${ROOTFS_PACKAGES.join(",")}`,
+        ...DPKG_EXCLUDES.map((p) => `--dpkgopt=path-exclude=${p}`),
+        DEBIAN_SUITE,
+        partial,
+      ],
+      {
+        onLine: (line) => {
+          lines += 1;
+          if (/^I: /.test(line) || lines % 50 === 0) progress(`      ${line.slice(0, 120)}`);
+        },
+      },
+    );
+    await writeFile(join(partial, ".podflare-complete"), "");
+    await rm(tree, { recursive: true, force: true });
+    await rename(partial, tree);
+  } catch (err) {
+    await rm(partial, { recursive: true, force: true });
+    throw err;
+  }
+  for (const entry of await readdir(cacheDir)) {
+    if (entry.startsWith("root-") && join(cacheDir, entry) !== tree && !entry.includes(".partial-")) {
+      await rm(join(cacheDir, entry), { recursive: true, force: true });
+    }
+  }
+  return tree;
+}
+
 async function buildInto(
   work: string,
+  imagesDir: string,
   guestDir: string,
   kernelPackage: KernelPackage,
   progress: Progress,
@@ -171,9 +230,11 @@ async function buildInto(
   const step = (n: number, what: string) => progress(`[${n}/4] ${what}`);
 
   step(1, `kernel: apt-get download ${kernelPackage.name}`);
-  const debDir = join(work, "deb");
-  await mkdir(debDir);
-  await run("apt-get", ["download", `${kernelPackage.name}=${kernelPackage.version}`], { cwd: debDir });
+  const debDir = join(imagesDir, ".cache", `kernel-${kernelPackage.name}-${kernelPackage.version.replace(/[^\w.+-]/g, "_")}`);
+  await mkdir(debDir, { recursive: true });
+  if (!(await readdir(debDir)).some((f) => f.endsWith(".deb"))) {
+    await run("apt-get", ["download", `${kernelPackage.name}=${kernelPackage.version}`], { cwd: debDir });
+  }
   const deb = (await readdir(debDir)).find((f) => f.endsWith(".deb"));
   if (!deb) throw new Error(`apt-get download produced no .deb for ${kernelPackage.name}`);
   const kernelTree = join(work, "kernel");
@@ -204,28 +265,11 @@ async function buildInto(
     join(out, "initrd.img"),
   ]);
 
-  step(3, `root file system: mmdebstrap ${DEBIAN_SUITE} minbase + ${ROOTFS_PACKAGES.join(", ")} (about a minute)`);
+  step(3, `root file system: Debian ${DEBIAN_SUITE} minbase + ${ROOTFS_PACKAGES.join(", ")} (cached; the first build takes about a minute)`);
+  const tree = await ensureRootTree(imagesDir, progress);
   const root = join(work, "root");
-  let lines = 0;
-  await run(
-    "mmdebstrap",
-    [
-      "--variant=minbase",
-      `--include=${ROOTFS_PACKAGES.join(",")}`,
-      "--dpkgopt=path-exclude=/usr/share/doc/*",
-      "--dpkgopt=path-exclude=/usr/share/man/*",
-      "--dpkgopt=path-exclude=/usr/share/locale/*",
-      "--dpkgopt=path-exclude=/usr/share/info/*",
-      DEBIAN_SUITE,
-      root,
-    ],
-    {
-      onLine: (line) => {
-        lines += 1;
-        if (/^I: /.test(line) || lines % 50 === 0) progress(`      ${line.slice(0, 120)}`);
-      },
-    },
-  );
+  await run("cp", ["-a", "--reflink=auto", tree, root]);
+  await rm(join(root, ".podflare-complete"));
   await mkdir(join(root, "opt/podflare"), { recursive: true });
   for (const file of GUEST_FILES.filter((f) => f.startsWith("agent/"))) {
     await copyFile(join(guestDir, file), join(root, "opt/podflare", file.slice("agent/".length)));

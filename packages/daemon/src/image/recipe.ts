@@ -32,6 +32,16 @@ export interface KernelPackage {
   version: string;
 }
 
+/** The key of the Debian root tree alone (the slow mmdebstrap step), reused across agent changes. */
+export function rootTreeKey(): string {
+  return createHash("sha256")
+    .update(JSON.stringify({ RECIPE_VERSION, DEBIAN_SUITE, ROOTFS_PACKAGES, DPKG_EXCLUDES }))
+    .digest("hex")
+    .slice(0, 16);
+}
+
+export const DPKG_EXCLUDES = ["/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*"] as const;
+
 export async function recipeKey(guestDir: string, kernel: KernelPackage): Promise<string> {
   const hash = createHash("sha256");
   hash.update(

@@ -160,18 +160,23 @@ export class SandboxService {
   }
 
   private async *guardExecStream(id: string, vm: Vm, events: AsyncIterable<ExecEvent>): AsyncGenerator<ExecEvent> {
+    // Once the stream has started, a failure can only be reported in-band: the stream
+    // still ends with exactly one exit event.
     try {
       yield* events;
     } catch (err) {
-      if (err instanceof AgentClosedError || !vm.alive) {
-        yield {
-          type: "exit",
-          code: -1,
-          error: { name: "SandboxDied", value: `sandbox ${id} stopped while the code ran`, traceback: "" },
-        };
-        return;
-      }
-      throw err;
+      const died = err instanceof AgentClosedError || !vm.alive;
+      const restarted = err instanceof AgentError && err.code === "agent_restarted";
+      this.log.warn({ sandbox: id, err: String(err) }, "exec ended abnormally");
+      yield {
+        type: "exit",
+        code: -1,
+        error: {
+          name: died ? "SandboxDied" : restarted ? "SandboxRestarted" : "SandboxError",
+          value: died ? `sandbox ${id} stopped while the code ran` : (err as Error).message,
+          traceback: "",
+        },
+      };
     }
   }
 
