@@ -4,16 +4,20 @@
  * program would; only `serve` and `image build` touch daemon internals.
  */
 import { readFile } from "node:fs/promises";
-import { Command, InvalidArgumentError as CliArgError, Option } from "commander";
+import { InvalidArgumentError as CliArgError, Command, Option } from "commander";
 import { PodflareError, Sandbox } from "podflare";
 
 const program = new Command("podflare")
   .description("Self-hosted microVM sandboxes for AI agents")
-  .addHelpText("after", "\nClient verbs talk to PODFLARE_HOST (default http://127.0.0.1:7070) with PODFLARE_API_KEY.");
+  .addHelpText(
+    "after",
+    "\nClient verbs talk to PODFLARE_HOST (default http://127.0.0.1:7070) with PODFLARE_API_KEY.",
+  );
 
 function positiveInt(value: string): number {
   const n = Number(value);
-  if (!Number.isSafeInteger(n) || n < 1) throw new CliArgError(`${value} is not a positive integer`);
+  if (!Number.isSafeInteger(n) || n < 1)
+    throw new CliArgError(`${value} is not a positive integer`);
   return n;
 }
 
@@ -44,12 +48,16 @@ program
 const image = program.command("image").description("the guest image");
 image
   .command("build")
-  .description("build the guest image (kernel, initramfs, root file system); cached by content hash")
+  .description(
+    "build the guest image (kernel, initramfs, root file system); cached by content hash",
+  )
   .action(async () => {
     const { ensureImage, loadConfig } = await import("@podflare/daemon");
     const config = loadConfig();
     const started = Date.now();
-    const img = await ensureImage({ imagesDir: config.imagesDir, guestDir: config.guestDir }, (m) => process.stderr.write(`${m}\n`));
+    const img = await ensureImage({ imagesDir: config.imagesDir, guestDir: config.guestDir }, (m) =>
+      process.stderr.write(`${m}\n`),
+    );
     process.stderr.write(`image ${img.key} at ${img.dir} (${Date.now() - started} ms)\n`);
   });
 
@@ -61,15 +69,23 @@ program
   .option("--memory <mib>", "memory in MiB", positiveInt)
   .option("--timeout <ms>", "lifetime in milliseconds", positiveInt)
   .option("--json", "print the whole sandbox record as JSON")
-  .action(async (opts: { template?: string; vcpus?: number; memory?: number; timeout?: number; json?: boolean }) => {
-    const sbx = await Sandbox.create({
-      ...(opts.template ? { template: opts.template } : {}),
-      ...(opts.vcpus ? { vcpuCount: opts.vcpus } : {}),
-      ...(opts.memory ? { memSizeMib: opts.memory } : {}),
-      ...(opts.timeout ? { timeoutMs: opts.timeout } : {}),
-    });
-    process.stdout.write(opts.json ? `${JSON.stringify(sbx.info, null, 2)}\n` : `${sbx.id}\n`);
-  });
+  .action(
+    async (opts: {
+      template?: string;
+      vcpus?: number;
+      memory?: number;
+      timeout?: number;
+      json?: boolean;
+    }) => {
+      const sbx = await Sandbox.create({
+        ...(opts.template ? { template: opts.template } : {}),
+        ...(opts.vcpus ? { vcpuCount: opts.vcpus } : {}),
+        ...(opts.memory ? { memSizeMib: opts.memory } : {}),
+        ...(opts.timeout ? { timeoutMs: opts.timeout } : {}),
+      });
+      process.stdout.write(opts.json ? `${JSON.stringify(sbx.info, null, 2)}\n` : `${sbx.id}\n`);
+    },
+  );
 
 program
   .command("ls")
@@ -81,10 +97,26 @@ program
       process.stdout.write(`${JSON.stringify(list, null, 2)}\n`);
       return;
     }
-    const rows = list.map((s) => [s.id, s.state, s.template, `${s.vcpu_count}`, `${s.mem_size_mib}`, s.created_at, s.expires_at]);
+    const rows = list.map((s) => [
+      s.id,
+      s.state,
+      s.template,
+      `${s.vcpu_count}`,
+      `${s.mem_size_mib}`,
+      s.created_at,
+      s.expires_at,
+    ]);
     const header = ["ID", "STATE", "TEMPLATE", "VCPUS", "MEM_MIB", "CREATED", "EXPIRES"];
-    const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
-    for (const r of [header, ...rows]) process.stdout.write(`${r.map((c, i) => c.padEnd(widths[i] ?? 0)).join("  ").trimEnd()}\n`);
+    const widths = header.map((h, i) =>
+      Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)),
+    );
+    for (const r of [header, ...rows])
+      process.stdout.write(
+        `${r
+          .map((c, i) => c.padEnd(widths[i] ?? 0))
+          .join("  ")
+          .trimEnd()}\n`,
+      );
   });
 
 program
@@ -92,27 +124,44 @@ program
   .description("run code in a sandbox, streaming its output; exits with the code's exit code")
   .argument("<id>", "sandbox id")
   .argument("[code...]", "the code (or use --file, or - to read standard input)")
-  .addOption(new Option("-l, --language <language>", "language").choices(["python", "bash"]).default("python"))
+  .addOption(
+    new Option("-l, --language <language>", "language")
+      .choices(["python", "bash"])
+      .default("python"),
+  )
   .option("--bash", "same as --language bash")
   .option("-f, --file <path>", "read the code from a file")
   .option("--timeout <ms>", "interrupt the code after this many milliseconds", positiveInt)
-  .action(async (id: string, codeParts: string[], opts: { language: "python" | "bash"; bash?: boolean; file?: string; timeout?: number }) => {
-    let code = codeParts.join(" ");
-    if (opts.file) code = await readFile(opts.file, "utf8");
-    else if (code === "-") code = await readStdin();
-    if (!code) throw new CliArgError("no code given: pass it as an argument, with --file, or - for standard input");
-    const sbx = await Sandbox.connect(id);
-    let exitCode = 1;
-    for await (const event of sbx.runCodeStream(code, { language: opts.bash ? "bash" : opts.language, ...(opts.timeout ? { timeoutMs: opts.timeout } : {}) })) {
-      if (event.type === "stdout") process.stdout.write(event.data);
-      else if (event.type === "stderr") process.stderr.write(event.data);
-      else if (event.type === "exit") {
-        exitCode = event.code;
-        if (event.timed_out) process.stderr.write(`podflare: timed out after ${opts.timeout} ms\n`);
+  .action(
+    async (
+      id: string,
+      codeParts: string[],
+      opts: { language: "python" | "bash"; bash?: boolean; file?: string; timeout?: number },
+    ) => {
+      let code = codeParts.join(" ");
+      if (opts.file) code = await readFile(opts.file, "utf8");
+      else if (code === "-") code = await readStdin();
+      if (!code)
+        throw new CliArgError(
+          "no code given: pass it as an argument, with --file, or - for standard input",
+        );
+      const sbx = await Sandbox.connect(id);
+      let exitCode = 1;
+      for await (const event of sbx.runCodeStream(code, {
+        language: opts.bash ? "bash" : opts.language,
+        ...(opts.timeout ? { timeoutMs: opts.timeout } : {}),
+      })) {
+        if (event.type === "stdout") process.stdout.write(event.data);
+        else if (event.type === "stderr") process.stderr.write(event.data);
+        else if (event.type === "exit") {
+          exitCode = event.code;
+          if (event.timed_out)
+            process.stderr.write(`podflare: timed out after ${opts.timeout} ms\n`);
+        }
       }
-    }
-    process.exitCode = exitCode;
-  });
+      process.exitCode = exitCode;
+    },
+  );
 
 program
   .command("upload")
@@ -138,7 +187,12 @@ program
     const { pipeline } = await import("node:stream/promises");
     const sbx = await Sandbox.connect(id);
     const body = await sbx.downloadStream(remote);
-    await pipeline(Readable.fromWeb(body as import("node:stream/web").ReadableStream), local ? createWriteStream(local) : (process.stdout as unknown as InstanceType<typeof Writable>));
+    await pipeline(
+      Readable.fromWeb(body as import("node:stream/web").ReadableStream),
+      local
+        ? createWriteStream(local)
+        : (process.stdout as unknown as InstanceType<typeof Writable>),
+    );
   });
 
 program

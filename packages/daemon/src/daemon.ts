@@ -23,9 +23,14 @@ export interface Daemon {
   close(): Promise<void>;
 }
 
-export async function prepareEngine(config: Config, log: Logger): Promise<{ engine: VmEngine; accel: AccelDecision }> {
+export async function prepareEngine(
+  config: Config,
+  log: Logger,
+): Promise<{ engine: VmEngine; accel: AccelDecision }> {
   await mkdir(config.stateDir, { recursive: true, mode: 0o700 });
-  const image = await ensureImage({ imagesDir: config.imagesDir, guestDir: config.guestDir }, (m) => log.info({ image: true }, m));
+  const image = await ensureImage({ imagesDir: config.imagesDir, guestDir: config.guestDir }, (m) =>
+    log.info({ image: true }, m),
+  );
   const base = {
     stateDir: config.stateDir,
     shmDir: config.shmDir,
@@ -41,7 +46,12 @@ export async function prepareEngine(config: Config, log: Logger): Promise<{ engi
     config.accel,
     hostProbe(async () => {
       try {
-        const vm = await probeEngine.boot("probe_kvm", { vcpuCount: 1, memSizeMib: 256 }, "kvm", 20_000);
+        const vm = await probeEngine.boot(
+          "probe_kvm",
+          { vcpuCount: 1, memSizeMib: 256 },
+          "kvm",
+          20_000,
+        );
         await vm.destroy();
         return true;
       } catch {
@@ -67,7 +77,12 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
       accelerator_reason: accel.reason,
       running: service.liveCount,
       pool: { target: 0, ready: 0, refilling: 0 },
-      limits: { max_sandboxes: config.maxSandboxes, max_vcpu_count: config.maxVcpuCount, max_mem_size_mib: config.maxMemSizeMib, max_upload_bytes: config.maxUploadBytes },
+      limits: {
+        max_sandboxes: config.maxSandboxes,
+        max_vcpu_count: config.maxVcpuCount,
+        max_mem_size_mib: config.maxMemSizeMib,
+        max_upload_bytes: config.maxUploadBytes,
+      },
     }),
   });
   const address = await app.listen({ host: config.host, port: config.port });

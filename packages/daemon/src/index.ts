@@ -1,4 +1,4 @@
-export { loadConfig, repoRoot, type Config } from "./config/config.js";
-export { startDaemon, prepareEngine, type Daemon } from "./daemon.js";
+export { type Config, loadConfig, repoRoot } from "./config/config.js";
+export { type Daemon, prepareEngine, startDaemon } from "./daemon.js";
 export { ensureImage, type GuestImage } from "./image/build.js";
-export { createLogger, silentLogger, type Logger } from "./util/logger.js";
+export { createLogger, type Logger, silentLogger } from "./util/logger.js";

@@ -5,11 +5,11 @@ import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { join } from "node:path";
-import { promisify } from "node:util";
 import { after, before, describe, it } from "node:test";
+import { promisify } from "node:util";
 import { repoRoot } from "@podflare/daemon";
 import { InvalidArgumentError, NotFoundError, PayloadTooLargeError, Sandbox } from "podflare";
-import { type TestDaemon, eventually, qemuPids, startTestDaemon } from "./harness.js";
+import { eventually, qemuPids, startTestDaemon, type TestDaemon } from "./harness.js";
 
 const execFileP = promisify(execFile);
 const UPLOAD_CAP = 64 * 1024 * 1024;
@@ -36,7 +36,10 @@ describe("HTTP API and SDKs", () => {
     assert.equal(py.stdout, '42 {"ok": true}\n\n');
     assert.equal(ts.stdout, '42 {"ok": true}\n\n');
     // Both examples destroyed their sandboxes on the way out.
-    assert.deepEqual((await Sandbox.list({ host: host() })).map((s) => s.id), [sbx.id]);
+    assert.deepEqual(
+      (await Sandbox.list({ host: host() })).map((s) => s.id),
+      [sbx.id],
+    );
   });
 
   it("reports sandbox info, lists, and destroys idempotently", async () => {
@@ -54,12 +57,20 @@ describe("HTTP API and SDKs", () => {
 
   it("streams exec events in order with seq and ts, ending with exit", async () => {
     const events = [];
-    for await (const e of sbx.runCodeStream("import sys, time\nprint('a', flush=True)\nprint('b', file=sys.stderr, flush=True)\ntime.sleep(0.3)\nprint('c')")) {
+    for await (const e of sbx.runCodeStream(
+      "import sys, time\nprint('a', flush=True)\nprint('b', file=sys.stderr, flush=True)\ntime.sleep(0.3)\nprint('c')",
+    )) {
       events.push(e);
     }
-    assert.deepEqual(events.map((e) => e.seq), events.map((_, i) => i));
+    assert.deepEqual(
+      events.map((e) => e.seq),
+      events.map((_, i) => i),
+    );
     assert.ok(events.every((e) => typeof e.ts === "number" && e.ts > 1.7e12));
-    const text = events.filter((e) => e.type !== "exit").map((e) => `${e.type}:${"data" in e ? e.data : ""}`).join("");
+    const text = events
+      .filter((e) => e.type !== "exit")
+      .map((e) => `${e.type}:${"data" in e ? e.data : ""}`)
+      .join("");
     assert.equal(text, "stdout:a\nstderr:b\nstdout:c\n");
     const last = events.at(-1);
     assert.equal(last?.type, "exit");
@@ -68,7 +79,11 @@ describe("HTTP API and SDKs", () => {
 
   it("queues concurrent execs; each reply holds only its own output", async () => {
     const results = await Promise.all(
-      Array.from({ length: 6 }, (_, i) => sbx.runCode(`import time\nfor k in range(3):\n    print('job${i}', k, flush=True)\n    time.sleep(0.02)`)),
+      Array.from({ length: 6 }, (_, i) =>
+        sbx.runCode(
+          `import time\nfor k in range(3):\n    print('job${i}', k, flush=True)\n    time.sleep(0.02)`,
+        ),
+      ),
     );
     results.forEach((r, i) => {
       assert.equal(r.exitCode, 0);
@@ -78,21 +93,70 @@ describe("HTTP API and SDKs", () => {
 
   it("answers bad input with a clear 400/404 and the contract's error body", async () => {
     const raw = (method: string, path: string, body?: string, type = "application/json") =>
-      fetch(`${host()}${path}`, { method, body, headers: body === undefined ? {} : { "content-type": type } });
+      fetch(`${host()}${path}`, {
+        method,
+        body,
+        headers: body === undefined ? {} : { "content-type": type },
+      });
     const cases: [string, Promise<Response>, number, RegExp][] = [
       ["unknown sandbox", raw("GET", "/v1/sandboxes/sbx_nope"), 404, /does not exist/],
-      ["exec on unknown sandbox", raw("POST", "/v1/sandboxes/sbx_nope/exec", '{"code":"1"}'), 404, /does not exist/],
+      [
+        "exec on unknown sandbox",
+        raw("POST", "/v1/sandboxes/sbx_nope/exec", '{"code":"1"}'),
+        404,
+        /does not exist/,
+      ],
       ["delete unknown sandbox", raw("DELETE", "/v1/sandboxes/sbx_nope"), 404, /does not exist/],
       ["malformed JSON", raw("POST", `/v1/sandboxes/${sbx.id}/exec`, '{"code": '), 400, /JSON/i],
-      ["unknown language", raw("POST", `/v1/sandboxes/${sbx.id}/exec`, '{"code":"1","language":"ruby"}'), 400, /language/],
+      [
+        "unknown language",
+        raw("POST", `/v1/sandboxes/${sbx.id}/exec`, '{"code":"1","language":"ruby"}'),
+        400,
+        /language/,
+      ],
       ["missing code", raw("POST", `/v1/sandboxes/${sbx.id}/exec`, "{}"), 400, /code/],
-      ["code of the wrong type", raw("POST", `/v1/sandboxes/${sbx.id}/exec`, '{"code":5}'), 400, /code/],
-      ["relative path", raw("GET", `/v1/sandboxes/${sbx.id}/files?path=etc/passwd`), 400, /absolute/],
-      ["NUL in path", raw("PUT", `/v1/sandboxes/${sbx.id}/files?path=/tmp/a%00b`, "x", "application/octet-stream"), 400, /NUL/],
-      ["directory as a file", raw("GET", `/v1/sandboxes/${sbx.id}/files?path=/etc`), 400, /directory/],
-      ["missing file", raw("GET", `/v1/sandboxes/${sbx.id}/files?path=/no/such/file`), 404, /no file/],
+      [
+        "code of the wrong type",
+        raw("POST", `/v1/sandboxes/${sbx.id}/exec`, '{"code":5}'),
+        400,
+        /code/,
+      ],
+      [
+        "relative path",
+        raw("GET", `/v1/sandboxes/${sbx.id}/files?path=etc/passwd`),
+        400,
+        /absolute/,
+      ],
+      [
+        "NUL in path",
+        raw(
+          "PUT",
+          `/v1/sandboxes/${sbx.id}/files?path=/tmp/a%00b`,
+          "x",
+          "application/octet-stream",
+        ),
+        400,
+        /NUL/,
+      ],
+      [
+        "directory as a file",
+        raw("GET", `/v1/sandboxes/${sbx.id}/files?path=/etc`),
+        400,
+        /directory/,
+      ],
+      [
+        "missing file",
+        raw("GET", `/v1/sandboxes/${sbx.id}/files?path=/no/such/file`),
+        404,
+        /no file/,
+      ],
       ["bad vcpu_count", raw("POST", "/v1/sandboxes", '{"vcpu_count":0}'), 400, /vcpu_count/],
-      ["unknown template", raw("POST", "/v1/sandboxes", '{"template":"gpu"}'), 400, /unknown template/],
+      [
+        "unknown template",
+        raw("POST", "/v1/sandboxes", '{"template":"gpu"}'),
+        400,
+        /unknown template/,
+      ],
       ["fork out of range", raw("POST", `/v1/sandboxes/${sbx.id}/fork`, '{"n":33}'), 400, /n/],
     ];
     for (const [name, response, status, message] of cases) {
@@ -110,10 +174,13 @@ describe("HTTP API and SDKs", () => {
     const data = randomBytes(50 * 1024 * 1024);
     const sha = createHash("sha256").update(data).digest("hex");
     async function* pieces() {
-      for (let off = 0; off < data.length; off += 3 * 1024 * 1024 + 17) yield data.subarray(off, off + 3 * 1024 * 1024 + 17);
+      for (let off = 0; off < data.length; off += 3 * 1024 * 1024 + 17)
+        yield data.subarray(off, off + 3 * 1024 * 1024 + 17);
     }
     await sbx.upload("/root/big/blob.bin", pieces());
-    const inGuest = await sbx.runCode("import hashlib; print(hashlib.sha256(open('/root/big/blob.bin','rb').read()).hexdigest())");
+    const inGuest = await sbx.runCode(
+      "import hashlib; print(hashlib.sha256(open('/root/big/blob.bin','rb').read()).hexdigest())",
+    );
     assert.equal(inGuest.stdout.trim(), sha);
     const back = await sbx.download("/root/big/blob.bin");
     assert.equal(createHash("sha256").update(back).digest("hex"), sha);
@@ -125,21 +192,33 @@ describe("HTTP API and SDKs", () => {
     const over = Buffer.alloc(UPLOAD_CAP + 1024, 7);
     await assert.rejects(sbx.upload("/root/over/declared.bin", over), PayloadTooLargeError);
     async function* streamed() {
-      for (let off = 0; off < over.length; off += 1024 * 1024) yield over.subarray(off, off + 1024 * 1024);
+      for (let off = 0; off < over.length; off += 1024 * 1024)
+        yield over.subarray(off, off + 1024 * 1024);
     }
     await assert.rejects(sbx.upload("/root/streamed.bin", streamed()), PayloadTooLargeError);
-    const left = await sbx.runCode("import os\nprint(sorted(n for n in os.listdir('/root') if 'streamed' in n or 'podflare' in n or n == 'over'))");
+    const left = await sbx.runCode(
+      "import os\nprint(sorted(n for n in os.listdir('/root') if 'streamed' in n or 'podflare' in n or n == 'over'))",
+    );
     assert.equal(left.stdout, "[]\n");
   });
 
   it("destroys a sandbox when its lifetime ends", async () => {
-    const short = await Sandbox.create({ host: host(), timeoutMs: 1500, vcpuCount: 1, memSizeMib: 256 });
+    const short = await Sandbox.create({
+      host: host(),
+      timeoutMs: 1500,
+      vcpuCount: 1,
+      memSizeMib: 256,
+    });
     await eventually("the expired sandbox to be gone", async () => {
       const ids = (await Sandbox.list({ host: host() })).map((s) => s.id);
       return !ids.includes(short.id);
     });
     await assert.rejects(short.runCode("1"), NotFoundError);
-    assert.equal((await qemuPids(join(d.config.stateDir, "vms"))).length, 1, "only the shared sandbox's QEMU remains");
+    assert.equal(
+      (await qemuPids(join(d.config.stateDir, "vms"))).length,
+      1,
+      "only the shared sandbox's QEMU remains",
+    );
     const res = await fetch(`${host()}/v1/sandboxes/${short.id}`, { method: "DELETE" });
     assert.equal(res.status, 204, "deleting an ended sandbox is idempotent");
   });

@@ -11,7 +11,11 @@ import { eventually, qemuPids, testConfig } from "./harness.js";
 type Engine = Awaited<ReturnType<typeof prepareEngine>>["engine"];
 type BootedVm = Awaited<ReturnType<Engine["boot"]>>;
 
-async function run(vm: BootedVm, code: string, opts: { language?: "python" | "bash"; timeoutMs?: number } = {}) {
+async function run(
+  vm: BootedVm,
+  code: string,
+  opts: { language?: "python" | "bash"; timeoutMs?: number } = {},
+) {
   const events = [];
   let stdout = "";
   let stderr = "";
@@ -66,8 +70,13 @@ describe("VM engine", () => {
   });
 
   it("runs bash in a fresh process in the REPL's working directory", async () => {
-    await run(vm, "import os; os.makedirs('/tmp/work', exist_ok=True); os.chdir('/tmp/work'); os.environ['GREETING'] = 'hello'");
-    const r = await run(vm, 'echo "$GREETING from $(pwd)"; echo oops >&2; exit 5', { language: "bash" });
+    await run(
+      vm,
+      "import os; os.makedirs('/tmp/work', exist_ok=True); os.chdir('/tmp/work'); os.environ['GREETING'] = 'hello'",
+    );
+    const r = await run(vm, 'echo "$GREETING from $(pwd)"; echo oops >&2; exit 5', {
+      language: "bash",
+    });
     assert.equal(r.stdout, "hello from /tmp/work\n");
     assert.equal(r.stderr, "oops\n");
     assert.equal(r.exit.code, 5);
@@ -83,9 +92,24 @@ describe("VM engine", () => {
   });
 
   it("streams interleaved stdout and stderr in order", async () => {
-    const r = await run(vm, "import sys\nfor i in range(10):\n    print('out', i, flush=True)\n    print('err', i, file=sys.stderr, flush=True)");
-    const sequence = r.events.filter((e) => e.type !== "exit").flatMap((e) => ("data" in e ? e.data.split("\n").filter(Boolean).map((l) => `${e.type}:${l}`) : []));
-    const expected = Array.from({ length: 10 }, (_, i) => [`stdout:out ${i}`, `stderr:err ${i}`]).flat();
+    const r = await run(
+      vm,
+      "import sys\nfor i in range(10):\n    print('out', i, flush=True)\n    print('err', i, file=sys.stderr, flush=True)",
+    );
+    const sequence = r.events
+      .filter((e) => e.type !== "exit")
+      .flatMap((e) =>
+        "data" in e
+          ? e.data
+              .split("\n")
+              .filter(Boolean)
+              .map((l) => `${e.type}:${l}`)
+          : [],
+      );
+    const expected = Array.from({ length: 10 }, (_, i) => [
+      `stdout:out ${i}`,
+      `stderr:err ${i}`,
+    ]).flat();
     assert.deepEqual(sequence, expected);
   });
 

@@ -5,7 +5,7 @@
 import { mkdtemp, readdir, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { type Config, type Daemon, createLogger, loadConfig, startDaemon } from "@podflare/daemon";
+import { type Config, createLogger, type Daemon, loadConfig, startDaemon } from "@podflare/daemon";
 
 export const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR || "/var/lib/podflare/images";
 
@@ -61,12 +61,17 @@ export async function qemuPids(needle: string): Promise<number[]> {
 }
 
 /** Wait for a condition that an event elsewhere (a process exit, a timer) makes true. */
-export async function eventually<T>(what: string, probe: () => Promise<T | undefined | false>, timeoutMs = 30_000): Promise<T> {
+export async function eventually<T>(
+  what: string,
+  probe: () => Promise<T | undefined | false>,
+  timeoutMs = 30_000,
+): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const value = await probe();
     if (value) return value;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    if (Date.now() > deadline)
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 50));
   }
 }

@@ -24,7 +24,9 @@ function serve(env: NodeJS.ProcessEnv): Promise<{ child: ChildProcess; url: stri
       const m = /"address":"(http:\/\/[^"]+)".*podflared listening/.exec(log);
       if (m?.[1]) resolve({ child, url: m[1] });
     });
-    child.once("exit", (code) => reject(new Error(`daemon exited (${code}) before listening:\n${log.slice(-3000)}`)));
+    child.once("exit", (code) =>
+      reject(new Error(`daemon exited (${code}) before listening:\n${log.slice(-3000)}`)),
+    );
   });
 }
 
@@ -63,7 +65,11 @@ describe("daemon restart after kill -9", () => {
     first.child.kill("SIGKILL");
     await new Promise((r) => first.child.once("exit", r));
     // QEMU runs with a parent-death signal: the VMs die with the daemon.
-    await eventually("the VMs to die with the daemon", async () => (await qemuPids(vmsDir)).length === 0, 10_000);
+    await eventually(
+      "the VMs to die with the daemon",
+      async () => (await qemuPids(vmsDir)).length === 0,
+      10_000,
+    );
 
     const second = await serve(env);
     cleanup.push(async () => {

@@ -22,7 +22,11 @@ export class Http {
     this.apiKey = opts.apiKey ?? process.env.PODFLARE_API_KEY ?? undefined;
   }
 
-  async request(method: string, path: string, init: { json?: unknown; body?: RequestBody; query?: Record<string, string> } = {}): Promise<Response> {
+  async request(
+    method: string,
+    path: string,
+    init: { json?: unknown; body?: RequestBody; query?: Record<string, string> } = {},
+  ): Promise<Response> {
     const url = new URL(this.host + path);
     for (const [k, v] of Object.entries(init.query ?? {})) url.searchParams.set(k, v);
     const headers: Record<string, string> = {};
@@ -38,7 +42,9 @@ export class Http {
     try {
       res = await fetch(url, { method, headers, body, duplex: "half" } as RequestInit);
     } catch (err) {
-      throw new ConnectionError(`cannot reach the podflare daemon at ${this.host} (${(err as Error).cause ?? (err as Error).message}); is \`podflare serve\` running? Set PODFLARE_HOST if it listens elsewhere`);
+      throw new ConnectionError(
+        `cannot reach the podflare daemon at ${this.host} (${(err as Error).cause ?? (err as Error).message}); is \`podflare serve\` running? Set PODFLARE_HOST if it listens elsewhere`,
+      );
     }
     if (!res.ok) throw errorFromResponse(res.status, await res.text());
     return res;

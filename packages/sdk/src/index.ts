@@ -1,5 +1,13 @@
-export { Sandbox } from "./sandbox.js";
-export type { ExecEvent, ExecError, ExecResult, RunCodeOptions, SandboxCreateOptions, SandboxInfo, UploadData } from "./sandbox.js";
+export * from "./errors.js";
 export type { ConnectionOptions } from "./http.js";
 export { DEFAULT_HOST } from "./http.js";
-export * from "./errors.js";
+export type {
+  ExecError,
+  ExecEvent,
+  ExecResult,
+  RunCodeOptions,
+  SandboxCreateOptions,
+  SandboxInfo,
+  UploadData,
+} from "./sandbox.js";
+export { Sandbox } from "./sandbox.js";

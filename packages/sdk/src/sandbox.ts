@@ -29,7 +29,15 @@ export interface ExecError {
 
 export type ExecEvent =
   | { type: "stdout" | "stderr"; data: string; seq: number; ts: number }
-  | { type: "exit"; code: number; error?: ExecError; timed_out?: boolean; truncated?: boolean; seq: number; ts: number };
+  | {
+      type: "exit";
+      code: number;
+      error?: ExecError;
+      timed_out?: boolean;
+      truncated?: boolean;
+      seq: number;
+      ts: number;
+    };
 
 export interface RunCodeOptions {
   language?: "python" | "bash";
@@ -45,7 +53,12 @@ export interface ExecResult {
   truncated?: boolean;
 }
 
-export type UploadData = Uint8Array | string | Blob | ReadableStream<Uint8Array> | AsyncIterable<Uint8Array>;
+export type UploadData =
+  | Uint8Array
+  | string
+  | Blob
+  | ReadableStream<Uint8Array>
+  | AsyncIterable<Uint8Array>;
 
 export class Sandbox {
   private closed = false;
@@ -108,8 +121,19 @@ export class Sandbox {
   }
 
   async fork(n = 1): Promise<Sandbox[]> {
-    const { children } = await this.http.json<{ children: string[] }>("POST", `${this.path}/fork`, { n });
-    return Promise.all(children.map(async (id) => new Sandbox(id, this.http, await this.http.json<SandboxInfo>("GET", `/v1/sandboxes/${id}`))));
+    const { children } = await this.http.json<{ children: string[] }>("POST", `${this.path}/fork`, {
+      n,
+    });
+    return Promise.all(
+      children.map(
+        async (id) =>
+          new Sandbox(
+            id,
+            this.http,
+            await this.http.json<SandboxInfo>("GET", `/v1/sandboxes/${id}`),
+          ),
+      ),
+    );
   }
 
   /** Afterwards this sandbox's id runs the winner's VM; the winner's id is gone. */
@@ -121,7 +145,12 @@ export class Sandbox {
   /** Write a file in the sandbox (atomically; parents are created). Streams are not buffered. */
   async upload(path: string, data: UploadData): Promise<void> {
     let body: RequestBody;
-    if (typeof data === "string" || data instanceof Uint8Array || data instanceof Blob || data instanceof ReadableStream) {
+    if (
+      typeof data === "string" ||
+      data instanceof Uint8Array ||
+      data instanceof Blob ||
+      data instanceof ReadableStream
+    ) {
       body = data as RequestBody;
     } else {
       const iterator = data[Symbol.asyncIterator]();

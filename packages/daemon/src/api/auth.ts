@@ -3,7 +3,9 @@ import { createHash, timingSafeEqual } from "node:crypto";
 
 const digest = (key: string) => createHash("sha256").update(key).digest();
 
-export function makeKeyChecker(keys: readonly string[]): ((header: string | undefined) => boolean) | null {
+export function makeKeyChecker(
+  keys: readonly string[],
+): ((header: string | undefined) => boolean) | null {
   if (keys.length === 0) return null;
   const digests = keys.map(digest);
   return (header) => {

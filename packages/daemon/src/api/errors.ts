@@ -1,6 +1,6 @@
 /** The one place where errors become HTTP statuses and the contract's error body. */
 import type { FastifyError } from "fastify";
-import { PodflareError, type ErrorCode } from "../sandboxes/errors.js";
+import { type ErrorCode, PodflareError } from "../sandboxes/errors.js";
 import { BootError } from "../vm/engine.js";
 
 export const STATUS_BY_CODE: Readonly<Record<ErrorCode, number>> = {
@@ -27,15 +27,22 @@ export function toHttpError(err: unknown): { status: number; body: ErrorBody } {
     return { status: STATUS_BY_CODE[err.code], body: { error: err.message, code: err.code } };
   }
   if (err instanceof BootError) {
-    return { status: 503, body: { error: `could not start a VM: ${err.message.split("\n")[0]}`, code: "no_capacity" } };
+    return {
+      status: 503,
+      body: { error: `could not start a VM: ${err.message.split("\n")[0]}`, code: "no_capacity" },
+    };
   }
   const fe = err as Partial<FastifyError> & { validation?: unknown };
   if (fe.validation) {
     return { status: 400, body: { error: `invalid request: ${fe.message}`, code: "bad_request" } };
   }
   if (typeof fe.statusCode === "number" && fe.statusCode >= 400 && fe.statusCode < 500) {
-    const code = fe.statusCode === 413 ? "too_large" : fe.statusCode === 404 ? "not_found" : "bad_request";
+    const code =
+      fe.statusCode === 413 ? "too_large" : fe.statusCode === 404 ? "not_found" : "bad_request";
     return { status: fe.statusCode, body: { error: fe.message ?? "bad request", code } };
   }
-  return { status: 500, body: { error: "internal error; the daemon log has the details", code: "internal" } };
+  return {
+    status: 500,
+    body: { error: "internal error; the daemon log has the details", code: "internal" },
+  };
 }

@@ -39,7 +39,10 @@ describe("spec/openapi.yaml", () => {
     await app.ready();
     const documented = await documentedOperations();
     const key = (r: { url: string; method: string }) => `${r.method} ${r.url}`;
-    const served = routes.filter((r) => r.method !== "HEAD").map(key).sort();
+    const served = routes
+      .filter((r) => r.method !== "HEAD")
+      .map(key)
+      .sort();
     assert.ok(documented.length >= 10);
     assert.deepEqual(documented.map(key).sort(), served);
     await app.close();

@@ -13,7 +13,9 @@ export const CreateBody = Type.Object({
   mem_size_mib: Type.Optional(Type.Integer({ minimum: 128, maximum: 1024 * 1024 })),
   timeout_ms: Type.Optional(Type.Integer({ minimum: 1 })),
   metadata: Type.Optional(
-    Type.Record(Type.String({ maxLength: 128 }), Type.String({ maxLength: 1024 }), { maxProperties: 64 }),
+    Type.Record(Type.String({ maxLength: 128 }), Type.String({ maxLength: 1024 }), {
+      maxProperties: 64,
+    }),
   ),
 });
 

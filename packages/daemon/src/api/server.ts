@@ -3,7 +3,7 @@
  * statuses in api/errors.ts only.
  */
 import { Readable } from "node:stream";
-import { type TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
+import type { TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
 import Fastify, { LogController } from "fastify";
 import type { ExecEvent } from "../guest/agent-client.js";
 import { NotImplementedError, PodflareError } from "../sandboxes/errors.js";
@@ -45,22 +45,33 @@ export function buildServer(deps: ServerDeps) {
     void reply.status(status).send(body);
   });
   app.setNotFoundHandler((request, reply) => {
-    void reply.status(404).send({ error: `no route ${request.method} ${request.url.split("?")[0]}`, code: "not_found" });
+    void reply.status(404).send({
+      error: `no route ${request.method} ${request.url.split("?")[0]}`,
+      code: "not_found",
+    });
   });
   app.addHook("onResponse", (request, reply, done) => {
-    request.log.info({ method: request.method, url: request.url.split("?")[0], status: reply.statusCode, ms: Math.round(reply.elapsedTime) }, "request");
+    request.log.info(
+      {
+        method: request.method,
+        url: request.url.split("?")[0],
+        status: reply.statusCode,
+        ms: Math.round(reply.elapsedTime),
+      },
+      "request",
+    );
     done();
   });
 
   const checkKey = makeKeyChecker(deps.apiKeys);
   if (checkKey) {
     app.addHook("onRequest", (request, reply, done) => {
-      if (request.url === "/v1/healthz" || !checkKey(request.headers.authorization)) {
-        if (request.url === "/v1/healthz") return done();
-        void reply.status(401).send({ error: "missing or wrong API key: send Authorization: Bearer <key>", code: "unauthorized" });
-        return;
-      }
-      done();
+      if (!request.url.startsWith("/v1/") || request.url === "/v1/healthz") return done();
+      if (checkKey(request.headers.authorization)) return done();
+      void reply.status(401).send({
+        error: "missing or wrong API key: send Authorization: Bearer <key>",
+        code: "unauthorized",
+      });
     });
   }
 
@@ -79,21 +90,31 @@ export function buildServer(deps: ServerDeps) {
     return reply.status(201).send(info);
   });
   app.get("/v1/sandboxes", async () => ({ sandboxes: service.list() }));
-  app.get("/v1/sandboxes/:id", { schema: { params: SandboxIdParams } }, async (req) => service.info(req.params.id));
+  app.get("/v1/sandboxes/:id", { schema: { params: SandboxIdParams } }, async (req) =>
+    service.info(req.params.id),
+  );
   app.delete("/v1/sandboxes/:id", { schema: { params: SandboxIdParams } }, async (req, reply) => {
     await service.destroy(req.params.id);
     return reply.status(204).send();
   });
 
-  app.post("/v1/sandboxes/:id/exec", { schema: { params: SandboxIdParams, body: ExecBody } }, async (req, reply) => {
-    const events = service.exec(req.params.id, req.body);
-    return reply.type("application/x-ndjson").send(Readable.from(ndjson(events)));
-  });
+  app.post(
+    "/v1/sandboxes/:id/exec",
+    { schema: { params: SandboxIdParams, body: ExecBody } },
+    async (req, reply) => {
+      const events = service.exec(req.params.id, req.body);
+      return reply.type("application/x-ndjson").send(Readable.from(ndjson(events)));
+    },
+  );
 
-  app.post("/v1/sandboxes/:id/fork", { schema: { params: SandboxIdParams, body: ForkBody } }, async (req) => {
-    service.info(req.params.id); // 404 first, as for every route
-    throw new NotImplementedError("fork is not available in this version of podflare yet");
-  });
+  app.post(
+    "/v1/sandboxes/:id/fork",
+    { schema: { params: SandboxIdParams, body: ForkBody } },
+    async (req) => {
+      service.info(req.params.id); // 404 first, as for every route
+      throw new NotImplementedError("fork is not available in this version of podflare yet");
+    },
+  );
   app.post("/v1/sandboxes/:id/merge_into/:winner", async (req) => {
     const { id } = req.params as { id: string; winner: string };
     service.info(id);
@@ -105,22 +126,32 @@ export function buildServer(deps: ServerDeps) {
     const files = plugin.withTypeProvider<TypeBoxTypeProvider>();
     files.removeAllContentTypeParsers();
     files.addContentTypeParser("*", (_req, payload, done) => done(null, payload));
-    files.put("/v1/sandboxes/:id/files", { schema: { params: SandboxIdParams, querystring: FileQuery } }, async (req, reply) => {
-      const length = req.headers["content-length"] ? Number(req.headers["content-length"]) : undefined;
-      const body = (req.body as Readable | undefined) ?? Readable.from([]);
-      try {
-        await service.upload(req.params.id, req.query.path, body, length);
-      } catch (err) {
-        // Stop reading a body we refuse; the connection closes after the error reply.
-        if (err instanceof PodflareError) void reply.header("connection", "close");
-        throw err;
-      }
-      return reply.status(204).send();
-    });
-    files.get("/v1/sandboxes/:id/files", { schema: { params: SandboxIdParams, querystring: FileQuery } }, async (req, reply) => {
-      const { size, stream } = await service.download(req.params.id, req.query.path);
-      return reply.type("application/octet-stream").header("content-length", size).send(stream);
-    });
+    files.put(
+      "/v1/sandboxes/:id/files",
+      { schema: { params: SandboxIdParams, querystring: FileQuery } },
+      async (req, reply) => {
+        const length = req.headers["content-length"]
+          ? Number(req.headers["content-length"])
+          : undefined;
+        const body = (req.body as Readable | undefined) ?? Readable.from([]);
+        try {
+          await service.upload(req.params.id, req.query.path, body, length);
+        } catch (err) {
+          // Stop reading a body we refuse; the connection closes after the error reply.
+          if (err instanceof PodflareError) void reply.header("connection", "close");
+          throw err;
+        }
+        return reply.status(204).send();
+      },
+    );
+    files.get(
+      "/v1/sandboxes/:id/files",
+      { schema: { params: SandboxIdParams, querystring: FileQuery } },
+      async (req, reply) => {
+        const { size, stream } = await service.download(req.params.id, req.query.path);
+        return reply.type("application/octet-stream").header("content-length", size).send(stream);
+      },
+    );
   });
 
   return app;

@@ -4,9 +4,17 @@
  * (uploads wait for the channel to drain; downloads are credit-windowed, so a slow HTTP
  * client never makes the daemon buffer a whole file).
  */
-import { Readable } from "node:stream";
+
 import type { Duplex } from "node:stream";
-import { type Frame, FrameDecoder, type FrameHeader, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION, encodeFrame } from "./frames.js";
+import { Readable } from "node:stream";
+import {
+  encodeFrame,
+  type Frame,
+  FrameDecoder,
+  type FrameHeader,
+  MAX_PAYLOAD_BYTES,
+  PROTOCOL_VERSION,
+} from "./frames.js";
 
 export type Language = "python" | "bash";
 
@@ -94,7 +102,10 @@ export class AgentClient {
   async hello(timeoutMs: number): Promise<AgentHello> {
     const reply = await this.request({ type: "hello", version: PROTOCOL_VERSION }, timeoutMs);
     if (reply.header.type !== "hello" || reply.header.version !== PROTOCOL_VERSION) {
-      throw new AgentError("unsupported_version", `agent answered hello with ${JSON.stringify(reply.header).slice(0, 200)}`);
+      throw new AgentError(
+        "unsupported_version",
+        `agent answered hello with ${JSON.stringify(reply.header).slice(0, 200)}`,
+      );
     }
     const h = reply.header;
     return {
@@ -107,10 +118,14 @@ export class AgentClient {
 
   async ping(timeoutMs: number): Promise<void> {
     const reply = await this.request({ type: "ping" }, timeoutMs);
-    if (reply.header.type !== "pong") throw new AgentError("bad_reply", `expected pong, got ${reply.header.type}`);
+    if (reply.header.type !== "pong")
+      throw new AgentError("bad_reply", `expected pong, got ${reply.header.type}`);
   }
 
-  async restore(args: { entropy: Buffer; timeNs: bigint; hostname: string; machineId: string }, timeoutMs: number): Promise<void> {
+  async restore(
+    args: { entropy: Buffer; timeNs: bigint; hostname: string; machineId: string },
+    timeoutMs: number,
+  ): Promise<void> {
     await this.request(
       {
         type: "restore",
@@ -130,7 +145,10 @@ export class AgentClient {
   exec(code: string, opts: ExecOptions = {}): AsyncIterable<ExecEvent> & { id: number } {
     const codeBytes = Buffer.from(code, "utf8");
     if (codeBytes.length > MAX_PAYLOAD_BYTES) {
-      throw new AgentError("too_large", `code is ${codeBytes.length} bytes; the limit is ${MAX_PAYLOAD_BYTES} (upload a file and run it instead)`);
+      throw new AgentError(
+        "too_large",
+        `code is ${codeBytes.length} bytes; the limit is ${MAX_PAYLOAD_BYTES} (upload a file and run it instead)`,
+      );
     }
     const id = this.allocId();
     const queue: ExecEvent[] = [];
@@ -151,7 +169,10 @@ export class AgentClient {
           queue.push(exitEvent(header));
         } else if (header.type === "error") {
           this.routes.delete(id);
-          failure = new AgentError(String(header.code ?? "error"), String(header.message ?? "agent error").slice(0, 2000));
+          failure = new AgentError(
+            String(header.code ?? "error"),
+            String(header.message ?? "agent error").slice(0, 2000),
+          );
         }
         notify();
       },
@@ -160,7 +181,16 @@ export class AgentClient {
         notify();
       },
     });
-    this.send({ type: "exec", id, language: opts.language ?? "python", timeout_ms: opts.timeoutMs ?? null, max_output_bytes: opts.maxOutputBytes ?? null }, codeBytes);
+    this.send(
+      {
+        type: "exec",
+        id,
+        language: opts.language ?? "python",
+        timeout_ms: opts.timeoutMs ?? null,
+        max_output_bytes: opts.maxOutputBytes ?? null,
+      },
+      codeBytes,
+    );
     const client = this;
     const iterable = {
       id,
@@ -205,7 +235,11 @@ export class AgentClient {
    * written. `maxBytes` is enforced while streaming; exceeding it aborts the write in the
    * guest and throws AgentError("too_large").
    */
-  async writeFile(path: string, source: AsyncIterable<Buffer | Uint8Array>, opts: { maxBytes: number; mode?: number; timeoutMs?: number }): Promise<number> {
+  async writeFile(
+    path: string,
+    source: AsyncIterable<Buffer | Uint8Array>,
+    opts: { maxBytes: number; mode?: number; timeoutMs?: number },
+  ): Promise<number> {
     const id = this.allocId();
     let earlyError: Error | null = null;
     let endReply: ((f: Frame) => void) | null = null;
@@ -247,12 +281,18 @@ export class AgentClient {
       let size = 0;
       try {
         for await (const piece of source) {
-          const buf = Buffer.isBuffer(piece) ? piece : Buffer.from(piece.buffer, piece.byteOffset, piece.byteLength);
+          const buf = Buffer.isBuffer(piece)
+            ? piece
+            : Buffer.from(piece.buffer, piece.byteOffset, piece.byteLength);
           size += buf.length;
-          if (size > opts.maxBytes) throw new AgentError("too_large", `upload exceeds the limit of ${opts.maxBytes} bytes`);
+          if (size > opts.maxBytes)
+            throw new AgentError("too_large", `upload exceeds the limit of ${opts.maxBytes} bytes`);
           for (let off = 0; off < buf.length; off += UPLOAD_CHUNK) {
             if (earlyError) throw earlyError;
-            await this.sendWithBackpressure({ type: "write_chunk", id }, buf.subarray(off, off + UPLOAD_CHUNK));
+            await this.sendWithBackpressure(
+              { type: "write_chunk", id },
+              buf.subarray(off, off + UPLOAD_CHUNK),
+            );
           }
         }
         if (earlyError) throw earlyError;
@@ -345,7 +385,10 @@ export class AgentClient {
     });
   }
 
-  private request(header: { type: string; [key: string]: unknown }, timeoutMs: number): Promise<Frame> {
+  private request(
+    header: { type: string; [key: string]: unknown },
+    timeoutMs: number,
+  ): Promise<Frame> {
     const id = this.allocId();
     return this.awaitReply(
       (ok, fail) =>
@@ -374,7 +417,12 @@ export class AgentClient {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         onTimeout();
-        reject(new AgentError("timeout", `the guest agent did not answer ${what} within ${timeoutMs} ms`));
+        reject(
+          new AgentError(
+            "timeout",
+            `the guest agent did not answer ${what} within ${timeoutMs} ms`,
+          ),
+        );
       }, timeoutMs);
       register(
         (f) => {
@@ -441,19 +489,30 @@ export class AgentClient {
     const id = frame.header.id;
     const route = typeof id === "number" ? this.routes.get(id) : undefined;
     if (route) route.onFrame(frame);
-    else if (frame.header.type === "error") this.log("agent error without a request", { header: frame.header });
+    else if (frame.header.type === "error")
+      this.log("agent error without a request", { header: frame.header });
   }
 }
 
 function agentError(header: FrameHeader): AgentError {
-  return new AgentError(String(header.code ?? "error").slice(0, 40), String(header.message ?? "the guest agent reported an error").slice(0, 2000));
+  return new AgentError(
+    String(header.code ?? "error").slice(0, 40),
+    String(header.message ?? "the guest agent reported an error").slice(0, 2000),
+  );
 }
 
 function exitEvent(h: FrameHeader): ExecEvent {
-  const event: ExecEvent = { type: "exit", code: Number.isSafeInteger(h.code) ? (h.code as number) : -1 };
+  const event: ExecEvent = {
+    type: "exit",
+    code: Number.isSafeInteger(h.code) ? (h.code as number) : -1,
+  };
   if (h.error && typeof h.error === "object") {
     const e = h.error as Record<string, unknown>;
-    event.error = { name: String(e.name ?? "").slice(0, 200), value: String(e.value ?? "").slice(0, 10_000), traceback: String(e.traceback ?? "").slice(0, 100_000) };
+    event.error = {
+      name: String(e.name ?? "").slice(0, 200),
+      value: String(e.value ?? "").slice(0, 10_000),
+      traceback: String(e.traceback ?? "").slice(0, 100_000),
+    };
   }
   if (h.timed_out === true) event.timed_out = true;
   if (h.truncated === true) event.truncated = true;

@@ -24,8 +24,10 @@ const EMPTY = Buffer.alloc(0);
 
 export function encodeFrame(header: FrameHeader, payload: Buffer = EMPTY): Buffer {
   const json = Buffer.from(JSON.stringify(header), "utf8");
-  if (json.length > MAX_HEADER_BYTES) throw new RangeError(`frame header of ${json.length} bytes exceeds ${MAX_HEADER_BYTES}`);
-  if (payload.length > MAX_PAYLOAD_BYTES) throw new RangeError(`frame payload of ${payload.length} bytes exceeds ${MAX_PAYLOAD_BYTES}`);
+  if (json.length > MAX_HEADER_BYTES)
+    throw new RangeError(`frame header of ${json.length} bytes exceeds ${MAX_HEADER_BYTES}`);
+  if (payload.length > MAX_PAYLOAD_BYTES)
+    throw new RangeError(`frame payload of ${payload.length} bytes exceeds ${MAX_PAYLOAD_BYTES}`);
   const preamble = Buffer.allocUnsafe(PREAMBLE_BYTES);
   MAGIC.copy(preamble, 0);
   preamble.writeUInt32BE(json.length, 4);
@@ -33,7 +35,9 @@ export function encodeFrame(header: FrameHeader, payload: Buffer = EMPTY): Buffe
   return Buffer.concat([preamble, json, payload]);
 }
 
-export type DecodeProblem = { kind: "resync"; skipped: number; reason: string } | { kind: "bad_header"; reason: string };
+export type DecodeProblem =
+  | { kind: "resync"; skipped: number; reason: string }
+  | { kind: "bad_header"; reason: string };
 
 /**
  * Incremental decoder. `push` returns the complete frames in the chunk; problems (skipped
@@ -66,7 +70,10 @@ export class FrameDecoder {
       const headerLen = this.buf.readUInt32BE(4);
       const payloadLen = this.buf.readUInt32BE(8);
       if (headerLen < 2 || headerLen > MAX_HEADER_BYTES || payloadLen > MAX_PAYLOAD_BYTES) {
-        this.skipToMagic(1, `frame lengths out of bounds (header ${headerLen}, payload ${payloadLen})`);
+        this.skipToMagic(
+          1,
+          `frame lengths out of bounds (header ${headerLen}, payload ${payloadLen})`,
+        );
         continue;
       }
       const total = PREAMBLE_BYTES + headerLen + payloadLen;
@@ -100,12 +107,14 @@ function parseHeader(bytes: Buffer): FrameHeader | string {
   } catch {
     return "header is not valid JSON";
   }
-  if (typeof value !== "object" || value === null || Array.isArray(value)) return "header is not a JSON object";
+  if (typeof value !== "object" || value === null || Array.isArray(value))
+    return "header is not a JSON object";
   const header = value as Record<string, unknown>;
   if (typeof header.type !== "string" || header.type.length === 0 || header.type.length > 64) {
     return "header has no valid type";
   }
-  if (header.id !== undefined && header.id !== null && !isValidId(header.id)) return "header has an invalid id";
+  if (header.id !== undefined && header.id !== null && !isValidId(header.id))
+    return "header has an invalid id";
   return header as FrameHeader;
 }
 

@@ -1,6 +1,13 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
-import { type DecodeProblem, FrameDecoder, MAGIC, MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, encodeFrame } from "./frames.js";
+import {
+  type DecodeProblem,
+  encodeFrame,
+  FrameDecoder,
+  MAGIC,
+  MAX_HEADER_BYTES,
+  MAX_PAYLOAD_BYTES,
+} from "./frames.js";
 
 function decoder() {
   const problems: DecodeProblem[] = [];
@@ -9,7 +16,10 @@ function decoder() {
 
 describe("guest frames", () => {
   it("round-trips header and payload, also when split byte by byte", () => {
-    const bytes = Buffer.concat([encodeFrame({ type: "exec", id: 7 }, Buffer.from("print(1)")), encodeFrame({ type: "ping", id: 8 })]);
+    const bytes = Buffer.concat([
+      encodeFrame({ type: "exec", id: 7 }, Buffer.from("print(1)")),
+      encodeFrame({ type: "ping", id: 8 }),
+    ]);
     const { d, problems } = decoder();
     const frames = [];
     for (const b of bytes) frames.push(...d.push(Buffer.from([b])));
@@ -23,7 +33,9 @@ describe("guest frames", () => {
 
   it("resynchronises after garbage and still decodes the next frame", () => {
     const { d, problems } = decoder();
-    const frames = d.push(Buffer.concat([Buffer.from("garbage PF junk"), encodeFrame({ type: "pong", id: 1 })]));
+    const frames = d.push(
+      Buffer.concat([Buffer.from("garbage PF junk"), encodeFrame({ type: "pong", id: 1 })]),
+    );
     assert.equal(frames.length, 1);
     assert.equal(frames[0]?.header.type, "pong");
     assert.ok(problems.some((p) => p.kind === "resync"));
@@ -35,7 +47,10 @@ describe("guest frames", () => {
     MAGIC.copy(bad);
     bad.writeUInt32BE(MAX_HEADER_BYTES + 1, 4);
     const frames = d.push(Buffer.concat([bad, encodeFrame({ type: "pong", id: 2 })]));
-    assert.deepEqual(frames.map((f) => f.header.id), [2]);
+    assert.deepEqual(
+      frames.map((f) => f.header.id),
+      [2],
+    );
     assert.ok(problems.some((p) => p.kind === "resync" && /out of bounds/.test(p.reason)));
 
     const huge = Buffer.alloc(12);
@@ -55,9 +70,23 @@ describe("guest frames", () => {
       pre.writeUInt32BE(h.length, 4);
       return Buffer.concat([pre, h]);
     };
-    const frames = d.push(Buffer.concat([raw("{not json"), raw("[1,2]"), raw('{"id":3}'), raw('{"type":"x","id":-4}'), encodeFrame({ type: "ok", id: 5 })]));
-    assert.deepEqual(frames.map((f) => f.header.id), [5]);
-    assert.deepEqual(problems.map((p) => p.kind), ["bad_header", "bad_header", "bad_header", "bad_header"]);
+    const frames = d.push(
+      Buffer.concat([
+        raw("{not json"),
+        raw("[1,2]"),
+        raw('{"id":3}'),
+        raw('{"type":"x","id":-4}'),
+        encodeFrame({ type: "ok", id: 5 }),
+      ]),
+    );
+    assert.deepEqual(
+      frames.map((f) => f.header.id),
+      [5],
+    );
+    assert.deepEqual(
+      problems.map((p) => p.kind),
+      ["bad_header", "bad_header", "bad_header", "bad_header"],
+    );
   });
 
   it("waits for a truncated frame and never holds more than one frame", () => {
@@ -69,7 +98,10 @@ describe("guest frames", () => {
   });
 
   it("refuses to encode oversized frames", () => {
-    assert.throws(() => encodeFrame({ type: "x" }, Buffer.alloc(MAX_PAYLOAD_BYTES + 1)), RangeError);
+    assert.throws(
+      () => encodeFrame({ type: "x" }, Buffer.alloc(MAX_PAYLOAD_BYTES + 1)),
+      RangeError,
+    );
     assert.throws(() => encodeFrame({ type: "x", pad: "a".repeat(MAX_HEADER_BYTES) }), RangeError);
   });
 });

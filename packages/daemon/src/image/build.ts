@@ -5,20 +5,30 @@
  * file; the loser finds the finished image.
  */
 import { constants } from "node:fs";
-import { access, copyFile, mkdir, readFile, readdir, rename, rm, stat, writeFile } from "node:fs/promises";
+import {
+  access,
+  copyFile,
+  mkdir,
+  readdir,
+  readFile,
+  rename,
+  rm,
+  stat,
+  writeFile,
+} from "node:fs/promises";
 import { join } from "node:path";
 import { CleanupStack } from "../util/cleanup.js";
 import { withFileLock } from "../util/lock.js";
 import { run } from "../util/run.js";
 import {
   DEBIAN_SUITE,
+  DPKG_EXCLUDES,
   GUEST_FILES,
   KERNEL_META_PACKAGE,
   KERNEL_MODULES,
   type KernelPackage,
   ROOTFS_PACKAGES,
   ROOTFS_SIZE,
-  DPKG_EXCLUDES,
   recipeKey,
   rootTreeKey,
 } from "./recipe.js";
@@ -74,13 +84,16 @@ async function checkTools(): Promise<void> {
     );
   }
   if (process.getuid?.() !== 0) {
-    throw new Error("building the guest image needs root (mmdebstrap, device nodes); run it as root");
+    throw new Error(
+      "building the guest image needs root (mmdebstrap, device nodes); run it as root",
+    );
   }
 }
 
 /** A 64-bit little-endian ELF with no PT_INTERP program header needs no dynamic loader. */
 export function isStaticElf(file: Buffer): boolean {
-  if (file.length < 64 || file.readUInt32BE(0) !== 0x7f454c46 || file[4] !== 2 || file[5] !== 1) return false;
+  if (file.length < 64 || file.readUInt32BE(0) !== 0x7f454c46 || file[4] !== 2 || file[5] !== 1)
+    return false;
   const phoff = Number(file.readBigUInt64LE(32));
   const phentsize = file.readUInt16LE(54);
   const phnum = file.readUInt16LE(56);
@@ -94,7 +107,9 @@ export function isStaticElf(file: Buffer): boolean {
 
 export async function resolveKernelPackage(): Promise<KernelPackage> {
   // One apt call (about a second): the meta package pins the exact kernel package.
-  const show = await run("apt-cache", ["show", "--no-all-versions", KERNEL_META_PACKAGE]).catch(() => "");
+  const show = await run("apt-cache", ["show", "--no-all-versions", KERNEL_META_PACKAGE]).catch(
+    () => "",
+  );
   const match = /^Depends:.*?\b(linux-image-[\w.+-]+)\s*\(=\s*([^)\s]+)\)/m.exec(show);
   if (!match?.[1] || !match[2]) {
     throw new Error(
@@ -104,7 +119,11 @@ export async function resolveKernelPackage(): Promise<KernelPackage> {
   return { name: match[1], version: match[2] };
 }
 
-export function imagePaths(imagesDir: string, key: string, kernelPackage: KernelPackage): GuestImage {
+export function imagePaths(
+  imagesDir: string,
+  key: string,
+  kernelPackage: KernelPackage,
+): GuestImage {
   const dir = join(imagesDir, key);
   return {
     key,
@@ -153,7 +172,9 @@ export async function ensureImage(
       );
       await rm(image.dir, { recursive: true, force: true });
       await rename(join(work, "out"), image.dir);
-      progress(`guest image ${key} ready in ${((Date.now() - started) / 1000).toFixed(1)} s: ${image.dir}`);
+      progress(
+        `guest image ${key} ready in ${((Date.now() - started) / 1000).toFixed(1)} s: ${image.dir}`,
+      );
       await pruneImages(opts.imagesDir, key);
       return image;
     } finally {
@@ -171,7 +192,8 @@ async function pruneImages(imagesDir: string, keep: string): Promise<void> {
       .map(async (e) => ({ name: e.name, mtime: (await stat(join(imagesDir, e.name))).mtimeMs })),
   );
   images.sort((a, b) => b.mtime - a.mtime);
-  for (const old of images.slice(KEEP_IMAGES - 1)) await rm(join(imagesDir, old.name), { recursive: true, force: true });
+  for (const old of images.slice(KEEP_IMAGES - 1))
+    await rm(join(imagesDir, old.name), { recursive: true, force: true });
 }
 
 /**
@@ -211,7 +233,11 @@ async function ensureRootTree(imagesDir: string, progress: Progress): Promise<st
     throw err;
   }
   for (const entry of await readdir(cacheDir)) {
-    if (entry.startsWith("root-") && join(cacheDir, entry) !== tree && !entry.includes(".partial-")) {
+    if (
+      entry.startsWith("root-") &&
+      join(cacheDir, entry) !== tree &&
+      !entry.includes(".partial-")
+    ) {
       await rm(join(cacheDir, entry), { recursive: true, force: true });
     }
   }
@@ -230,10 +256,16 @@ async function buildInto(
   const step = (n: number, what: string) => progress(`[${n}/4] ${what}`);
 
   step(1, `kernel: apt-get download ${kernelPackage.name}`);
-  const debDir = join(imagesDir, ".cache", `kernel-${kernelPackage.name}-${kernelPackage.version.replace(/[^\w.+-]/g, "_")}`);
+  const debDir = join(
+    imagesDir,
+    ".cache",
+    `kernel-${kernelPackage.name}-${kernelPackage.version.replace(/[^\w.+-]/g, "_")}`,
+  );
   await mkdir(debDir, { recursive: true });
   if (!(await readdir(debDir)).some((f) => f.endsWith(".deb"))) {
-    await run("apt-get", ["download", `${kernelPackage.name}=${kernelPackage.version}`], { cwd: debDir });
+    await run("apt-get", ["download", `${kernelPackage.name}=${kernelPackage.version}`], {
+      cwd: debDir,
+    });
   }
   const deb = (await readdir(debDir)).find((f) => f.endsWith(".deb"));
   if (!deb) throw new Error(`apt-get download produced no .deb for ${kernelPackage.name}`);
@@ -265,7 +297,10 @@ async function buildInto(
     join(out, "initrd.img"),
   ]);
 
-  step(3, `root file system: Debian ${DEBIAN_SUITE} minbase + ${ROOTFS_PACKAGES.join(", ")} (cached; the first build takes about a minute)`);
+  step(
+    3,
+    `root file system: Debian ${DEBIAN_SUITE} minbase + ${ROOTFS_PACKAGES.join(", ")} (cached; the first build takes about a minute)`,
+  );
   const tree = await ensureRootTree(imagesDir, progress);
   const root = join(work, "root");
   await run("cp", ["-a", "--reflink=auto", tree, root]);
@@ -275,7 +310,10 @@ async function buildInto(
     await copyFile(join(guestDir, file), join(root, "opt/podflare", file.slice("agent/".length)));
   }
   await writeFile(join(root, "etc/hostname"), "sandbox\n");
-  await writeFile(join(root, "etc/hosts"), "127.0.0.1\tlocalhost\n127.0.1.1\tsandbox\n::1\tlocalhost\n");
+  await writeFile(
+    join(root, "etc/hosts"),
+    "127.0.0.1\tlocalhost\n127.0.1.1\tsandbox\n::1\tlocalhost\n",
+  );
   await writeFile(join(root, "etc/machine-id"), "");
   await mkdir(join(root, "root"), { recursive: true });
 
@@ -296,7 +334,10 @@ async function buildInto(
   ]);
 }
 
-async function findModules(dir: string, found = new Map<string, string>()): Promise<Map<string, string>> {
+async function findModules(
+  dir: string,
+  found = new Map<string, string>(),
+): Promise<Map<string, string>> {
   for (const entry of await readdir(dir, { withFileTypes: true })) {
     const path = join(dir, entry.name);
     if (entry.isDirectory()) await findModules(path, found);

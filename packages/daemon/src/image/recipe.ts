@@ -40,7 +40,12 @@ export function rootTreeKey(): string {
     .slice(0, 16);
 }
 
-export const DPKG_EXCLUDES = ["/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*"] as const;
+export const DPKG_EXCLUDES = [
+  "/usr/share/doc/*",
+  "/usr/share/man/*",
+  "/usr/share/locale/*",
+  "/usr/share/info/*",
+] as const;
 
 export async function recipeKey(guestDir: string, kernel: KernelPackage): Promise<string> {
   const hash = createHash("sha256");

@@ -59,7 +59,7 @@ export interface QmpCommands {
   migrate: { args: { uri: string }; ret: Record<string, never> };
   "migrate-incoming": { args: { uri: string }; ret: Record<string, never> };
   "query-migrate": { args: Record<string, never>; ret: { status?: string; [k: string]: unknown } };
-  "getfd": { args: { fdname: string }; ret: Record<string, never> };
+  getfd: { args: { fdname: string }; ret: Record<string, never> };
   "blockdev-snapshot-sync": {
     args: { device?: string; "node-name"?: string; "snapshot-file": string; format?: string };
     ret: Record<string, never>;
@@ -207,7 +207,8 @@ export class QmpClient extends EventEmitter {
       return;
     }
     if (typeof m.event === "string") {
-      const data = typeof m.data === "object" && m.data !== null ? (m.data as Record<string, unknown>) : {};
+      const data =
+        typeof m.data === "object" && m.data !== null ? (m.data as Record<string, unknown>) : {};
       this.emit("event", { event: m.event, data, timestamp: m.timestamp } as QmpEvent);
       return;
     }
@@ -220,9 +221,13 @@ export class QmpClient extends EventEmitter {
       pending.resolve(m.return);
     } else if (typeof m.error === "object" && m.error !== null) {
       const e = m.error as Record<string, unknown>;
-      pending.reject(new QmpError(pending.command, String(e.class ?? "GenericError"), String(e.desc ?? "")));
+      pending.reject(
+        new QmpError(pending.command, String(e.class ?? "GenericError"), String(e.desc ?? "")),
+      );
     } else {
-      pending.reject(new QmpError(pending.command, "ProtocolError", "reply has neither return nor error"));
+      pending.reject(
+        new QmpError(pending.command, "ProtocolError", "reply has neither return nor error"),
+      );
     }
   }
 }

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { PassThrough, Duplex } from "node:stream";
+import { Duplex, PassThrough } from "node:stream";
 import { describe, it } from "node:test";
 import { QmpClient, QmpClosedError, QmpError, QmpTimeoutError } from "./client.js";
 
@@ -24,7 +24,9 @@ function pair() {
   return { client: new QmpClient(stream), sent, reply, toClient };
 }
 
-const GREETING = { QMP: { version: { qemu: { major: 7, minor: 2, micro: 22 }, package: "" }, capabilities: ["oob"] } };
+const GREETING = {
+  QMP: { version: { qemu: { major: 7, minor: 2, micro: 22 }, package: "" }, capabilities: ["oob"] },
+};
 const tick = () => new Promise((r) => setImmediate(r));
 
 describe("QMP client", () => {

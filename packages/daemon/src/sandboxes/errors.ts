@@ -34,7 +34,10 @@ export class BadRequestError extends PodflareError {
 
 export class SandboxNotFoundError extends PodflareError {
   constructor(id: string) {
-    super("not_found", `sandbox ${JSON.stringify(id).slice(0, 80)} does not exist; list yours with GET /v1/sandboxes`);
+    super(
+      "not_found",
+      `sandbox ${JSON.stringify(id).slice(0, 80)} does not exist; list yours with GET /v1/sandboxes`,
+    );
   }
 }
 

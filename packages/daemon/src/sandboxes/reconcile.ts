@@ -4,7 +4,7 @@
  * left is ended and removed: rows marked ended, stray QEMU processes killed, VM
  * directories and memory files deleted.
  */
-import { readFile, readdir, rm } from "node:fs/promises";
+import { readdir, readFile, rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { Store } from "../store/db.js";
 import type { Logger } from "../util/logger.js";
@@ -30,7 +30,11 @@ export async function findStrayQemus(vmsDir: string): Promise<number[]> {
   return pids;
 }
 
-export async function reconcile(store: Store, dirs: { vmsDir: string; shmDir: string }, log: Logger): Promise<ReconcileReport> {
+export async function reconcile(
+  store: Store,
+  dirs: { vmsDir: string; shmDir: string },
+  log: Logger,
+): Promise<ReconcileReport> {
   const report: ReconcileReport = { sandboxesEnded: 0, processesKilled: 0, filesRemoved: 0 };
   for (const row of store.listSandboxes(LIVE_STATES)) {
     store.setState(row.id, "ended", { endReason: "the daemon restarted" });

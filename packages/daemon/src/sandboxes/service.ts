@@ -4,8 +4,13 @@
  */
 import { randomBytes } from "node:crypto";
 import type { Readable } from "node:stream";
-import { AgentClosedError, AgentError, type ExecEvent, type Language } from "../guest/agent-client.js";
-import type { Store, SandboxRow } from "../store/db.js";
+import {
+  AgentClosedError,
+  AgentError,
+  type ExecEvent,
+  type Language,
+} from "../guest/agent-client.js";
+import type { SandboxRow, Store } from "../store/db.js";
 import type { Logger } from "../util/logger.js";
 import type { VmShape } from "../vm/qemu-args.js";
 import type { Vm } from "../vm/vm.js";
@@ -19,7 +24,7 @@ import {
   TooLargeError,
   WrongStateError,
 } from "./errors.js";
-import { LIVE_STATES, type SandboxState, canTransition } from "./lifecycle.js";
+import { canTransition, LIVE_STATES, type SandboxState } from "./lifecycle.js";
 import { validateGuestPath } from "./paths.js";
 
 export interface SandboxLimits {
@@ -86,15 +91,21 @@ export class SandboxService {
   async create(req: CreateRequest): Promise<SandboxInfo> {
     const template = req.template ?? "default";
     if (!this.source.templates().includes(template)) {
-      throw new BadRequestError(`unknown template ${JSON.stringify(template).slice(0, 80)}; available: ${this.source.templates().join(", ")}`);
+      throw new BadRequestError(
+        `unknown template ${JSON.stringify(template).slice(0, 80)}; available: ${this.source.templates().join(", ")}`,
+      );
     }
     const shape = this.shapeOf(req);
     const timeoutMs = req.timeout_ms ?? this.limits.defaultSandboxTimeoutMs;
     if (timeoutMs < 1 || timeoutMs > this.limits.maxSandboxTimeoutMs) {
-      throw new BadRequestError(`timeout_ms must be between 1 and ${this.limits.maxSandboxTimeoutMs}`);
+      throw new BadRequestError(
+        `timeout_ms must be between 1 and ${this.limits.maxSandboxTimeoutMs}`,
+      );
     }
     if (this.live.size + this.creating >= this.limits.maxSandboxes) {
-      throw new OverLimitError(`this host runs at most ${this.limits.maxSandboxes} sandboxes; destroy one first`);
+      throw new OverLimitError(
+        `this host runs at most ${this.limits.maxSandboxes} sandboxes; destroy one first`,
+      );
     }
     const id = `sbx_${randomBytes(8).toString("hex")}`;
     const now = Date.now();
@@ -123,7 +134,10 @@ export class SandboxService {
       this.creating--;
     }
     this.transition(id, "ready", { pid: vm.pid ?? null });
-    const expiry = setTimeout(() => void this.destroy(id, "expired"), Math.min(timeoutMs, MAX_TIMER_MS));
+    const expiry = setTimeout(
+      () => void this.destroy(id, "expired"),
+      Math.min(timeoutMs, MAX_TIMER_MS),
+    );
     expiry.unref();
     this.live.set(id, { vm, expiry });
     vm.exited.then(() => this.onVmExit(id, vm));
@@ -152,14 +166,21 @@ export class SandboxService {
     }
     let events: AsyncIterable<ExecEvent>;
     try {
-      events = vm.agent.exec(req.code, { language: req.language ?? "python", timeoutMs: req.timeout_ms ?? null });
+      events = vm.agent.exec(req.code, {
+        language: req.language ?? "python",
+        timeoutMs: req.timeout_ms ?? null,
+      });
     } catch (err) {
       throw mapAgentError(err, id);
     }
     return this.guardExecStream(id, vm, events);
   }
 
-  private async *guardExecStream(id: string, vm: Vm, events: AsyncIterable<ExecEvent>): AsyncGenerator<ExecEvent> {
+  private async *guardExecStream(
+    id: string,
+    vm: Vm,
+    events: AsyncIterable<ExecEvent>,
+  ): AsyncGenerator<ExecEvent> {
     // Once the stream has started, a failure can only be reported in-band: the stream
     // still ends with exactly one exit event.
     try {
@@ -180,11 +201,18 @@ export class SandboxService {
     }
   }
 
-  async upload(id: string, rawPath: unknown, body: AsyncIterable<Buffer>, declaredLength?: number): Promise<number> {
+  async upload(
+    id: string,
+    rawPath: unknown,
+    body: AsyncIterable<Buffer>,
+    declaredLength?: number,
+  ): Promise<number> {
     const path = validateGuestPath(rawPath);
     const vm = this.readyVm(id, "upload");
     if (declaredLength !== undefined && declaredLength > this.limits.maxUploadBytes) {
-      throw new TooLargeError(`the upload is ${declaredLength} bytes; the limit is ${this.limits.maxUploadBytes}`);
+      throw new TooLargeError(
+        `the upload is ${declaredLength} bytes; the limit is ${this.limits.maxUploadBytes}`,
+      );
     }
     try {
       return await vm.agent.writeFile(path, body, { maxBytes: this.limits.maxUploadBytes });
@@ -234,7 +262,7 @@ export class SandboxService {
 
   private onVmExit(id: string, vm: Vm): void {
     const row = this.store.getSandbox(id);
-    if (!row || row.state !== "ready") return; // an ordinary destroy
+    if (row?.state !== "ready") return; // an ordinary destroy
     this.transition(id, "dead", { endReason: "the VM exited unexpectedly" });
     this.log.warn({ sandbox: id, vm: vm.id }, "sandbox VM died");
     void vm.destroy(); // free its files now; the row stays until the user deletes it
@@ -254,19 +282,34 @@ export class SandboxService {
     const vcpuCount = req.vcpu_count ?? this.limits.defaultVcpuCount;
     const memSizeMib = req.mem_size_mib ?? this.limits.defaultMemSizeMib;
     if (!Number.isInteger(vcpuCount) || vcpuCount < 1 || vcpuCount > this.limits.maxVcpuCount) {
-      throw new BadRequestError(`vcpu_count must be an integer from 1 to ${this.limits.maxVcpuCount}`);
+      throw new BadRequestError(
+        `vcpu_count must be an integer from 1 to ${this.limits.maxVcpuCount}`,
+      );
     }
-    if (!Number.isInteger(memSizeMib) || memSizeMib < 128 || memSizeMib > this.limits.maxMemSizeMib) {
-      throw new BadRequestError(`mem_size_mib must be an integer from 128 to ${this.limits.maxMemSizeMib}`);
+    if (
+      !Number.isInteger(memSizeMib) ||
+      memSizeMib < 128 ||
+      memSizeMib > this.limits.maxMemSizeMib
+    ) {
+      throw new BadRequestError(
+        `mem_size_mib must be an integer from 128 to ${this.limits.maxMemSizeMib}`,
+      );
     }
     return { vcpuCount, memSizeMib };
   }
 
-  private transition(id: string, to: SandboxState, extra: { pid?: number | null; endReason?: string } = {}): void {
+  private transition(
+    id: string,
+    to: SandboxState,
+    extra: { pid?: number | null; endReason?: string } = {},
+  ): void {
     const row = this.store.getSandbox(id);
     if (!row) throw new SandboxNotFoundError(id);
     if (!canTransition(row.state, to)) {
-      throw new PodflareError("internal", `illegal sandbox transition ${row.state} -> ${to} for ${id}`);
+      throw new PodflareError(
+        "internal",
+        `illegal sandbox transition ${row.state} -> ${to} for ${id}`,
+      );
     }
     this.store.setState(id, to, extra);
   }
@@ -305,7 +348,10 @@ function mapAgentError(err: unknown, id: string, path?: string): Error {
       case "too_large":
         return new TooLargeError(err.message);
       case "io_error":
-        return new PodflareError("internal", `the sandbox could not complete the file operation: ${err.message}`);
+        return new PodflareError(
+          "internal",
+          `the sandbox could not complete the file operation: ${err.message}`,
+        );
     }
   }
   return err as Error;

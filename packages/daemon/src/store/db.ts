@@ -67,15 +67,23 @@ export class Store {
   }
 
   getSandbox(id: string): SandboxRow | undefined {
-    return this.db.prepare("SELECT * FROM sandboxes WHERE id = ?").get(id) as SandboxRow | undefined;
+    return this.db.prepare("SELECT * FROM sandboxes WHERE id = ?").get(id) as
+      | SandboxRow
+      | undefined;
   }
 
   listSandboxes(states: readonly SandboxState[]): SandboxRow[] {
     const marks = states.map(() => "?").join(",");
-    return this.db.prepare(`SELECT * FROM sandboxes WHERE state IN (${marks}) ORDER BY created_at, id`).all(...states) as SandboxRow[];
+    return this.db
+      .prepare(`SELECT * FROM sandboxes WHERE state IN (${marks}) ORDER BY created_at, id`)
+      .all(...states) as SandboxRow[];
   }
 
-  setState(id: string, state: SandboxState, extra: { pid?: number | null; endReason?: string } = {}): void {
+  setState(
+    id: string,
+    state: SandboxState,
+    extra: { pid?: number | null; endReason?: string } = {},
+  ): void {
     const ended = state === "ended" ? Date.now() : null;
     this.db
       .prepare(
@@ -85,7 +93,14 @@ export class Store {
            end_reason = COALESCE(@reason, end_reason)
          WHERE id = @id`,
       )
-      .run({ id, state, setPid: extra.pid !== undefined ? 1 : 0, pid: extra.pid ?? null, ended, reason: extra.endReason ?? null });
+      .run({
+        id,
+        state,
+        setPid: extra.pid !== undefined ? 1 : 0,
+        pid: extra.pid ?? null,
+        ended,
+        reason: extra.endReason ?? null,
+      });
   }
 
   deleteSandbox(id: string): void {
@@ -94,7 +109,9 @@ export class Store {
 
   /** Forget sandboxes that ended long ago, so the table does not grow without bound. */
   pruneEnded(olderThanMs: number): number {
-    return this.db.prepare("DELETE FROM sandboxes WHERE state = 'ended' AND ended_at < ?").run(Date.now() - olderThanMs).changes;
+    return this.db
+      .prepare("DELETE FROM sandboxes WHERE state = 'ended' AND ended_at < ?")
+      .run(Date.now() - olderThanMs).changes;
   }
 
   close(): void {

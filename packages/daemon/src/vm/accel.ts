@@ -23,24 +23,41 @@ export interface HostProbe {
 }
 
 export const hostProbe = (bootUnderKvm: () => Promise<boolean>): HostProbe => ({
-  kvmDevice: () => access("/dev/kvm", constants.R_OK | constants.W_OK).then(() => true, () => false),
+  kvmDevice: () =>
+    access("/dev/kvm", constants.R_OK | constants.W_OK).then(
+      () => true,
+      () => false,
+    ),
   cpuFlags: () => readFile("/proc/cpuinfo", "utf8").catch(() => ""),
-  pvmModule: () => access("/sys/module/kvm_pvm").then(() => true, () => false),
+  pvmModule: () =>
+    access("/sys/module/kvm_pvm").then(
+      () => true,
+      () => false,
+    ),
   bootUnderKvm,
 });
 
 export async function chooseAccel(choice: AccelChoice, probe: HostProbe): Promise<AccelDecision> {
-  if (choice === "tcg") return { accel: "tcg", reason: "forced by configuration (PODFLARE_ACCEL=tcg)" };
+  if (choice === "tcg")
+    return { accel: "tcg", reason: "forced by configuration (PODFLARE_ACCEL=tcg)" };
   const kvmDevice = await probe.kvmDevice();
   if (choice === "kvm") {
-    if (!kvmDevice) throw new Error("PODFLARE_ACCEL=kvm but /dev/kvm is missing or not accessible; use auto or tcg");
+    if (!kvmDevice)
+      throw new Error(
+        "PODFLARE_ACCEL=kvm but /dev/kvm is missing or not accessible; use auto or tcg",
+      );
     return { accel: "kvm", reason: "forced by configuration (PODFLARE_ACCEL=kvm)" };
   }
   if (!kvmDevice) return { accel: "tcg", reason: "no usable /dev/kvm" };
   if (!/^flags\s*:.*\b(vmx|svm)\b/m.test(await probe.cpuFlags())) {
-    return { accel: "tcg", reason: "/dev/kvm exists but the CPU shows no vmx/svm (paravirtual KVM such as PVM cannot boot a standard guest)" };
+    return {
+      accel: "tcg",
+      reason:
+        "/dev/kvm exists but the CPU shows no vmx/svm (paravirtual KVM such as PVM cannot boot a standard guest)",
+    };
   }
-  if (await probe.pvmModule()) return { accel: "tcg", reason: "the host's KVM is the kvm_pvm flavour" };
+  if (await probe.pvmModule())
+    return { accel: "tcg", reason: "the host's KVM is the kvm_pvm flavour" };
   if (await probe.bootUnderKvm()) return { accel: "kvm", reason: "a guest booted under KVM" };
   return { accel: "tcg", reason: "a probe guest did not boot under KVM within its deadline" };
 }

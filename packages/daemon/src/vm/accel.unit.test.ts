@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
-import { type HostProbe, chooseAccel } from "./accel.js";
+import { chooseAccel, type HostProbe } from "./accel.js";
 
 function probe(over: Partial<{ kvm: boolean; flags: string; pvm: boolean; boots: boolean }>) {
   const calls: string[] = [];

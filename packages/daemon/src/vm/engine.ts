@@ -10,7 +10,7 @@ import type { GuestImage } from "../image/build.js";
 import { CleanupStack } from "../util/cleanup.js";
 import type { Logger } from "../util/logger.js";
 import { run } from "../util/run.js";
-import { type Accel, type VmShape, buildQemuArgs } from "./qemu-args.js";
+import { type Accel, buildQemuArgs, type VmShape } from "./qemu-args.js";
 import { QemuProcess } from "./qemu-process.js";
 import { Vm } from "./vm.js";
 
@@ -51,7 +51,12 @@ export class VmEngine {
   }
 
   /** Cold-boot a VM from the image and wait until its agent answers. */
-  async boot(id: string, shape: VmShape, accel: Accel = this.opts.accel, timeoutMs = this.opts.bootTimeoutMs): Promise<Vm> {
+  async boot(
+    id: string,
+    shape: VmShape,
+    accel: Accel = this.opts.accel,
+    timeoutMs = this.opts.bootTimeoutMs,
+  ): Promise<Vm> {
     if (!VM_ID.test(id)) throw new RangeError(`invalid VM id ${JSON.stringify(id)}`);
     const { image, log } = this.opts;
     const started = performance.now();
@@ -64,7 +69,17 @@ export class VmEngine {
       await mkdir(this.opts.shmDir, { recursive: true, mode: 0o700 });
       cleanup.defer("remove memory file", () => rm(memPath, { force: true }));
       const overlay = join(dir, "root.qcow2");
-      await run("qemu-img", ["create", "-q", "-f", "qcow2", "-F", "raw", "-b", image.rootfs, overlay]);
+      await run("qemu-img", [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        image.rootfs,
+        overlay,
+      ]);
 
       const args = buildQemuArgs({
         ...shape,
@@ -76,11 +91,18 @@ export class VmEngine {
         memPath,
         tscKhz: this.opts.tscKhz,
       });
-      const qemu = QemuProcess.spawn(this.opts.qemuBinary, args, join(dir, "console.log"), this.opts.consoleLogMaxBytes);
+      const qemu = QemuProcess.spawn(
+        this.opts.qemuBinary,
+        args,
+        join(dir, "console.log"),
+        this.opts.consoleLogMaxBytes,
+      );
       cleanup.defer("kill QEMU", async () => {
         await qemu.kill();
       });
-      const agent = new AgentClient(qemu.agentStream, (msg, extra) => log.warn({ vm: id, ...extra }, msg));
+      const agent = new AgentClient(qemu.agentStream, (msg, extra) =>
+        log.warn({ vm: id, ...extra }, msg),
+      );
       cleanup.defer("close agent channel", () => agent.close());
       qemu.qmp.connect().catch(() => {}); // negotiated in the background; a dead QEMU shows in exited
 
@@ -97,7 +119,10 @@ export class VmEngine {
       const vm = new Vm(id, dir, shape, accel, qemu, agent, cleanup, (name, error) =>
         log.error({ vm: id, step: name, err: String(error) }, "VM cleanup step failed"),
       );
-      log.info({ vm: id, pid: qemu.pid, accel, ms: Math.round(performance.now() - started) }, "VM booted");
+      log.info(
+        { vm: id, pid: qemu.pid, accel, ms: Math.round(performance.now() - started) },
+        "VM booted",
+      );
       return vm;
     } catch (err) {
       await cleanup.unwind();
@@ -107,7 +132,11 @@ export class VmEngine {
   }
 
   /** Send hello until the agent answers; fail fast if QEMU exits. */
-  private async waitForAgent(agent: AgentClient, qemu: QemuProcess, timeoutMs: number): Promise<void> {
+  private async waitForAgent(
+    agent: AgentClient,
+    qemu: QemuProcess,
+    timeoutMs: number,
+  ): Promise<void> {
     const deadline = performance.now() + timeoutMs;
     let exited = false;
     qemu.exited.then(() => {
@@ -118,7 +147,10 @@ export class VmEngine {
       try {
         // Until the guest opens its port, QEMU holds our bytes; the retry covers a hello
         // lost while the port was being opened.
-        await Promise.race([agent.hello(Math.min(2_000, Math.max(1, deadline - performance.now()))), qemu.exited]);
+        await Promise.race([
+          agent.hello(Math.min(2_000, Math.max(1, deadline - performance.now()))),
+          qemu.exited,
+        ]);
         if (exited) continue;
         return;
       } catch (err) {
@@ -128,6 +160,8 @@ export class VmEngine {
         }
       }
     }
-    throw new BootError(`the guest agent did not answer within ${timeoutMs} ms.\n${qemu.diagnostics()}`);
+    throw new BootError(
+      `the guest agent did not answer within ${timeoutMs} ms.\n${qemu.diagnostics()}`,
+    );
   }
 }

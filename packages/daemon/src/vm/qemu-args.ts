@@ -55,8 +55,10 @@ export function kernelCommandLine(input: Pick<QemuArgsInput, "accel" | "tscKhz">
 }
 
 export function buildQemuArgs(input: QemuArgsInput): string[] {
-  if (!Number.isInteger(input.vcpuCount) || input.vcpuCount < 1) throw new RangeError("vcpuCount must be a positive integer");
-  if (!Number.isInteger(input.memSizeMib) || input.memSizeMib < 128) throw new RangeError("memSizeMib must be an integer >= 128");
+  if (!Number.isInteger(input.vcpuCount) || input.vcpuCount < 1)
+    throw new RangeError("vcpuCount must be a positive integer");
+  if (!Number.isInteger(input.memSizeMib) || input.memSizeMib < 128)
+    throw new RangeError("memSizeMib must be an integer >= 128");
   for (const p of [input.kernel, input.initrd, input.rootDisk, input.memPath]) {
     // QEMU option values are comma-separated: a comma in a path would inject options.
     if (p.includes(",")) throw new RangeError(`path ${p} contains a comma`);

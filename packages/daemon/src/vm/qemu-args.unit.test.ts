@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
-import { FD_AGENT, FD_QMP, buildQemuArgs, kernelCommandLine } from "./qemu-args.js";
+import { buildQemuArgs, FD_AGENT, FD_QMP, kernelCommandLine } from "./qemu-args.js";
 
 const base = {
   vcpuCount: 2,
@@ -28,7 +28,10 @@ describe("QEMU arguments", () => {
     assert.ok(value(args, "-chardev").includes(`socket,id=agent,fd=${FD_AGENT},server=off`));
     assert.deepEqual(value(args, "-smp"), ["2"]);
     assert.deepEqual(value(args, "-m"), ["1024M"]);
-    assert.match(value(args, "-object")[0] ?? "", /mem-path=\/dev\/shm\/podflare\/a\.mem,share=on$/);
+    assert.match(
+      value(args, "-object")[0] ?? "",
+      /mem-path=\/dev\/shm\/podflare\/a\.mem,share=on$/,
+    );
     assert.match(value(args, "-drive")[0] ?? "", /file=\/vms\/a\/root\.qcow2,format=qcow2/);
     assert.deepEqual(value(args, "-accel"), ["tcg,thread=multi"]);
     assert.ok(!args.includes("-incoming"));

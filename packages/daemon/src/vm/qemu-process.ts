@@ -28,7 +28,8 @@ export class QemuProcess {
     const qmpStream = stdio[FD_QMP];
     const agentStream = stdio[FD_AGENT];
     const consoleStream = stdio[FD_CONSOLE];
-    if (!qmpStream || !agentStream || !consoleStream) throw new Error("QEMU channels were not created");
+    if (!qmpStream || !agentStream || !consoleStream)
+      throw new Error("QEMU channels were not created");
     this.qmp = new QmpClient(qmpStream);
     this.agentStream = agentStream;
     consoleStream.on("data", (chunk: Buffer) => console.write(chunk));
@@ -46,7 +47,12 @@ export class QemuProcess {
     });
   }
 
-  static spawn(qemuBinary: string, args: string[], consolePath: string, consoleMaxBytes: number): QemuProcess {
+  static spawn(
+    qemuBinary: string,
+    args: string[],
+    consolePath: string,
+    consoleMaxBytes: number,
+  ): QemuProcess {
     const consoleLog = new ConsoleLog(consolePath, consoleMaxBytes);
     const child = spawn("setpriv", ["--pdeathsig", "KILL", "--", qemuBinary, ...args], {
       stdio: ["ignore", "ignore", "pipe", "pipe", "pipe", "pipe"],
