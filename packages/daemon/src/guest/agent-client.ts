@@ -74,6 +74,8 @@ export class AgentClient {
   private readonly routes = new Map<number, Route>();
   private nextId = 1;
   private closedError: Error | null = null;
+  /** Set by the first answered hello: a `started` frame after it means a restart. */
+  private handshakeDone = false;
 
   constructor(
     private readonly stream: Duplex,
@@ -108,6 +110,7 @@ export class AgentClient {
       );
     }
     const h = reply.header;
+    this.handshakeDone = true;
     return {
       version: PROTOCOL_VERSION,
       agent: String(h.agent ?? "").slice(0, 100),
@@ -443,6 +446,7 @@ export class AgentClient {
    * ended it together with the user code inside it. Fail everything in flight.
    */
   private onAgentStarted(): void {
+    if (!this.handshakeDone) return; // the agent's first start, during boot
     const inFlight = [...this.routes.values()];
     this.routes.clear();
     if (inFlight.length === 0) return;
