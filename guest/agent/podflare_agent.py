@@ -225,18 +225,24 @@ class FrameWriter:
         self._lock = threading.Lock()
         self._failing = False
 
-    def send(self, header, payload=b""):
+    @staticmethod
+    def encode(header, payload=b""):
         # ensure_ascii=False keeps text compact (<= 6 bytes a character in the worst case);
         # 'backslashreplace' writes a lone surrogate as \udcxx, which is its JSON escape.
         head = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace")
         if len(head) > MAX_HEADER or len(payload) > MAX_PAYLOAD:
             raise ValueError(f"outgoing {header.get('type')} frame exceeds the protocol limits")
-        preamble = MAGIC + struct.pack(">II", len(head), len(payload)) + head
+        return b"".join((MAGIC, struct.pack(">II", len(head), len(payload)), head, payload))
+
+    def send(self, header, payload=b""):
+        return self.send_encoded(self.encode(header, payload))
+
+    def send_encoded(self, data):
+        """Writes already-encoded frames in one go: under emulation every write to the
+        port costs a device notification, so frames that leave together are joined."""
         with self._lock:
             try:
-                _write_all(self._fd, preamble)
-                if payload:
-                    _write_all(self._fd, payload)
+                _write_all(self._fd, data)
             except OSError as exc:
                 if not self._failing:
                     log(f"cannot send to the host: {exc}")
@@ -244,6 +250,20 @@ class FrameWriter:
                 return False
             self._failing = False
         return True
+
+
+def _set_affinity(cpus):
+    try:
+        os.sched_setaffinity(0, cpus)
+    except (OSError, ValueError):
+        pass
+
+
+def _pin_helper_thread():
+    """Keeps the agent's helper threads on one vCPU. Under TCG, waking a thread on
+    another (halted) vCPU costs milliseconds; user code on the main thread, and every
+    process or thread it starts, keeps all CPUs."""
+    _set_affinity({min(os.sched_getaffinity(0))})
 
 
 class OutputCollector:
@@ -293,8 +313,9 @@ class OutputCollector:
                 self._cond.notify_all()
             self._pending += len(data)
 
-    def flush(self, final=False):
-        """Sends what is pending; `final` also ends the exec. Returns its truncated flag."""
+    def flush(self, final=False, exit_frame=None):
+        """Sends what is pending. `final` ends the exec: `exit_frame` (marked truncated
+        where output was dropped) leaves in the same write as the last output."""
         with self._send_lock:
             with self._cond:
                 job_id, chunks, truncated = self._job_id, self._chunks, self._truncated
@@ -302,15 +323,23 @@ class OutputCollector:
                 if final:
                     self._job_id = None
                 self._cond.notify_all()
+            frames = []
             for stream, data in chunks:
                 start = 0
                 while start < len(data):
                     end = _utf8_cut(data, start, OUTPUT_FRAME)
-                    self._writer.send({"type": "output", "id": job_id, "stream": stream}, bytes(data[start:end]))
+                    frames.append(self._writer.encode({"type": "output", "id": job_id, "stream": stream}, bytes(data[start:end])))
                     start = end
+            if exit_frame is not None:
+                if truncated:
+                    exit_frame["truncated"] = True
+                frames.append(self._writer.encode(exit_frame))
+            if frames:
+                self._writer.send_encoded(b"".join(frames))
         return truncated
 
     def _flush_loop(self):
+        _pin_helper_thread()
         while True:
             try:
                 with self._cond:
@@ -378,6 +407,9 @@ class FdCapture:
         self._wake_r, self._wake_w = os.pipe()
         self._drained = threading.Event()
         self._libc = ctypes.CDLL(None)
+        # Set by the pump from before it reads a pipe until what it read is in the
+        # collector: lets drain() skip the round trip to the pump when nothing is pending.
+        self._busy = False
 
     def start(self):
         threading.Thread(target=self._pump, name="podflare-fd-pump", daemon=True).start()
@@ -385,12 +417,21 @@ class FdCapture:
     def drain(self):
         """Returns once what was written to fds 1/2 so far is in the collector (main thread only)."""
         self._libc.fflush(None)  # C stdio buffers fully when fd 1 is a pipe
+        # Fast path (most cells write only through sys.stdout): nothing is waiting in the
+        # pipes and the pump holds nothing unpushed. Poll first, then check busy: data
+        # the pump took before the poll keeps busy set until it is in the collector.
+        pending = select.poll()
+        for fd in list(self._streams):
+            pending.register(fd, select.POLLIN)
+        if not pending.poll(0) and not self._busy:
+            return
         self._drained.clear()
         os.write(self._wake_w, b"\0")
         if not self._drained.wait(DRAIN_TIMEOUT):
             log("fd drain timed out")
 
     def _pump(self):
+        _pin_helper_thread()
         poller = select.poll()
         for fd in [*self._streams, self._wake_r]:
             poller.register(fd, select.POLLIN)
@@ -416,6 +457,13 @@ class FdCapture:
     def _forward(self, fd, budget, final):
         """Forwards up to `budget` bytes; False once every writer of the pipe is gone."""
         stream, decoder = self._streams[fd]
+        self._busy = True
+        try:
+            return self._read_and_push(fd, stream, decoder, budget, final)
+        finally:
+            self._busy = False
+
+    def _read_and_push(self, fd, stream, decoder, budget, final):
         while budget > 0:
             try:
                 data = os.read(fd, min(budget, 64 << 10))
@@ -540,16 +588,28 @@ class ExecRunner:
 
     def run_forever(self):
         try:
+            all_cpus = os.sched_getaffinity(0)
+            idle_cpus = {min(all_cpus)}
             while True:
                 with self._cond:
-                    while not self._queue and not self._closing:
-                        self._cond.wait()
+                    if not self._queue and not self._closing:
+                        # Wait on the helpers' vCPU, so the reader's wake-up is not an
+                        # inter-processor interrupt (milliseconds under TCG) ...
+                        _set_affinity(idle_cpus)
+                        while not self._queue and not self._closing:
+                            self._cond.wait()
+                        # ... and run user code with every CPU: the processes and
+                        # threads it starts inherit this mask.
+                        _set_affinity(all_cpus)
                     if self._closing:
                         return
                     job = self._queue.popleft()
                     job.deadline = None if job.timeout is None else time.monotonic() + job.timeout
                     self._current = job
-                    self._cond.notify_all()
+                    # Wake the watchdog only when it has something to time: under
+                    # emulation every needless wake-up costs the exec a GIL hand-off.
+                    if job.deadline is not None or job.reason is not None:
+                        self._cond.notify_all()
                 try:
                     self._run(job)
                 except Exception:  # an agent bug; the REPL must survive it
@@ -572,15 +632,14 @@ class ExecRunner:
         self._capture.drain()
         with self._cond:
             self._current = None
-            self._cond.notify_all()
+            if job.deadline is not None or job.reason is not None:
+                self._cond.notify_all()
         frame = {"type": "exit", "id": job.id, **result}
         if job.reason == "timeout":
             frame.update(code=124, timed_out=True)
         elif job.reason == "cancel":
             frame.update(code=130, cancelled=True)
-        if self._collector.flush(final=True):
-            frame["truncated"] = True
-        self._writer.send(frame)
+        self._collector.flush(final=True, exit_frame=frame)
 
     def _run_python(self, job):
         self._cells += 1
@@ -675,6 +734,7 @@ class ExecRunner:
             raise KeyboardInterrupt
 
     def _watch(self):
+        _pin_helper_thread()
         with self._cond:
             while True:
                 job = self._current
@@ -957,6 +1017,7 @@ class Agent:
         }
 
     def read_loop(self):
+        _pin_helper_thread()
         parser = FrameParser()
         connected = False  # until the first bytes arrive
         while True:

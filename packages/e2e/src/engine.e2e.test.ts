@@ -113,6 +113,11 @@ describe("VM engine", () => {
     assert.deepEqual(sequence, expected);
   });
 
+  it("lets user code and its children use every vCPU", async () => {
+    const r = await run(vm, "import os, subprocess\nprint(len(os.sched_getaffinity(0)), subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip())");
+    assert.equal(r.stdout, "2 2\n");
+  });
+
   it("has no network interface but lo", async () => {
     const r = await run(vm, "import os; print(sorted(os.listdir('/sys/class/net')))");
     assert.equal(r.stdout, "['lo']\n");
