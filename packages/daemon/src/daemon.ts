@@ -46,12 +46,7 @@ export async function prepareEngine(
     config.accel,
     hostProbe(async () => {
       try {
-        const vm = await probeEngine.boot(
-          "probe_kvm",
-          { vcpuCount: 1, memSizeMib: 256 },
-          "kvm",
-          20_000,
-        );
+        const vm = await probeEngine.boot("probe_kvm", { vcpuCount: 1, memSizeMib: 256 }, { accel: "kvm", timeoutMs: 20_000 });
         await vm.destroy();
         return true;
       } catch {
@@ -66,7 +61,7 @@ export async function prepareEngine(
 export async function startDaemon(config: Config, log: Logger): Promise<Daemon> {
   const { engine, accel } = await prepareEngine(config, log);
   const store = new Store(join(config.stateDir, "podflare.db"));
-  await reconcile(store, { vmsDir: engine.vmsDir, shmDir: config.shmDir }, log);
+  await reconcile(store, { vmsDir: engine.vmsDir, vmMemDir: engine.vmMemDir }, log);
   const service = new SandboxService(store, new ColdBootSource(engine), config, log);
   const app = buildServer({
     service,

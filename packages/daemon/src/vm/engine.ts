@@ -3,8 +3,9 @@
  * acquires registers its undo step at once, so a failed boot leaves nothing behind.
  */
 import { randomBytes } from "node:crypto";
-import { mkdir, rm } from "node:fs/promises";
-import { join } from "node:path";
+import { closeSync, openSync } from "node:fs";
+import { copyFile, mkdir, rm } from "node:fs/promises";
+import { dirname, join } from "node:path";
 import { AgentClient, AgentError } from "../guest/agent-client.js";
 import type { GuestImage } from "../image/build.js";
 import { CleanupStack } from "../util/cleanup.js";
@@ -12,6 +13,7 @@ import type { Logger } from "../util/logger.js";
 import { run } from "../util/run.js";
 import { type Accel, buildQemuArgs, type VmShape } from "./qemu-args.js";
 import { QemuProcess } from "./qemu-process.js";
+import { loadDeviceState } from "./snapshot.js";
 import { Vm } from "./vm.js";
 
 export interface EngineOptions {
@@ -35,6 +37,25 @@ export class BootError extends Error {
 
 const VM_ID = /^[a-z0-9_]{1,64}$/;
 
+/** The files of a frozen template: what every clone restores from. */
+export interface TemplateFiles {
+  key: string;
+  shape: VmShape;
+  /** Guest RAM at the snapshot instant; clones map it privately (copy-on-write). */
+  memPath: string;
+  /** Device state (about 70 KB). */
+  statePath: string;
+  /** An empty qcow2 overlay whose backing file is the template's frozen disk. */
+  cloneOverlay: string;
+}
+
+export interface BootOptions {
+  accel?: Accel;
+  timeoutMs?: number;
+  /** Keep the VM's directory and memory file after destroy (a template in the making). */
+  keepFiles?: { dir: string; memPath: string };
+}
+
 export class VmEngine {
   constructor(readonly opts: EngineOptions) {}
 
@@ -42,71 +63,91 @@ export class VmEngine {
     return join(this.opts.stateDir, "vms");
   }
 
+  /** Memory files of cold-booted VMs (clones have none: they map their template's). */
+  get vmMemDir(): string {
+    return join(this.opts.shmDir, "vms");
+  }
+
   vmDir(id: string): string {
     return join(this.vmsDir, id);
   }
 
   memPath(id: string): string {
-    return join(this.opts.shmDir, `${id}.mem`);
+    return join(this.vmMemDir, `${id}.mem`);
   }
 
   /** Cold-boot a VM from the image and wait until its agent answers. */
-  async boot(
+  async boot(id: string, shape: VmShape, options: BootOptions = {}): Promise<Vm> {
+    const accel = options.accel ?? this.opts.accel;
+    const timeoutMs = options.timeoutMs ?? this.opts.bootTimeoutMs;
+    return this.launch(id, shape, accel, async (cleanup, dir) => {
+      const memPath = options.keepFiles?.memPath ?? this.memPath(id);
+      await mkdir(dirname(memPath), { recursive: true, mode: 0o700 });
+      if (!options.keepFiles) cleanup.defer("remove memory file", () => rm(memPath, { force: true }));
+      const overlay = join(dir, "root.qcow2");
+      await run("qemu-img", ["create", "-q", "-f", "qcow2", "-F", "raw", "-b", this.opts.image.rootfs, overlay]);
+      const qemu = this.spawn(dir, { ...shape, accel, rootDisk: overlay, memPath, memShared: true });
+      cleanup.defer("kill QEMU", async () => void (await qemu.kill()));
+      const agent = this.attachAgent(id, qemu, cleanup);
+      qemu.qmp.connect().catch(() => {}); // a dead QEMU shows in `exited`
+      await this.waitForAgent(agent, qemu, timeoutMs);
+      return { qemu, agent };
+    }, options.keepFiles?.dir);
+  }
+
+  /**
+   * Restore a VM from a template: a new QEMU maps the template's memory privately, its
+   * disk is a fresh overlay on the template's frozen one, and the guest resumes exactly
+   * where the template stopped. Then it gets its own entropy, clock and identity.
+   */
+  async restore(id: string, template: TemplateFiles, marks: Record<string, number> = {}): Promise<Vm> {
+    const accel = this.opts.accel;
+    marks.start = performance.now();
+    return this.launch(id, template.shape, accel, async (cleanup, dir) => {
+      const overlay = join(dir, "root.qcow2");
+      await copyFile(template.cloneOverlay, overlay);
+      const stateFd = openSync(template.statePath, "r");
+      let qemu: QemuProcess;
+      try {
+        qemu = this.spawn(dir, { ...template.shape, accel, rootDisk: overlay, memPath: template.memPath, memShared: false, incoming: true }, [stateFd]);
+      } finally {
+        closeSync(stateFd);
+      }
+      cleanup.defer("kill QEMU", async () => void (await qemu.kill()));
+      const agent = this.attachAgent(id, qemu, cleanup);
+      agent.assumeHandshake(); // the restored agent is the template's, already greeted
+      try {
+        marks.spawned = performance.now();
+        await qemu.qmp.connect();
+        marks.qmp = performance.now();
+        await loadDeviceState(qemu.qmp);
+        marks.loaded = performance.now();
+        await qemu.qmp.execute("cont", {});
+        marks.running = performance.now();
+      } catch (err) {
+        await Promise.race([qemu.exited, new Promise((r) => setTimeout(r, 100))]);
+        throw new BootError(`restore failed: ${(err as Error).message}\n${qemu.diagnostics()}`);
+      }
+      return { qemu, agent };
+    });
+  }
+
+  private async launch(
     id: string,
     shape: VmShape,
-    accel: Accel = this.opts.accel,
-    timeoutMs = this.opts.bootTimeoutMs,
+    accel: Accel,
+    start: (cleanup: CleanupStack, dir: string) => Promise<{ qemu: QemuProcess; agent: AgentClient }>,
+    keepDir?: string,
   ): Promise<Vm> {
     if (!VM_ID.test(id)) throw new RangeError(`invalid VM id ${JSON.stringify(id)}`);
-    const { image, log } = this.opts;
+    const { log } = this.opts;
     const started = performance.now();
     const cleanup = new CleanupStack();
-    const dir = this.vmDir(id);
-    const memPath = this.memPath(id);
+    const dir = keepDir ?? this.vmDir(id);
     try {
       await mkdir(dir, { recursive: true, mode: 0o700 });
-      cleanup.defer("remove VM directory", () => rm(dir, { recursive: true, force: true }));
-      await mkdir(this.opts.shmDir, { recursive: true, mode: 0o700 });
-      cleanup.defer("remove memory file", () => rm(memPath, { force: true }));
-      const overlay = join(dir, "root.qcow2");
-      await run("qemu-img", [
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        "-b",
-        image.rootfs,
-        overlay,
-      ]);
-
-      const args = buildQemuArgs({
-        ...shape,
-        accel,
-        kernel: image.kernel,
-        initrd: image.initrd,
-        rootDisk: overlay,
-        rootDiskFormat: "qcow2",
-        memPath,
-        tscKhz: this.opts.tscKhz,
-      });
-      const qemu = QemuProcess.spawn(
-        this.opts.qemuBinary,
-        args,
-        join(dir, "console.log"),
-        this.opts.consoleLogMaxBytes,
-      );
-      cleanup.defer("kill QEMU", async () => {
-        await qemu.kill();
-      });
-      const agent = new AgentClient(qemu.agentStream, (msg, extra) =>
-        log.warn({ vm: id, ...extra }, msg),
-      );
-      cleanup.defer("close agent channel", () => agent.close());
-      qemu.qmp.connect().catch(() => {}); // negotiated in the background; a dead QEMU shows in exited
-
-      await this.waitForAgent(agent, qemu, timeoutMs);
+      if (!keepDir) cleanup.defer("remove VM directory", () => rm(dir, { recursive: true, force: true }));
+      const { qemu, agent } = await start(cleanup, dir);
       await agent.restore(
         {
           entropy: randomBytes(64),
@@ -119,24 +160,39 @@ export class VmEngine {
       const vm = new Vm(id, dir, shape, accel, qemu, agent, cleanup, (name, error) =>
         log.error({ vm: id, step: name, err: String(error) }, "VM cleanup step failed"),
       );
-      log.info(
-        { vm: id, pid: qemu.pid, accel, ms: Math.round(performance.now() - started) },
-        "VM booted",
-      );
+      log.debug({ vm: id, pid: qemu.pid, accel, ms: Math.round(performance.now() - started) }, "VM started");
       return vm;
     } catch (err) {
       await cleanup.unwind();
       if (err instanceof BootError) throw err;
-      throw new BootError(`VM ${id} failed to boot: ${(err as Error).message}`);
+      throw new BootError(`VM ${id} failed to start: ${(err as Error).message}`);
     }
   }
 
+  private spawn(
+    dir: string,
+    vm: VmShape & { accel: Accel; rootDisk: string; memPath: string; memShared: boolean; incoming?: boolean },
+    extraFds: number[] = [],
+  ): QemuProcess {
+    const { image } = this.opts;
+    const args = buildQemuArgs({
+      ...vm,
+      kernel: image.kernel,
+      initrd: image.initrd,
+      rootDiskFormat: "qcow2",
+      tscKhz: this.opts.tscKhz,
+    });
+    return QemuProcess.spawn(this.opts.qemuBinary, args, join(dir, "console.log"), this.opts.consoleLogMaxBytes, extraFds);
+  }
+
+  private attachAgent(id: string, qemu: QemuProcess, cleanup: CleanupStack): AgentClient {
+    const agent = new AgentClient(qemu.agentStream, (msg, extra) => this.opts.log.warn({ vm: id, ...extra }, msg));
+    cleanup.defer("close agent channel", () => agent.close());
+    return agent;
+  }
+
   /** Send hello until the agent answers; fail fast if QEMU exits. */
-  private async waitForAgent(
-    agent: AgentClient,
-    qemu: QemuProcess,
-    timeoutMs: number,
-  ): Promise<void> {
+  private async waitForAgent(agent: AgentClient, qemu: QemuProcess, timeoutMs: number): Promise<void> {
     const deadline = performance.now() + timeoutMs;
     let exited = false;
     qemu.exited.then(() => {
@@ -147,10 +203,7 @@ export class VmEngine {
       try {
         // Until the guest opens its port, QEMU holds our bytes; the retry covers a hello
         // lost while the port was being opened.
-        await Promise.race([
-          agent.hello(Math.min(2_000, Math.max(1, deadline - performance.now()))),
-          qemu.exited,
-        ]);
+        await Promise.race([agent.hello(Math.min(2_000, Math.max(1, deadline - performance.now()))), qemu.exited]);
         if (exited) continue;
         return;
       } catch (err) {
@@ -160,8 +213,6 @@ export class VmEngine {
         }
       }
     }
-    throw new BootError(
-      `the guest agent did not answer within ${timeoutMs} ms.\n${qemu.diagnostics()}`,
-    );
+    throw new BootError(`the guest agent did not answer within ${timeoutMs} ms.\n${qemu.diagnostics()}`);
   }
 }

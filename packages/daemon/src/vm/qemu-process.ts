@@ -47,15 +47,17 @@ export class QemuProcess {
     });
   }
 
+  /** `extraFds` are inherited as fds 6, 7, ... (e.g. a snapshot's device state). */
   static spawn(
     qemuBinary: string,
     args: string[],
     consolePath: string,
     consoleMaxBytes: number,
+    extraFds: number[] = [],
   ): QemuProcess {
     const consoleLog = new ConsoleLog(consolePath, consoleMaxBytes);
     const child = spawn("setpriv", ["--pdeathsig", "KILL", "--", qemuBinary, ...args], {
-      stdio: ["ignore", "ignore", "pipe", "pipe", "pipe", "pipe"],
+      stdio: ["ignore", "ignore", "pipe", "pipe", "pipe", "pipe", ...extraFds],
     });
     const proc = new QemuProcess(child, consoleLog);
     child.on("error", () => {}); // surfaces as an exit with code null
