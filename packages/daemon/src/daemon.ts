@@ -7,7 +7,9 @@ import { join } from "node:path";
 import { buildServer } from "./api/server.js";
 import type { Config } from "./config/config.js";
 import { ensureImage } from "./image/build.js";
-import { ColdBootSource } from "./pool/cold-source.js";
+import { Metrics } from "./metrics/metrics.js";
+import { qemuVersion, TemplateManager } from "./pool/templates.js";
+import { WarmPool } from "./pool/warm-pool.js";
 import { reconcile } from "./sandboxes/reconcile.js";
 import { SandboxService } from "./sandboxes/service.js";
 import { Store } from "./store/db.js";
@@ -20,6 +22,9 @@ export interface Daemon {
   accel: AccelDecision;
   service: SandboxService;
   engine: VmEngine;
+  pool: WarmPool;
+  templates: TemplateManager;
+  metrics: Metrics;
   close(): Promise<void>;
 }
 
@@ -62,16 +67,33 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   const { engine, accel } = await prepareEngine(config, log);
   const store = new Store(join(config.stateDir, "podflare.db"));
   await reconcile(store, { vmsDir: engine.vmsDir, vmMemDir: engine.vmMemDir }, log);
-  const service = new SandboxService(store, new ColdBootSource(engine), config, log);
+  const metrics = new Metrics();
+  const templates = new TemplateManager(engine, config.templatesDir, engine.opts.image, await qemuVersion(config.qemuBinary), log, () =>
+    metrics.templateBuilds.inc(),
+  );
+  const pool = new WarmPool(
+    engine,
+    templates,
+    {
+      target: config.poolSize,
+      maxConcurrentRestores: config.maxConcurrentRestores,
+      defaultShape: { vcpuCount: config.defaultVcpuCount, memSizeMib: config.defaultMemSizeMib },
+    },
+    metrics,
+    log,
+  );
+  await pool.start();
+  const service = new SandboxService(store, pool, config, log, metrics);
   const app = buildServer({
     service,
     apiKeys: config.apiKeys,
     log,
+    metrics: () => metrics.render(),
     capacity: () => ({
       accelerator: accel.accel,
       accelerator_reason: accel.reason,
       running: service.liveCount,
-      pool: { target: 0, ready: 0, refilling: 0 },
+      pool: pool.stats(),
       limits: {
         max_sandboxes: config.maxSandboxes,
         max_vcpu_count: config.maxVcpuCount,
@@ -81,16 +103,20 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     }),
   });
   const address = await app.listen({ host: config.host, port: config.port });
-  log.info({ address, accel: accel.accel }, "podflared listening");
+  log.info({ address, accel: accel.accel, pool: config.poolSize }, "podflared listening");
   let closing: Promise<void> | null = null;
   return {
     url: address,
     accel,
     service,
     engine,
+    pool,
+    templates,
+    metrics,
     close: () => {
       closing ??= (async () => {
         await app.close();
+        await pool.close();
         await service.destroyAll("the daemon stopped");
         store.close();
       })();

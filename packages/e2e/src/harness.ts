@@ -8,6 +8,8 @@ import { join } from "node:path";
 import { type Config, createLogger, type Daemon, loadConfig, startDaemon } from "@podflare/daemon";
 
 export const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR || "/var/lib/podflare/images";
+/** Shared by every test daemon of a run: a template is built once (under a lock). */
+export const TEMPLATES_DIR = process.env.PODFLARE_TEMPLATES_DIR || "/dev/shm/podflare-test-templates";
 
 export async function testConfig(overrides: Partial<Config> = {}): Promise<Config> {
   const stateDir = await mkdtemp(join(tmpdir(), "podflare-test-"));
@@ -15,6 +17,9 @@ export async function testConfig(overrides: Partial<Config> = {}): Promise<Confi
     stateDir,
     imagesDir: IMAGES_DIR,
     shmDir: join("/dev/shm", `podflare-test-${stateDir.slice(-6)}`),
+    templatesDir: TEMPLATES_DIR,
+    poolSize: 2,
+    maxConcurrentRestores: 2,
     port: 0,
     logLevel: process.env.PODFLARE_TEST_LOG ?? "warn",
     ...overrides,

@@ -43,6 +43,8 @@ describe("daemon restart after kill -9", () => {
       PODFLARE_STATE_DIR: config.stateDir,
       PODFLARE_IMAGES_DIR: config.imagesDir,
       PODFLARE_SHM_DIR: config.shmDir,
+      PODFLARE_TEMPLATES_DIR: config.templatesDir,
+      PODFLARE_POOL_SIZE: "1",
       PODFLARE_PORT: "0",
       PODFLARE_LOG_LEVEL: "info",
     };
@@ -59,8 +61,10 @@ describe("daemon restart after kill -9", () => {
       Sandbox.create({ host: first.url, vcpuCount: 1, memSizeMib: 256 }),
     ]);
     await a.runCode("open('/root/x', 'w').write('x')");
-    assert.equal((await qemuPids(vmsDir)).length, 2);
-    assert.equal((await listDir(config.shmDir)).length, 2);
+    // Two sandboxes and one warm pool VM.
+    await eventually("the pool to refill", async () => (await qemuPids(vmsDir)).length === 3);
+    const oldVmDirs = await listDir(vmsDir);
+    assert.equal(oldVmDirs.length, 3);
 
     first.child.kill("SIGKILL");
     await new Promise((r) => first.child.once("exit", r));
@@ -72,13 +76,13 @@ describe("daemon restart after kill -9", () => {
     );
 
     const second = await serve(env);
-    cleanup.push(async () => {
-      second.child.kill("SIGTERM");
-      await new Promise((r) => second.child.once("exit", r));
-    });
+    cleanup.push(async () => void second.child.kill("SIGKILL"));
     assert.deepEqual(await Sandbox.list({ host: second.url }), []);
-    assert.deepEqual(await listDir(vmsDir), []);
-    assert.deepEqual(await listDir(config.shmDir), []);
+    // Only the new daemon's own pool VM is there: nothing of the old run.
+    const left = await listDir(vmsDir);
+    assert.ok(left.length <= 1, `at most the new pool VM, found ${left.join(", ")}`);
+    assert.deepEqual(left.filter((d) => oldVmDirs.includes(d)), []);
+    assert.deepEqual(await listDir(join(config.shmDir, "vms")), []);
     for (const s of [a, b]) {
       const res = await fetch(`${second.url}/v1/sandboxes/${s.id}`);
       assert.equal(res.status, 404);
@@ -87,6 +91,8 @@ describe("daemon restart after kill -9", () => {
     const c = await Sandbox.create({ host: second.url, vcpuCount: 1, memSizeMib: 256 });
     assert.equal((await c.runCode("print(6*7)")).stdout, "42\n");
     await c.close();
-    assert.deepEqual(await listDir(vmsDir), []);
+    second.child.kill("SIGTERM");
+    await new Promise((r) => second.child.once("exit", r));
+    assert.deepEqual(await listDir(vmsDir), [], "a stopped daemon leaves no VM directory");
   });
 });

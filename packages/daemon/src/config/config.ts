@@ -2,9 +2,10 @@
  * Daemon configuration, resolved once into a frozen object:
  * explicit option > PODFLARE_* environment variable > default.
  */
-import { homedir } from "node:os";
+import { availableParallelism, homedir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import { defaultPoolSize } from "../pool/plan.js";
 
 export type AccelChoice = "auto" | "kvm" | "tcg";
 
@@ -15,6 +16,12 @@ export interface Config {
   readonly imagesDir: string;
   /** Guest memory files (must be on a tmpfs for speed). */
   readonly shmDir: string;
+  /** Template snapshots (memory files: on a tmpfs too); shareable between daemons. */
+  readonly templatesDir: string;
+  /** Warm VMs of the default shape kept ready. */
+  readonly poolSize: number;
+  /** Restores running at once (misses first, then pool refills). */
+  readonly maxConcurrentRestores: number;
   /** The repository's guest/ folder: the image recipe and the agent. */
   readonly guestDir: string;
   readonly qemuBinary: string;
@@ -64,10 +71,14 @@ function defaultStateDir(): string {
 export function loadConfig(overrides: Partial<Config> = {}): Config {
   const env = process.env;
   const stateDir = overrides.stateDir ?? (env.PODFLARE_STATE_DIR || defaultStateDir());
+  const shmDir = overrides.shmDir ?? (env.PODFLARE_SHM_DIR || "/dev/shm/podflare");
   const config: Config = {
     stateDir,
     imagesDir: env.PODFLARE_IMAGES_DIR || join(stateDir, "images"),
-    shmDir: env.PODFLARE_SHM_DIR || "/dev/shm/podflare",
+    shmDir,
+    templatesDir: env.PODFLARE_TEMPLATES_DIR || join(shmDir, "templates"),
+    poolSize: envInt("PODFLARE_POOL_SIZE", defaultPoolSize(availableParallelism())),
+    maxConcurrentRestores: Math.max(1, envInt("PODFLARE_MAX_CONCURRENT_RESTORES", availableParallelism())),
     guestDir: env.PODFLARE_GUEST_DIR || join(repoRoot, "guest"),
     qemuBinary: env.PODFLARE_QEMU || "qemu-system-x86_64",
     accel: envAccel(),

@@ -71,6 +71,7 @@ export class TemplateManager {
     private readonly image: GuestImage,
     private readonly qemu: string,
     private readonly log: Logger,
+    private readonly onBuilt: () => void = () => {},
   ) {}
 
   keyOf(shape: VmShape): string {
@@ -138,6 +139,7 @@ export class TemplateManager {
       await rm(final, { recursive: true, force: true });
       await rename(work, final);
       this.builds++;
+      this.onBuilt();
       this.log.info({ template: key, ms: Math.round(performance.now() - started) }, "template ready");
     } catch (err) {
       await rm(work, { recursive: true, force: true });

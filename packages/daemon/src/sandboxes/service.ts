@@ -10,6 +10,7 @@ import {
   type ExecEvent,
   type Language,
 } from "../guest/agent-client.js";
+import type { Metrics } from "../metrics/metrics.js";
 import type { SandboxRow, Store } from "../store/db.js";
 import type { Logger } from "../util/logger.js";
 import type { VmShape } from "../vm/qemu-args.js";
@@ -63,10 +64,16 @@ export interface ExecRequest {
   timeout_ms?: number;
 }
 
-/** Where VMs come from: a cold boot today, the warm pool later. */
+export interface AcquiredVm {
+  vm: Vm;
+  /** Taken ready from the warm pool (a hit) rather than restored on demand. */
+  pooled: boolean;
+}
+
+/** Where VMs come from (the warm pool). */
 export interface VmSource {
-  acquire(template: string, shape: VmShape): Promise<Vm>;
-  templates(): readonly string[];
+  acquire(template: string, shape: VmShape): Promise<AcquiredVm>;
+  templateNames(): readonly string[];
 }
 
 interface Live {
@@ -86,13 +93,14 @@ export class SandboxService {
     private readonly source: VmSource,
     private readonly limits: SandboxLimits,
     private readonly log: Logger,
+    private readonly metrics?: Metrics,
   ) {}
 
   async create(req: CreateRequest): Promise<SandboxInfo> {
     const template = req.template ?? "default";
-    if (!this.source.templates().includes(template)) {
+    if (!this.source.templateNames().includes(template)) {
       throw new BadRequestError(
-        `unknown template ${JSON.stringify(template).slice(0, 80)}; available: ${this.source.templates().join(", ")}`,
+        `unknown template ${JSON.stringify(template).slice(0, 80)}; available: ${this.source.templateNames().join(", ")}`,
       );
     }
     const shape = this.shapeOf(req);
@@ -125,8 +133,9 @@ export class SandboxService {
     this.store.insertSandbox(row);
     this.creating++;
     let vm: Vm;
+    let pooled: boolean;
     try {
-      vm = await this.source.acquire(template, shape);
+      ({ vm, pooled } = await this.source.acquire(template, shape));
     } catch (err) {
       this.store.deleteSandbox(id); // a failed create leaves no trace
       throw err;
@@ -141,7 +150,9 @@ export class SandboxService {
     expiry.unref();
     this.live.set(id, { vm, expiry });
     vm.exited.then(() => this.onVmExit(id, vm));
-    this.log.info({ sandbox: id, vm: vm.id, template }, "sandbox created");
+    this.metrics?.createSeconds.observe({ result: pooled ? "hit" : "miss" }, (Date.now() - now) / 1000);
+    this.metrics?.sandboxesRunning.set(this.live.size);
+    this.log.info({ sandbox: id, vm: vm.id, template, pooled }, "sandbox created");
     return this.info(id);
   }
 
@@ -245,6 +256,7 @@ export class SandboxService {
       clearTimeout(live.expiry);
       await live.vm.destroy();
       this.live.delete(id);
+      this.metrics?.sandboxesRunning.set(this.live.size);
       this.transition(id, "ended", { endReason: reason });
       this.log.info({ sandbox: id, reason }, "sandbox ended");
     })();
@@ -254,6 +266,11 @@ export class SandboxService {
   /** Destroy every live sandbox (daemon shutdown). */
   async destroyAll(reason: string): Promise<void> {
     await Promise.all([...this.live.keys()].map((id) => this.destroy(id, reason).catch(() => {})));
+  }
+
+  /** The QEMU pid behind a live sandbox (diagnostics and tests). */
+  vmPid(id: string): number | undefined {
+    return this.live.get(id)?.vm.pid;
   }
 
   get liveCount(): number {

@@ -1,0 +1,184 @@
+/**
+ * The warm pool: restored, warmed VMs of the default shape waiting to be handed out, so
+ * `create` takes one without waiting on a VM. A miss (empty pool, or another shape)
+ * restores on demand; a burst only gets slower, never fails for lack of pool. Restores
+ * share a small number of slots so a burst does not starve the host; misses get slots
+ * before refills. A pooled VM that dies is dropped and replaced, never handed out.
+ */
+import { randomBytes } from "node:crypto";
+import type { Metrics } from "../metrics/metrics.js";
+import type { AcquiredVm, VmSource } from "../sandboxes/service.js";
+import type { Logger } from "../util/logger.js";
+import type { VmEngine } from "../vm/engine.js";
+import type { VmShape } from "../vm/qemu-args.js";
+import type { Vm } from "../vm/vm.js";
+import { backoffMs, refillsToStart } from "./plan.js";
+import type { TemplateManager } from "./templates.js";
+
+export const DEFAULT_TEMPLATE = "default";
+
+export interface PoolOptions {
+  target: number;
+  maxConcurrentRestores: number;
+  defaultShape: VmShape;
+}
+
+// The first call after a restore pays for TCG translating the exec path; a pooled VM
+// pays it here, so the user's first call is as fast as any later one.
+const WARM_UP = "print('podflare: warm-up')";
+
+const sameShape = (a: VmShape, b: VmShape) => a.vcpuCount === b.vcpuCount && a.memSizeMib === b.memSizeMib;
+
+export class WarmPool implements VmSource {
+  private readonly ready: Vm[] = [];
+  private refilling = 0;
+  private restoring = 0;
+  private readonly missQueue: (() => void)[] = [];
+  private readonly refillQueue: (() => void)[] = [];
+  private failures = 0;
+  private backoffUntil = 0;
+  private backoffTimer: NodeJS.Timeout | null = null;
+  private closed = false;
+
+  constructor(
+    private readonly engine: VmEngine,
+    private readonly templates: TemplateManager,
+    private readonly opts: PoolOptions,
+    private readonly metrics: Metrics,
+    private readonly log: Logger,
+  ) {
+    metrics.poolTarget.set(opts.target);
+  }
+
+  /** Build (or find) the default template, then start filling the pool. */
+  async start(): Promise<void> {
+    await this.templates.ensure(this.opts.defaultShape);
+    this.refill();
+  }
+
+  templateNames(): readonly string[] {
+    return [DEFAULT_TEMPLATE];
+  }
+
+  stats(): { target: number; ready: number; refilling: number } {
+    return { target: this.opts.target, ready: this.ready.length, refilling: this.refilling };
+  }
+
+  /** PIDs of the pooled VMs' QEMU processes (for tests and diagnostics). */
+  readyPids(): number[] {
+    return this.ready.flatMap((vm) => (vm.pid ? [vm.pid] : []));
+  }
+
+  async acquire(_template: string, shape: VmShape): Promise<AcquiredVm> {
+    if (sameShape(shape, this.opts.defaultShape)) {
+      // Synchronous from here to the return: no two callers can take the same VM.
+      while (this.ready.length > 0) {
+        const vm = this.ready.shift() as Vm;
+        if (!vm.alive) {
+          void vm.destroy();
+          continue;
+        }
+        this.metrics.poolReady.set(this.ready.length);
+        this.refill();
+        return { vm, pooled: true };
+      }
+    }
+    const vm = await this.restore(shape, "miss");
+    this.refill();
+    return { vm, pooled: false };
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    if (this.backoffTimer) clearTimeout(this.backoffTimer);
+    const vms = this.ready.splice(0);
+    this.metrics.poolReady.set(0);
+    await Promise.all(vms.map((vm) => vm.destroy()));
+  }
+
+  private refill(): void {
+    if (this.closed) return;
+    const toStart = refillsToStart({
+      target: this.opts.target,
+      ready: this.ready.length,
+      refilling: this.refilling,
+      restoring: this.restoring,
+      waitingMisses: this.missQueue.length,
+      maxConcurrent: this.opts.maxConcurrentRestores,
+      backoffUntil: this.backoffUntil,
+      now: Date.now(),
+    });
+    for (let i = 0; i < toStart; i++) void this.refillOne();
+  }
+
+  private async refillOne(): Promise<void> {
+    this.refilling++;
+    this.metrics.poolRefilling.set(this.refilling);
+    const started = performance.now();
+    try {
+      const vm = await this.restore(this.opts.defaultShape, "refill");
+      for await (const _ of vm.agent.exec(WARM_UP, { timeoutMs: 60_000 })) {
+        // drained: the output is of no interest
+      }
+      if (this.closed || !vm.alive) {
+        await vm.destroy();
+        return;
+      }
+      this.failures = 0;
+      this.ready.push(vm);
+      this.metrics.poolReady.set(this.ready.length);
+      this.metrics.refillSeconds.observe((performance.now() - started) / 1000);
+      vm.exited.then(() => this.onPooledVmExit(vm));
+    } catch (err) {
+      this.failures++;
+      this.backoffUntil = Date.now() + backoffMs(this.failures);
+      this.log.error({ err: String(err), failures: this.failures }, "pool refill failed; backing off");
+      this.backoffTimer = setTimeout(() => this.refill(), backoffMs(this.failures));
+      this.backoffTimer.unref();
+    } finally {
+      this.refilling--;
+      this.metrics.poolRefilling.set(this.refilling);
+      this.refill();
+    }
+  }
+
+  private onPooledVmExit(vm: Vm): void {
+    const at = this.ready.indexOf(vm);
+    if (at < 0) return; // handed out already: the sandbox watches it now
+    this.ready.splice(at, 1);
+    this.metrics.poolReady.set(this.ready.length);
+    this.log.warn({ vm: vm.id }, "a pooled VM died; replacing it");
+    void vm.destroy();
+    this.refill();
+  }
+
+  /** Restore a VM of this shape, holding one of the restore slots while doing it. */
+  private async restore(shape: VmShape, why: "miss" | "refill"): Promise<Vm> {
+    const template = await this.templates.ensure(shape);
+    await this.takeSlot(why);
+    try {
+      const vm = await this.engine.restore(`vm_${randomBytes(6).toString("hex")}`, template);
+      this.metrics.restores.inc({ result: "ok" });
+      return vm;
+    } catch (err) {
+      this.metrics.restores.inc({ result: "error" });
+      throw err;
+    } finally {
+      this.releaseSlot();
+    }
+  }
+
+  private takeSlot(why: "miss" | "refill"): Promise<void> {
+    if (this.restoring < this.opts.maxConcurrentRestores && (why === "miss" || this.missQueue.length === 0)) {
+      this.restoring++;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => (why === "miss" ? this.missQueue : this.refillQueue).push(resolve));
+  }
+
+  private releaseSlot(): void {
+    const next = this.missQueue.shift() ?? this.refillQueue.shift();
+    if (next) next(); // the slot passes straight to the next waiter
+    else this.restoring--;
+  }
+}
