@@ -209,16 +209,14 @@ describe("HTTP API and SDKs", () => {
       vcpuCount: 1,
       memSizeMib: 256,
     });
+    const pid = d.daemon.service.vmPid(short.id);
+    assert.ok(pid, "the sandbox has a VM");
     await eventually("the expired sandbox to be gone", async () => {
       const ids = (await Sandbox.list({ host: host() })).map((s) => s.id);
       return !ids.includes(short.id);
     });
     await assert.rejects(short.runCode("1"), NotFoundError);
-    assert.equal(
-      (await qemuPids(join(d.config.stateDir, "vms"))).length,
-      1,
-      "only the shared sandbox's QEMU remains",
-    );
+    assert.ok(!(await qemuPids(join(d.config.stateDir, "vms"))).includes(pid), "its QEMU is gone");
     const res = await fetch(`${host()}/v1/sandboxes/${short.id}`, { method: "DELETE" });
     assert.equal(res.status, 204, "deleting an ended sandbox is idempotent");
   });
