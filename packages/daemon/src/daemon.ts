@@ -51,7 +51,11 @@ export async function prepareEngine(
     config.accel,
     hostProbe(async () => {
       try {
-        const vm = await probeEngine.boot("probe_kvm", { vcpuCount: 1, memSizeMib: 256 }, { accel: "kvm", timeoutMs: 20_000 });
+        const vm = await probeEngine.boot(
+          "probe_kvm",
+          { vcpuCount: 1, memSizeMib: 256 },
+          { accel: "kvm", timeoutMs: 20_000 },
+        );
         await vm.destroy();
         return true;
       } catch {
@@ -68,8 +72,13 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   const store = new Store(join(config.stateDir, "podflare.db"));
   await reconcile(store, { vmsDir: engine.vmsDir, vmMemDir: engine.vmMemDir }, log);
   const metrics = new Metrics();
-  const templates = new TemplateManager(engine, config.templatesDir, engine.opts.image, await qemuVersion(config.qemuBinary), log, () =>
-    metrics.templateBuilds.inc(),
+  const templates = new TemplateManager(
+    engine,
+    config.templatesDir,
+    engine.opts.image,
+    await qemuVersion(config.qemuBinary),
+    log,
+    () => metrics.templateBuilds.inc(),
   );
   const pool = new WarmPool(
     engine,

@@ -114,7 +114,10 @@ describe("VM engine", () => {
   });
 
   it("lets user code and its children use every vCPU", async () => {
-    const r = await run(vm, "import os, subprocess\nprint(len(os.sched_getaffinity(0)), subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip())");
+    const r = await run(
+      vm,
+      "import os, subprocess\nprint(len(os.sched_getaffinity(0)), subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip())",
+    );
     assert.equal(r.stdout, "2 2\n");
   });
 

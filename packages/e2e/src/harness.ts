@@ -9,7 +9,8 @@ import { type Config, createLogger, type Daemon, loadConfig, startDaemon } from 
 
 export const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR || "/var/lib/podflare/images";
 /** Shared by every test daemon of a run: a template is built once (under a lock). */
-export const TEMPLATES_DIR = process.env.PODFLARE_TEMPLATES_DIR || "/dev/shm/podflare-test-templates";
+export const TEMPLATES_DIR =
+  process.env.PODFLARE_TEMPLATES_DIR || "/dev/shm/podflare-test-templates";
 
 export async function testConfig(overrides: Partial<Config> = {}): Promise<Config> {
   const stateDir = await mkdtemp(join(tmpdir(), "podflare-test-"));

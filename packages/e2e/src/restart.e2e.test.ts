@@ -81,7 +81,10 @@ describe("daemon restart after kill -9", () => {
     // Only the new daemon's own pool VM is there: nothing of the old run.
     const left = await listDir(vmsDir);
     assert.ok(left.length <= 1, `at most the new pool VM, found ${left.join(", ")}`);
-    assert.deepEqual(left.filter((d) => oldVmDirs.includes(d)), []);
+    assert.deepEqual(
+      left.filter((d) => oldVmDirs.includes(d)),
+      [],
+    );
     assert.deepEqual(await listDir(join(config.shmDir, "vms")), []);
     for (const s of [a, b]) {
       const res = await fetch(`${second.url}/v1/sandboxes/${s.id}`);

@@ -78,7 +78,10 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     shmDir,
     templatesDir: env.PODFLARE_TEMPLATES_DIR || join(shmDir, "templates"),
     poolSize: envInt("PODFLARE_POOL_SIZE", defaultPoolSize(availableParallelism())),
-    maxConcurrentRestores: Math.max(1, envInt("PODFLARE_MAX_CONCURRENT_RESTORES", availableParallelism())),
+    maxConcurrentRestores: Math.max(
+      1,
+      envInt("PODFLARE_MAX_CONCURRENT_RESTORES", availableParallelism()),
+    ),
     guestDir: env.PODFLARE_GUEST_DIR || join(repoRoot, "guest"),
     qemuBinary: env.PODFLARE_QEMU || "qemu-system-x86_64",
     accel: envAccel(),

@@ -1,5 +1,5 @@
 /** Prometheus metrics of the daemon (prom-client), served at /metrics. */
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
+import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from "prom-client";
 
 const LATENCY_BUCKETS = [0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
 
@@ -12,9 +12,21 @@ export class Metrics {
     buckets: LATENCY_BUCKETS,
     registers: [this.registry],
   });
-  readonly poolReady = new Gauge({ name: "podflare_pool_ready", help: "Warm VMs ready to hand out", registers: [this.registry] });
-  readonly poolTarget = new Gauge({ name: "podflare_pool_target", help: "Warm VMs the pool keeps", registers: [this.registry] });
-  readonly poolRefilling = new Gauge({ name: "podflare_pool_refilling", help: "Pool restores in flight", registers: [this.registry] });
+  readonly poolReady = new Gauge({
+    name: "podflare_pool_ready",
+    help: "Warm VMs ready to hand out",
+    registers: [this.registry],
+  });
+  readonly poolTarget = new Gauge({
+    name: "podflare_pool_target",
+    help: "Warm VMs the pool keeps",
+    registers: [this.registry],
+  });
+  readonly poolRefilling = new Gauge({
+    name: "podflare_pool_refilling",
+    help: "Pool restores in flight",
+    registers: [this.registry],
+  });
   readonly refillSeconds = new Histogram({
     name: "podflare_pool_refill_seconds",
     help: "Time to restore and warm one pool VM",
@@ -27,8 +39,16 @@ export class Metrics {
     labelNames: ["result"] as const,
     registers: [this.registry],
   });
-  readonly templateBuilds = new Counter({ name: "podflare_template_builds_total", help: "Template snapshots built", registers: [this.registry] });
-  readonly sandboxesRunning = new Gauge({ name: "podflare_sandboxes_running", help: "Sandboxes that hold a VM", registers: [this.registry] });
+  readonly templateBuilds = new Counter({
+    name: "podflare_template_builds_total",
+    help: "Template snapshots built",
+    registers: [this.registry],
+  });
+  readonly sandboxesRunning = new Gauge({
+    name: "podflare_sandboxes_running",
+    help: "Sandboxes that hold a VM",
+    registers: [this.registry],
+  });
 
   constructor() {
     collectDefaultMetrics({ register: this.registry, prefix: "podflared_" });

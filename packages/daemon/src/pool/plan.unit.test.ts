@@ -2,7 +2,16 @@ import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { backoffMs, defaultPoolSize, refillsToStart } from "./plan.js";
 
-const base = { target: 4, ready: 0, refilling: 0, restoring: 0, waitingMisses: 0, maxConcurrent: 2, backoffUntil: 0, now: 1000 };
+const base = {
+  target: 4,
+  ready: 0,
+  refilling: 0,
+  restoring: 0,
+  waitingMisses: 0,
+  maxConcurrent: 2,
+  backoffUntil: 0,
+  now: 1000,
+};
 
 describe("pool refill plan", () => {
   it("fills up to the target within the restore slots", () => {

@@ -6,14 +6,14 @@
  * share one build, other processes wait on a lock file.
  */
 import { createHash } from "node:crypto";
-import { access, mkdir, readFile, readdir, rename, rm, writeFile } from "node:fs/promises";
+import { access, mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { AgentClient } from "../guest/agent-client.js";
 import type { GuestImage } from "../image/build.js";
+import { ROOTFS_SIZE as ROOT_DISK_SIZE } from "../image/recipe.js";
 import { withFileLock } from "../util/lock.js";
 import type { Logger } from "../util/logger.js";
 import { run } from "../util/run.js";
-import { ROOTFS_SIZE as ROOT_DISK_SIZE } from "../image/recipe.js";
 import type { TemplateFiles, VmEngine } from "../vm/engine.js";
 import type { Accel, VmShape } from "../vm/qemu-args.js";
 import { saveDeviceState } from "../vm/snapshot.js";
@@ -23,11 +23,52 @@ export const TEMPLATE_VERSION = 3;
 
 /** Imported while the template is made, so no sandbox pays for them. */
 const WARM_MODULES = [
-  "json", "re", "os", "sys", "math", "random", "time", "datetime", "collections", "itertools",
-  "functools", "pathlib", "subprocess", "io", "base64", "hashlib", "string", "textwrap", "typing",
-  "dataclasses", "decimal", "fractions", "statistics", "csv", "tempfile", "shutil", "glob", "struct",
-  "copy", "pprint", "traceback", "enum", "uuid", "heapq", "bisect", "operator", "contextlib",
-  "threading", "queue", "signal", "socket", "urllib.parse", "asyncio", "sqlite3", "zlib", "gzip",
+  "json",
+  "re",
+  "os",
+  "sys",
+  "math",
+  "random",
+  "time",
+  "datetime",
+  "collections",
+  "itertools",
+  "functools",
+  "pathlib",
+  "subprocess",
+  "io",
+  "base64",
+  "hashlib",
+  "string",
+  "textwrap",
+  "typing",
+  "dataclasses",
+  "decimal",
+  "fractions",
+  "statistics",
+  "csv",
+  "tempfile",
+  "shutil",
+  "glob",
+  "struct",
+  "copy",
+  "pprint",
+  "traceback",
+  "enum",
+  "uuid",
+  "heapq",
+  "bisect",
+  "operator",
+  "contextlib",
+  "threading",
+  "queue",
+  "signal",
+  "socket",
+  "urllib.parse",
+  "asyncio",
+  "sqlite3",
+  "zlib",
+  "gzip",
 ];
 
 // Runs in the REPL of the template: it must leave no names in the user's globals.
@@ -45,7 +86,13 @@ export interface TemplateKeyInput {
 
 export function templateKey(input: TemplateKeyInput): string {
   return createHash("sha256")
-    .update(JSON.stringify({ v: TEMPLATE_VERSION, ...input, shape: [input.shape.vcpuCount, input.shape.memSizeMib] }))
+    .update(
+      JSON.stringify({
+        v: TEMPLATE_VERSION,
+        ...input,
+        shape: [input.shape.vcpuCount, input.shape.memSizeMib],
+      }),
+    )
     .digest("hex")
     .slice(0, 16);
 }
@@ -75,7 +122,12 @@ export class TemplateManager {
   ) {}
 
   keyOf(shape: VmShape): string {
-    return templateKey({ imageKey: this.image.key, qemuVersion: this.qemu, accel: this.engine.opts.accel, shape });
+    return templateKey({
+      imageKey: this.image.key,
+      qemuVersion: this.qemu,
+      accel: this.engine.opts.accel,
+      shape,
+    });
   }
 
   filesOf(key: string, shape: VmShape): TemplateFiles {
@@ -117,13 +169,21 @@ export class TemplateManager {
     const started = performance.now();
     const final = join(this.dir, key);
     const work = join(this.dir, `.build-${key}-${process.pid}`);
-    this.log.info({ template: key, shape, accel: this.engine.opts.accel }, "building template: booting its VM");
+    this.log.info(
+      { template: key, shape, accel: this.engine.opts.accel },
+      "building template: booting its VM",
+    );
     await rm(work, { recursive: true, force: true });
     try {
-      const vm = await this.engine.boot(`tpl_${key}`, shape, { keepFiles: { dir: work, memPath: join(work, "mem") } });
+      const vm = await this.engine.boot(`tpl_${key}`, shape, {
+        keepFiles: { dir: work, memPath: join(work, "mem") },
+      });
       try {
         await this.warm(vm.agent);
-        this.log.info({ template: key, ms: Math.round(performance.now() - started) }, "building template: warm, saving its state");
+        this.log.info(
+          { template: key, ms: Math.round(performance.now() - started) },
+          "building template: warm, saving its state",
+        );
         await saveDeviceState(vm.qemu.qmp, join(work, "state"), join(work, "migrate.sock"));
       } finally {
         await vm.destroy(); // kills QEMU; the files stay, now frozen
@@ -131,7 +191,19 @@ export class TemplateManager {
       // Everything is complete before one atomic rename, so a reader (or another
       // daemon's prune) never sees half a template. The clones' overlay names its backing
       // file by the final, absolute path (-u: that path does not exist yet).
-      await run("qemu-img", ["create", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", join(final, "root.qcow2"), join(work, "clone.qcow2"), ROOT_DISK_SIZE]);
+      await run("qemu-img", [
+        "create",
+        "-q",
+        "-u",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        join(final, "root.qcow2"),
+        join(work, "clone.qcow2"),
+        ROOT_DISK_SIZE,
+      ]);
       await writeFile(
         join(work, "meta.json"),
         `${JSON.stringify({ key, shape, image: this.image.key, qemu: this.qemu, accel: this.engine.opts.accel, builtAt: new Date().toISOString() })}\n`,
@@ -140,7 +212,10 @@ export class TemplateManager {
       await rename(work, final);
       this.builds++;
       this.onBuilt();
-      this.log.info({ template: key, ms: Math.round(performance.now() - started) }, "template ready");
+      this.log.info(
+        { template: key, ms: Math.round(performance.now() - started) },
+        "template ready",
+      );
     } catch (err) {
       await rm(work, { recursive: true, force: true });
       await rm(final, { recursive: true, force: true });
@@ -154,7 +229,8 @@ export class TemplateManager {
       ["true", "bash"],
     ] as const) {
       for await (const event of agent.exec(code, { language, timeoutMs: 120_000 })) {
-        if (event.type === "exit" && event.code !== 0) throw new Error(`template warm-up (${language}) failed with code ${event.code}`);
+        if (event.type === "exit" && event.code !== 0)
+          throw new Error(`template warm-up (${language}) failed with code ${event.code}`);
       }
     }
   }
@@ -170,9 +246,11 @@ export class TemplateManager {
       let stale = meta === null;
       if (meta) {
         const m = JSON.parse(meta) as { image?: string; qemu?: string; accel?: string };
-        stale = m.image !== this.image.key || m.qemu !== this.qemu || m.accel !== this.engine.opts.accel;
+        stale =
+          m.image !== this.image.key || m.qemu !== this.qemu || m.accel !== this.engine.opts.accel;
       }
-      if (stale && !this.building.has(entry)) await rm(join(this.dir, entry), { recursive: true, force: true });
+      if (stale && !this.building.has(entry))
+        await rm(join(this.dir, entry), { recursive: true, force: true });
     }
   }
 }

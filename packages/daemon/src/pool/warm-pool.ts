@@ -27,7 +27,8 @@ export interface PoolOptions {
 // pays it here, so the user's first call is as fast as any later one.
 const WARM_UP = "print('podflare: warm-up')";
 
-const sameShape = (a: VmShape, b: VmShape) => a.vcpuCount === b.vcpuCount && a.memSizeMib === b.memSizeMib;
+const sameShape = (a: VmShape, b: VmShape) =>
+  a.vcpuCount === b.vcpuCount && a.memSizeMib === b.memSizeMib;
 
 export class WarmPool implements VmSource {
   private readonly ready: Vm[] = [];
@@ -132,7 +133,10 @@ export class WarmPool implements VmSource {
     } catch (err) {
       this.failures++;
       this.backoffUntil = Date.now() + backoffMs(this.failures);
-      this.log.error({ err: String(err), failures: this.failures }, "pool refill failed; backing off");
+      this.log.error(
+        { err: String(err), failures: this.failures },
+        "pool refill failed; backing off",
+      );
       this.backoffTimer = setTimeout(() => this.refill(), backoffMs(this.failures));
       this.backoffTimer.unref();
     } finally {
@@ -169,16 +173,22 @@ export class WarmPool implements VmSource {
   }
 
   private takeSlot(why: "miss" | "refill"): Promise<void> {
-    if (this.restoring < this.opts.maxConcurrentRestores && (why === "miss" || this.missQueue.length === 0)) {
+    if (
+      this.restoring < this.opts.maxConcurrentRestores &&
+      (why === "miss" || this.missQueue.length === 0)
+    ) {
       this.restoring++;
       return Promise.resolve();
     }
-    return new Promise((resolve) => (why === "miss" ? this.missQueue : this.refillQueue).push(resolve));
+    return new Promise((resolve) =>
+      (why === "miss" ? this.missQueue : this.refillQueue).push(resolve),
+    );
   }
 
   private releaseSlot(): void {
     const next = this.missQueue.shift() ?? this.refillQueue.shift();
-    if (next) next(); // the slot passes straight to the next waiter
+    if (next)
+      next(); // the slot passes straight to the next waiter
     else this.restoring--;
   }
 }

@@ -150,7 +150,10 @@ export class SandboxService {
     expiry.unref();
     this.live.set(id, { vm, expiry });
     vm.exited.then(() => this.onVmExit(id, vm));
-    this.metrics?.createSeconds.observe({ result: pooled ? "hit" : "miss" }, (Date.now() - now) / 1000);
+    this.metrics?.createSeconds.observe(
+      { result: pooled ? "hit" : "miss" },
+      (Date.now() - now) / 1000,
+    );
     this.metrics?.sandboxesRunning.set(this.live.size);
     this.log.info({ sandbox: id, vm: vm.id, template, pooled }, "sandbox created");
     return this.info(id);

@@ -80,19 +80,42 @@ export class VmEngine {
   async boot(id: string, shape: VmShape, options: BootOptions = {}): Promise<Vm> {
     const accel = options.accel ?? this.opts.accel;
     const timeoutMs = options.timeoutMs ?? this.opts.bootTimeoutMs;
-    return this.launch(id, shape, accel, async (cleanup, dir) => {
-      const memPath = options.keepFiles?.memPath ?? this.memPath(id);
-      await mkdir(dirname(memPath), { recursive: true, mode: 0o700 });
-      if (!options.keepFiles) cleanup.defer("remove memory file", () => rm(memPath, { force: true }));
-      const overlay = join(dir, "root.qcow2");
-      await run("qemu-img", ["create", "-q", "-f", "qcow2", "-F", "raw", "-b", this.opts.image.rootfs, overlay]);
-      const qemu = this.spawn(dir, { ...shape, accel, rootDisk: overlay, memPath, memShared: true });
-      cleanup.defer("kill QEMU", async () => void (await qemu.kill()));
-      const agent = this.attachAgent(id, qemu, cleanup);
-      qemu.qmp.connect().catch(() => {}); // a dead QEMU shows in `exited`
-      await this.waitForAgent(agent, qemu, timeoutMs);
-      return { qemu, agent };
-    }, options.keepFiles?.dir);
+    return this.launch(
+      id,
+      shape,
+      accel,
+      async (cleanup, dir) => {
+        const memPath = options.keepFiles?.memPath ?? this.memPath(id);
+        await mkdir(dirname(memPath), { recursive: true, mode: 0o700 });
+        if (!options.keepFiles)
+          cleanup.defer("remove memory file", () => rm(memPath, { force: true }));
+        const overlay = join(dir, "root.qcow2");
+        await run("qemu-img", [
+          "create",
+          "-q",
+          "-f",
+          "qcow2",
+          "-F",
+          "raw",
+          "-b",
+          this.opts.image.rootfs,
+          overlay,
+        ]);
+        const qemu = this.spawn(dir, {
+          ...shape,
+          accel,
+          rootDisk: overlay,
+          memPath,
+          memShared: true,
+        });
+        cleanup.defer("kill QEMU", async () => void (await qemu.kill()));
+        const agent = this.attachAgent(id, qemu, cleanup);
+        qemu.qmp.connect().catch(() => {}); // a dead QEMU shows in `exited`
+        await this.waitForAgent(agent, qemu, timeoutMs);
+        return { qemu, agent };
+      },
+      options.keepFiles?.dir,
+    );
   }
 
   /**
@@ -100,7 +123,11 @@ export class VmEngine {
    * disk is a fresh overlay on the template's frozen one, and the guest resumes exactly
    * where the template stopped. Then it gets its own entropy, clock and identity.
    */
-  async restore(id: string, template: TemplateFiles, marks: Record<string, number> = {}): Promise<Vm> {
+  async restore(
+    id: string,
+    template: TemplateFiles,
+    marks: Record<string, number> = {},
+  ): Promise<Vm> {
     const accel = this.opts.accel;
     marks.start = performance.now();
     return this.launch(id, template.shape, accel, async (cleanup, dir) => {
@@ -109,7 +136,18 @@ export class VmEngine {
       const stateFd = openSync(template.statePath, "r");
       let qemu: QemuProcess;
       try {
-        qemu = this.spawn(dir, { ...template.shape, accel, rootDisk: overlay, memPath: template.memPath, memShared: false, incoming: true }, [stateFd]);
+        qemu = this.spawn(
+          dir,
+          {
+            ...template.shape,
+            accel,
+            rootDisk: overlay,
+            memPath: template.memPath,
+            memShared: false,
+            incoming: true,
+          },
+          [stateFd],
+        );
       } finally {
         closeSync(stateFd);
       }
@@ -136,7 +174,10 @@ export class VmEngine {
     id: string,
     shape: VmShape,
     accel: Accel,
-    start: (cleanup: CleanupStack, dir: string) => Promise<{ qemu: QemuProcess; agent: AgentClient }>,
+    start: (
+      cleanup: CleanupStack,
+      dir: string,
+    ) => Promise<{ qemu: QemuProcess; agent: AgentClient }>,
     keepDir?: string,
   ): Promise<Vm> {
     if (!VM_ID.test(id)) throw new RangeError(`invalid VM id ${JSON.stringify(id)}`);
@@ -146,7 +187,8 @@ export class VmEngine {
     const dir = keepDir ?? this.vmDir(id);
     try {
       await mkdir(dir, { recursive: true, mode: 0o700 });
-      if (!keepDir) cleanup.defer("remove VM directory", () => rm(dir, { recursive: true, force: true }));
+      if (!keepDir)
+        cleanup.defer("remove VM directory", () => rm(dir, { recursive: true, force: true }));
       const { qemu, agent } = await start(cleanup, dir);
       await agent.restore(
         {
@@ -160,7 +202,10 @@ export class VmEngine {
       const vm = new Vm(id, dir, shape, accel, qemu, agent, cleanup, (name, error) =>
         log.error({ vm: id, step: name, err: String(error) }, "VM cleanup step failed"),
       );
-      log.debug({ vm: id, pid: qemu.pid, accel, ms: Math.round(performance.now() - started) }, "VM started");
+      log.debug(
+        { vm: id, pid: qemu.pid, accel, ms: Math.round(performance.now() - started) },
+        "VM started",
+      );
       return vm;
     } catch (err) {
       await cleanup.unwind();
@@ -171,7 +216,13 @@ export class VmEngine {
 
   private spawn(
     dir: string,
-    vm: VmShape & { accel: Accel; rootDisk: string; memPath: string; memShared: boolean; incoming?: boolean },
+    vm: VmShape & {
+      accel: Accel;
+      rootDisk: string;
+      memPath: string;
+      memShared: boolean;
+      incoming?: boolean;
+    },
     extraFds: number[] = [],
   ): QemuProcess {
     const { image } = this.opts;
@@ -182,17 +233,29 @@ export class VmEngine {
       rootDiskFormat: "qcow2",
       tscKhz: this.opts.tscKhz,
     });
-    return QemuProcess.spawn(this.opts.qemuBinary, args, join(dir, "console.log"), this.opts.consoleLogMaxBytes, extraFds);
+    return QemuProcess.spawn(
+      this.opts.qemuBinary,
+      args,
+      join(dir, "console.log"),
+      this.opts.consoleLogMaxBytes,
+      extraFds,
+    );
   }
 
   private attachAgent(id: string, qemu: QemuProcess, cleanup: CleanupStack): AgentClient {
-    const agent = new AgentClient(qemu.agentStream, (msg, extra) => this.opts.log.warn({ vm: id, ...extra }, msg));
+    const agent = new AgentClient(qemu.agentStream, (msg, extra) =>
+      this.opts.log.warn({ vm: id, ...extra }, msg),
+    );
     cleanup.defer("close agent channel", () => agent.close());
     return agent;
   }
 
   /** Send hello until the agent answers; fail fast if QEMU exits. */
-  private async waitForAgent(agent: AgentClient, qemu: QemuProcess, timeoutMs: number): Promise<void> {
+  private async waitForAgent(
+    agent: AgentClient,
+    qemu: QemuProcess,
+    timeoutMs: number,
+  ): Promise<void> {
     const deadline = performance.now() + timeoutMs;
     let exited = false;
     qemu.exited.then(() => {
@@ -203,7 +266,10 @@ export class VmEngine {
       try {
         // Until the guest opens its port, QEMU holds our bytes; the retry covers a hello
         // lost while the port was being opened.
-        await Promise.race([agent.hello(Math.min(2_000, Math.max(1, deadline - performance.now()))), qemu.exited]);
+        await Promise.race([
+          agent.hello(Math.min(2_000, Math.max(1, deadline - performance.now()))),
+          qemu.exited,
+        ]);
         if (exited) continue;
         return;
       } catch (err) {
@@ -213,6 +279,8 @@ export class VmEngine {
         }
       }
     }
-    throw new BootError(`the guest agent did not answer within ${timeoutMs} ms.\n${qemu.diagnostics()}`);
+    throw new BootError(
+      `the guest agent did not answer within ${timeoutMs} ms.\n${qemu.diagnostics()}`,
+    );
   }
 }

@@ -86,7 +86,9 @@ export function buildQemuArgs(input: QemuArgsInput): string[] {
     `memory-backend-file,id=mem,size=${input.memSizeMib}M,mem-path=${input.memPath},share=${share}`,
     // A restore resumes a running kernel: loading the boot blobs would only cost start-up
     // time and about 20 MB of QEMU memory per VM (the firmware never runs again).
-    ...(input.incoming ? [] : ["-kernel", input.kernel, "-initrd", input.initrd, "-append", kernelCommandLine(input)]),
+    ...(input.incoming
+      ? []
+      : ["-kernel", input.kernel, "-initrd", input.initrd, "-append", kernelCommandLine(input)]),
     "-chardev",
     `socket,id=qmp,fd=${FD_QMP},server=off`,
     "-mon",

@@ -53,7 +53,10 @@ describe("QEMU arguments", () => {
     assert.deepEqual(value(args, "-incoming"), ["defer"]);
     assert.match(value(args, "-object")[0] ?? "", /share=off$/);
     assert.deepEqual(value(args, "-kernel"), [], "a restore loads no boot blobs");
-    assert.deepEqual(value(args, "-kernel").length + value(buildQemuArgs(base), "-kernel").length, 1);
+    assert.deepEqual(
+      value(args, "-kernel").length + value(buildQemuArgs(base), "-kernel").length,
+      1,
+    );
   });
 
   it("rejects paths that would inject QEMU options and absurd shapes", () => {

@@ -16,7 +16,12 @@ const CAPABILITIES = [
 ];
 
 /** Pause the VM (QEMU drains and flushes I/O on stop) and write its device state. */
-export async function saveDeviceState(qmp: QmpClient, statePath: string, socketPath: string, timeoutMs = 30_000): Promise<number> {
+export async function saveDeviceState(
+  qmp: QmpClient,
+  statePath: string,
+  socketPath: string,
+  timeoutMs = 30_000,
+): Promise<number> {
   await qmp.execute("stop", {});
   await qmp.execute("migrate-set-capabilities", { capabilities: CAPABILITIES });
   // QEMU 7.2 has no file: target, and exec: is barred under its seccomp sandbox; it
@@ -34,10 +39,15 @@ export async function saveDeviceState(qmp: QmpClient, statePath: string, socketP
       server.once("error", reject);
       server.listen(socketPath, resolve);
     });
-    const completed = qmp.waitForEvent("MIGRATION", timeoutMs, (e) => e.data.status === "completed" || e.data.status === "failed");
+    const completed = qmp.waitForEvent(
+      "MIGRATION",
+      timeoutMs,
+      (e) => e.data.status === "completed" || e.data.status === "failed",
+    );
     await qmp.execute("migrate", { uri: `unix:${socketPath}` });
     const event = await completed;
-    if (event.data.status !== "completed") throw new Error(`saving the VM state failed (${String(event.data.status)})`);
+    if (event.data.status !== "completed")
+      throw new Error(`saving the VM state failed (${String(event.data.status)})`);
     await received;
   } finally {
     server.close();
@@ -49,8 +59,13 @@ export async function saveDeviceState(qmp: QmpClient, statePath: string, socketP
 /** Load the device state QEMU inherited on FD_INCOMING; the VM stays paused. */
 export async function loadDeviceState(qmp: QmpClient, timeoutMs = 30_000): Promise<void> {
   await qmp.execute("migrate-set-capabilities", { capabilities: CAPABILITIES });
-  const completed = qmp.waitForEvent("MIGRATION", timeoutMs, (e) => e.data.status === "completed" || e.data.status === "failed");
+  const completed = qmp.waitForEvent(
+    "MIGRATION",
+    timeoutMs,
+    (e) => e.data.status === "completed" || e.data.status === "failed",
+  );
   await qmp.execute("migrate-incoming", { uri: `fd:${FD_INCOMING}` });
   const event = await completed;
-  if (event.data.status !== "completed") throw new Error(`loading the VM state failed (${String(event.data.status)})`);
+  if (event.data.status !== "completed")
+    throw new Error(`loading the VM state failed (${String(event.data.status)})`);
 }
