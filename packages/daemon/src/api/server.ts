@@ -29,6 +29,8 @@ export function buildServer(deps: ServerDeps) {
     loggerInstance: deps.log,
     logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: 2 * 1024 * 1024,
+    // On shutdown every sandbox is destroyed anyway: do not wait out clients' keep-alive.
+    forceCloseConnections: true,
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, allErrors: false } },
   }).withTypeProvider<TypeBoxTypeProvider>();
 

@@ -27,6 +27,9 @@ export interface PoolOptions {
 // pays it here, so the user's first call is as fast as any later one.
 const WARM_UP = "print('podflare: warm-up')";
 
+/** Pool refills run at this nice level, so they yield the CPU to sandboxes in use. */
+const REFILL_NICE = 10;
+
 const sameShape = (a: VmShape, b: VmShape) =>
   a.vcpuCount === b.vcpuCount && a.memSizeMib === b.memSizeMib;
 
@@ -40,6 +43,8 @@ export class WarmPool implements VmSource {
   private backoffUntil = 0;
   private backoffTimer: NodeJS.Timeout | null = null;
   private closed = false;
+  /** Refills in flight: close() waits for them, so shutdown leaves no VM behind. */
+  private readonly inFlight = new Set<Promise<void>>();
 
   constructor(
     private readonly engine: VmEngine,
@@ -81,6 +86,7 @@ export class WarmPool implements VmSource {
         }
         this.metrics.poolReady.set(this.ready.length);
         this.refill();
+        await vm.qemu.renice(0); // it was restored at refill priority
         return { vm, pooled: true };
       }
     }
@@ -92,6 +98,7 @@ export class WarmPool implements VmSource {
   async close(): Promise<void> {
     this.closed = true;
     if (this.backoffTimer) clearTimeout(this.backoffTimer);
+    await Promise.all(this.inFlight); // each destroys its VM once it sees `closed`
     const vms = this.ready.splice(0);
     this.metrics.poolReady.set(0);
     await Promise.all(vms.map((vm) => vm.destroy()));
@@ -109,7 +116,11 @@ export class WarmPool implements VmSource {
       backoffUntil: this.backoffUntil,
       now: Date.now(),
     });
-    for (let i = 0; i < toStart; i++) void this.refillOne();
+    for (let i = 0; i < toStart; i++) {
+      const refill = this.refillOne();
+      this.inFlight.add(refill);
+      void refill.finally(() => this.inFlight.delete(refill));
+    }
   }
 
   private async refillOne(): Promise<void> {
@@ -118,8 +129,13 @@ export class WarmPool implements VmSource {
     const started = performance.now();
     try {
       const vm = await this.restore(this.opts.defaultShape, "refill");
-      for await (const _ of vm.agent.exec(WARM_UP, { timeoutMs: 60_000 })) {
-        // drained: the output is of no interest
+      try {
+        for await (const _ of vm.agent.exec(WARM_UP, { timeoutMs: 60_000 })) {
+          // drained: the output is of no interest
+        }
+      } catch (err) {
+        await vm.destroy();
+        throw err;
       }
       if (this.closed || !vm.alive) {
         await vm.destroy();
@@ -161,7 +177,8 @@ export class WarmPool implements VmSource {
     const template = await this.templates.ensure(shape);
     await this.takeSlot(why);
     try {
-      const vm = await this.engine.restore(`vm_${randomBytes(6).toString("hex")}`, template);
+      const id = `vm_${randomBytes(6).toString("hex")}`;
+      const vm = await this.engine.restore(id, template, why === "refill" ? REFILL_NICE : 0);
       this.metrics.restores.inc({ result: "ok" });
       return vm;
     } catch (err) {

@@ -160,12 +160,14 @@ export class SandboxService {
   }
 
   list(): SandboxInfo[] {
-    return this.store.listSandboxes(["creating", "ready", "dead", "destroying"]).map(toInfo);
+    // A destroying sandbox is gone for its user; only the host is still cleaning up.
+    return this.store.listSandboxes(["creating", "ready", "dead"]).map(toInfo);
   }
 
   info(id: string): SandboxInfo {
     const row = this.store.getSandbox(id);
-    if (!row || row.state === "ended") throw new SandboxNotFoundError(id);
+    if (!row || row.state === "ended" || row.state === "destroying")
+      throw new SandboxNotFoundError(id);
     return toInfo(row);
   }
 
@@ -246,29 +248,42 @@ export class SandboxService {
   }
 
   /** Idempotent: destroying an ended sandbox succeeds; an unknown id is not found. */
+  /**
+   * Idempotent: destroying an ended sandbox succeeds; an unknown id is not found.
+   * Returns once the sandbox is unusable (agent channel closed, SIGKILL sent) and gone
+   * from the user's view; waiting for QEMU to exit and removing its files continue in
+   * the background (`settled()` awaits them; start-up reconciliation covers a crash).
+   */
   async destroy(id: string, reason = "destroyed"): Promise<void> {
     const row = this.store.getSandbox(id);
     if (!row) throw new SandboxNotFoundError(id);
     const live = this.live.get(id);
     if (!live) {
-      if (row.state !== "ended") this.transitionToEnded(row, reason);
+      if (row.state !== "ended" && row.state !== "destroying") this.transitionToEnded(row, reason);
       return;
     }
-    live.destroying ??= (async () => {
-      if (this.store.getSandbox(id)?.state !== "destroying") this.transition(id, "destroying");
-      clearTimeout(live.expiry);
-      await live.vm.destroy();
-      this.live.delete(id);
-      this.metrics?.sandboxesRunning.set(this.live.size);
-      this.transition(id, "ended", { endReason: reason });
-      this.log.info({ sandbox: id, reason }, "sandbox ended");
-    })();
-    await live.destroying;
+    if (live.destroying) return;
+    if (row.state !== "destroying") this.transition(id, "destroying");
+    clearTimeout(live.expiry);
+    live.destroying = live.vm
+      .destroy() // synchronously closes the channel and sends SIGKILL before its first await
+      .then(() => {
+        this.live.delete(id);
+        this.metrics?.sandboxesRunning.set(this.live.size);
+        this.transition(id, "ended", { endReason: reason });
+        this.log.info({ sandbox: id, reason }, "sandbox ended");
+      });
+  }
+
+  /** Resolves when every destroy already started has finished its host-side cleanup. */
+  async settled(): Promise<void> {
+    await Promise.all([...this.live.values()].map((l) => l.destroying));
   }
 
   /** Destroy every live sandbox (daemon shutdown). */
   async destroyAll(reason: string): Promise<void> {
     await Promise.all([...this.live.keys()].map((id) => this.destroy(id, reason).catch(() => {})));
+    await this.settled();
   }
 
   /** The QEMU pid behind a live sandbox (diagnostics and tests). */
@@ -290,7 +305,8 @@ export class SandboxService {
 
   private readyVm(id: string, operation: string): Vm {
     const row = this.store.getSandbox(id);
-    if (!row || row.state === "ended") throw new SandboxNotFoundError(id);
+    if (!row || row.state === "ended" || row.state === "destroying")
+      throw new SandboxNotFoundError(id);
     if (row.state === "dead") throw new SandboxDeadError(id, row.end_reason ?? "its VM exited");
     const live = this.live.get(id);
     if (row.state !== "ready" || !live) throw new WrongStateError(id, row.state, operation);

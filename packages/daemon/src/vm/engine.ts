@@ -123,13 +123,12 @@ export class VmEngine {
    * disk is a fresh overlay on the template's frozen one, and the guest resumes exactly
    * where the template stopped. Then it gets its own entropy, clock and identity.
    */
-  async restore(
-    id: string,
-    template: TemplateFiles,
-    marks: Record<string, number> = {},
-  ): Promise<Vm> {
+  /**
+   * `nice` > 0 restores at low CPU priority (pool refills yield to sandboxes in use);
+   * the pool renices the VM to 0 when it hands it out.
+   */
+  async restore(id: string, template: TemplateFiles, nice = 0): Promise<Vm> {
     const accel = this.opts.accel;
-    marks.start = performance.now();
     return this.launch(id, template.shape, accel, async (cleanup, dir) => {
       const overlay = join(dir, "root.qcow2");
       await copyFile(template.cloneOverlay, overlay);
@@ -147,6 +146,7 @@ export class VmEngine {
             incoming: true,
           },
           [stateFd],
+          nice,
         );
       } finally {
         closeSync(stateFd);
@@ -155,13 +155,9 @@ export class VmEngine {
       const agent = this.attachAgent(id, qemu, cleanup);
       agent.assumeHandshake(); // the restored agent is the template's, already greeted
       try {
-        marks.spawned = performance.now();
         await qemu.qmp.connect();
-        marks.qmp = performance.now();
         await loadDeviceState(qemu.qmp);
-        marks.loaded = performance.now();
         await qemu.qmp.execute("cont", {});
-        marks.running = performance.now();
       } catch (err) {
         await Promise.race([qemu.exited, new Promise((r) => setTimeout(r, 100))]);
         throw new BootError(`restore failed: ${(err as Error).message}\n${qemu.diagnostics()}`);
@@ -224,6 +220,7 @@ export class VmEngine {
       incoming?: boolean;
     },
     extraFds: number[] = [],
+    nice = 0,
   ): QemuProcess {
     const { image } = this.opts;
     const args = buildQemuArgs({
@@ -239,6 +236,7 @@ export class VmEngine {
       join(dir, "console.log"),
       this.opts.consoleLogMaxBytes,
       extraFds,
+      nice,
     );
   }
 

@@ -3,6 +3,8 @@
  * KILL`, so it dies with the daemon even on `kill -9`: no VM can outlive its owner.
  */
 import { type ChildProcess, spawn } from "node:child_process";
+import { readdir } from "node:fs/promises";
+import { setPriority } from "node:os";
 import type { Duplex } from "node:stream";
 import { QmpClient } from "../qmp/client.js";
 import { ConsoleLog } from "./console-log.js";
@@ -54,9 +56,20 @@ export class QemuProcess {
     consolePath: string,
     consoleMaxBytes: number,
     extraFds: number[] = [],
+    nice = 0,
   ): QemuProcess {
     const consoleLog = new ConsoleLog(consolePath, consoleMaxBytes);
-    const child = spawn("setpriv", ["--pdeathsig", "KILL", "--", qemuBinary, ...args], {
+    // nice applies before QEMU starts, so every thread it creates inherits it.
+    const argv = [
+      ...(nice > 0 ? ["nice", "-n", String(nice)] : []),
+      "setpriv",
+      "--pdeathsig",
+      "KILL",
+      "--",
+      qemuBinary,
+      ...args,
+    ];
+    const child = spawn(argv[0] as string, argv.slice(1), {
       stdio: ["ignore", "ignore", "pipe", "pipe", "pipe", "pipe", ...extraFds],
     });
     const proc = new QemuProcess(child, consoleLog);
@@ -79,6 +92,20 @@ export class QemuProcess {
     const con = this.console.tail().trim();
     if (con) parts.push(`console: …${con.slice(-1500)}`);
     return parts.join("\n");
+  }
+
+  /** Set the scheduling priority of every QEMU thread (vCPUs included). */
+  async renice(nice: number): Promise<void> {
+    const pid = this.child.pid;
+    if (!pid || this.exitInfo) return;
+    const tasks = await readdir(`/proc/${pid}/task`).catch(() => [] as string[]);
+    for (const tid of tasks) {
+      try {
+        setPriority(Number(tid), nice);
+      } catch {
+        // the thread ended meanwhile
+      }
+    }
   }
 
   async kill(): Promise<QemuExit> {
