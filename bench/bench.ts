@@ -268,6 +268,7 @@ async function main(): Promise<void> {
     ...env,
     PODFLARE_POOL_SIZE: "0",
     PODFLARE_STATE_DIR: `${state}-miss`,
+    PODFLARE_MAX_SANDBOXES: String(HOLD + 16),
   });
   try {
     const misses: number[] = [];
