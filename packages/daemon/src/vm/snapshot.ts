@@ -39,15 +39,12 @@ export async function saveDeviceState(
       server.once("error", reject);
       server.listen(socketPath, resolve);
     });
-    const completed = qmp.waitForEvent(
-      "MIGRATION",
+    await migrate(
+      qmp,
+      () => qmp.execute("migrate", { uri: `unix:${socketPath}` }),
       timeoutMs,
-      (e) => e.data.status === "completed" || e.data.status === "failed",
+      "saving",
     );
-    await qmp.execute("migrate", { uri: `unix:${socketPath}` });
-    const event = await completed;
-    if (event.data.status !== "completed")
-      throw new Error(`saving the VM state failed (${String(event.data.status)})`);
     await received;
   } finally {
     server.close();
@@ -59,13 +56,33 @@ export async function saveDeviceState(
 /** Load the device state QEMU inherited on FD_INCOMING; the VM stays paused. */
 export async function loadDeviceState(qmp: QmpClient, timeoutMs = 30_000): Promise<void> {
   await qmp.execute("migrate-set-capabilities", { capabilities: CAPABILITIES });
-  const completed = qmp.waitForEvent(
+  await migrate(
+    qmp,
+    () => qmp.execute("migrate-incoming", { uri: `fd:${FD_INCOMING}` }),
+    timeoutMs,
+    "loading",
+  );
+}
+
+/** Start a migration and wait for its end (the `events` capability reports it). */
+async function migrate(
+  qmp: QmpClient,
+  start: () => Promise<unknown>,
+  timeoutMs: number,
+  what: string,
+): Promise<void> {
+  const ended = qmp.waitForEvent(
     "MIGRATION",
     timeoutMs,
     (e) => e.data.status === "completed" || e.data.status === "failed",
   );
-  await qmp.execute("migrate-incoming", { uri: `fd:${FD_INCOMING}` });
-  const event = await completed;
+  try {
+    await start();
+  } catch (err) {
+    ended.catch(() => {}); // it would reject at its timeout with nobody listening
+    throw err;
+  }
+  const event = await ended;
   if (event.data.status !== "completed")
-    throw new Error(`loading the VM state failed (${String(event.data.status)})`);
+    throw new Error(`${what} the VM state failed (${String(event.data.status)})`);
 }
