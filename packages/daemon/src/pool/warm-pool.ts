@@ -85,8 +85,12 @@ export class WarmPool implements VmSource {
           continue;
         }
         this.metrics.poolReady.set(this.ready.length);
-        this.refill();
-        await vm.qemu.renice(0); // it was restored at refill priority
+        // Off the hand-over's path: spawning the next QEMU forks this process, and the
+        // renice (it was restored at refill priority) is a handful of syscalls.
+        setImmediate(() => {
+          void vm.qemu.renice(0);
+          this.refill();
+        });
         return { vm, pooled: true };
       }
     }
