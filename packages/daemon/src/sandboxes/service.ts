@@ -25,7 +25,7 @@ import {
   TooLargeError,
   WrongStateError,
 } from "./errors.js";
-import { canTransition, LIVE_STATES, type SandboxState } from "./lifecycle.js";
+import { canTransition, type SandboxState } from "./lifecycle.js";
 import { validateGuestPath } from "./paths.js";
 
 export interface SandboxLimits {
@@ -392,5 +392,3 @@ function mapAgentError(err: unknown, id: string, path?: string): Error {
   }
   return err as Error;
 }
-
-export { LIVE_STATES };
