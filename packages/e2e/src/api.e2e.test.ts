@@ -91,6 +91,24 @@ describe("HTTP API and SDKs", () => {
     });
   });
 
+  it("cancels the code in the guest when the client abandons the stream", async () => {
+    const seen: string[] = [];
+    for await (const e of sbx.runCodeStream(
+      "import time\nfor i in range(200):\n    print(i, flush=True)\n    time.sleep(0.1)",
+    )) {
+      if (e.type === "stdout") seen.push(e.data);
+      if (seen.length >= 2) break; // closes the HTTP response
+    }
+    // Were the loop still running, this call would queue behind its 20 seconds.
+    const started = Date.now();
+    const next = await sbx.runCode("print('next')");
+    assert.equal(next.stdout, "next\n");
+    assert.ok(
+      Date.now() - started < 5_000,
+      `the abandoned exec was cancelled (${Date.now() - started} ms)`,
+    );
+  });
+
   it("answers bad input with a clear 400/404 and the contract's error body", async () => {
     const raw = (method: string, path: string, body?: string, type = "application/json") =>
       fetch(`${host()}${path}`, {
