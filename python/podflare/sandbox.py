@@ -1,10 +1,12 @@
 """A podflare sandbox: a microVM with a persistent Python REPL."""
 from __future__ import annotations
 
+import json
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Optional, Union
 
+from ._diff import DEFAULT_DIFF_PATHS, compare_listings, listing_command
 from ._http import Http
 
 
@@ -106,6 +108,18 @@ class Sandbox:
         sbx = Sandbox(_id=child_id, _http=self._http)
         sbx.info = self._http.json("GET", f"/v1/sandboxes/{urllib.parse.quote(child_id, safe='')}")
         return sbx
+
+    def diff(self, other: "Sandbox", paths: Optional[Iterable[str]] = None) -> Dict[str, List[str]]:
+        """Files that differ between this sandbox and `other` under `paths` (default /root
+        and /tmp): "added" are only in `other`, "removed" only here, "modified" in both."""
+        command = listing_command(DEFAULT_DIFF_PATHS if paths is None else paths)
+        return compare_listings(self._listing(command), other._listing(command))
+
+    def _listing(self, command: str) -> Dict[str, str]:
+        r = self.run_code(command, language="bash")
+        if r.exit_code != 0:
+            raise RuntimeError(f"listing the files of {self.id} failed (exit {r.exit_code}): {r.stderr[:500]}")
+        return json.loads(r.stdout)
 
     def merge_into(self, winner: Union["Sandbox", str]) -> None:
         """Afterwards this sandbox's id runs the winner's VM; the winner's id is gone."""

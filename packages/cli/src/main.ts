@@ -206,6 +206,33 @@ program
   });
 
 program
+  .command("diff")
+  .description("list the files that differ between two sandboxes (added: only in <other>)")
+  .argument("<id>", "sandbox id")
+  .argument("<other>", "the sandbox to compare with")
+  .option("-p, --path <path...>", "directories to compare (default /root /tmp)")
+  .action(async (id: string, other: string, opts: { path?: string[] }) => {
+    const [a, b] = await Promise.all([Sandbox.connect(id), Sandbox.connect(other)]);
+    const d = await a.diff(b, opts.path ? { paths: opts.path } : {});
+    for (const [mark, list] of [
+      ["A", d.added],
+      ["D", d.removed],
+      ["M", d.modified],
+    ] as const) {
+      for (const path of list) process.stdout.write(`${mark} ${path}\n`);
+    }
+  });
+
+program
+  .command("merge")
+  .description("make <id> run <winner>'s VM; <winner>'s id is gone")
+  .argument("<id>", "the sandbox that stays")
+  .argument("<winner>", "the sandbox whose VM it takes over")
+  .action(async (id: string, winner: string) => {
+    await (await Sandbox.connect(id)).mergeInto(winner);
+  });
+
+program
   .command("rm")
   .description("destroy sandboxes")
   .argument("<ids...>", "sandbox ids")

@@ -1,3 +1,4 @@
+export type { DiffResult } from "./diff.js";
 export * from "./errors.js";
 export type { ConnectionOptions } from "./http.js";
 export { DEFAULT_HOST } from "./http.js";

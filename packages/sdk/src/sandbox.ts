@@ -1,4 +1,5 @@
 /** A podflare sandbox: a microVM with a persistent Python REPL. */
+import { compareListings, DEFAULT_DIFF_PATHS, type DiffResult, listingCommand } from "./diff.js";
 import { type ConnectionOptions, Http, type RequestBody } from "./http.js";
 
 export interface SandboxCreateOptions extends ConnectionOptions {
@@ -134,6 +135,25 @@ export class Sandbox {
           ),
       ),
     );
+  }
+
+  /**
+   * Files that differ between this sandbox and `other`, under `paths` (default /root
+   * and /tmp): `added` are only in `other`, `removed` only here, `modified` in both.
+   */
+  async diff(other: Sandbox, opts: { paths?: string[] } = {}): Promise<DiffResult> {
+    const command = listingCommand(opts.paths ?? DEFAULT_DIFF_PATHS);
+    const [mine, theirs] = await Promise.all([this.listing(command), other.listing(command)]);
+    return compareListings(mine, theirs);
+  }
+
+  private async listing(command: string): Promise<Record<string, string>> {
+    const r = await this.runCode(command, { language: "bash" });
+    if (r.exitCode !== 0)
+      throw new Error(
+        `listing the files of ${this.id} failed (exit ${r.exitCode}): ${r.stderr.slice(0, 500)}`,
+      );
+    return JSON.parse(r.stdout) as Record<string, string>;
   }
 
   /** Afterwards this sandbox's id runs the winner's VM; the winner's id is gone. */

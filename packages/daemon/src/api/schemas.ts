@@ -7,6 +7,11 @@ export const SandboxIdParams = Type.Object({
   id: Type.String({ minLength: 1, maxLength: 128 }),
 });
 
+export const MergeParams = Type.Object({
+  id: Type.String({ minLength: 1, maxLength: 128 }),
+  winner: Type.String({ minLength: 1, maxLength: 128 }),
+});
+
 export const CreateBody = Type.Object({
   template: Type.Optional(Type.String({ minLength: 1, maxLength: 64 })),
   vcpu_count: Type.Optional(Type.Integer({ minimum: 1, maximum: 64 })),

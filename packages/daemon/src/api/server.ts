@@ -11,7 +11,14 @@ import type { SandboxService } from "../sandboxes/service.js";
 import type { Logger } from "../util/logger.js";
 import { makeKeyChecker } from "./auth.js";
 import { toHttpError } from "./errors.js";
-import { CreateBody, ExecBody, FileQuery, ForkBody, SandboxIdParams } from "./schemas.js";
+import {
+  CreateBody,
+  ExecBody,
+  FileQuery,
+  ForkBody,
+  MergeParams,
+  SandboxIdParams,
+} from "./schemas.js";
 
 export interface ServerDeps {
   service: SandboxService;
@@ -117,11 +124,14 @@ export function buildServer(deps: ServerDeps) {
       throw new NotImplementedError("fork is not available in this version of podflare yet");
     },
   );
-  app.post("/v1/sandboxes/:id/merge_into/:winner", async (req) => {
-    const { id } = req.params as { id: string; winner: string };
-    service.info(id);
-    throw new NotImplementedError("merge_into is not available in this version of podflare yet");
-  });
+  app.post(
+    "/v1/sandboxes/:id/merge_into/:winner",
+    { schema: { params: MergeParams } },
+    async (req, reply) => {
+      await service.mergeInto(req.params.id, req.params.winner);
+      return reply.status(204).send();
+    },
+  );
 
   // Files: raw bytes streamed straight through, never buffered whole.
   void app.register(async (plugin) => {

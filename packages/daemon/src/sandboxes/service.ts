@@ -149,7 +149,7 @@ export class SandboxService {
     );
     expiry.unref();
     this.live.set(id, { vm, expiry });
-    vm.exited.then(() => this.onVmExit(id, vm));
+    vm.exited.then(() => this.onVmExit(vm));
     this.metrics?.createSeconds.observe(
       { result: pooled ? "hit" : "miss" },
       (Date.now() - now) / 1000,
@@ -275,6 +275,37 @@ export class SandboxService {
       });
   }
 
+  /**
+   * After this, sandbox `id` runs the winner's VM (its REPL, files and processes) and keeps
+   * its own id, lifetime and metadata; the winner's id is gone, and id's former VM is
+   * destroyed. Siblings are untouched.
+   */
+  async mergeInto(id: string, winnerId: string): Promise<void> {
+    if (id === winnerId)
+      throw new BadRequestError(
+        "a sandbox cannot be merged into itself; name another sandbox as the winner",
+      );
+    const loserVm = this.readyVm(id, "merge_into");
+    const winnerVm = this.readyVm(winnerId, "merge_into");
+    const target = this.live.get(id);
+    const winner = this.live.get(winnerId);
+    if (!target || !winner) throw new SandboxNotFoundError(target ? winnerId : id);
+    // Synchronous from here: no other operation sees a half-merged pair.
+    clearTimeout(winner.expiry);
+    this.live.delete(winnerId);
+    this.transition(winnerId, "destroying");
+    this.transition(winnerId, "ended", { endReason: `merged into ${id}` });
+    target.vm = winnerVm;
+    this.store.adoptVm(id, {
+      vcpu_count: winnerVm.shape.vcpuCount,
+      mem_size_mib: winnerVm.shape.memSizeMib,
+      pid: winnerVm.pid ?? null,
+    });
+    this.metrics?.sandboxesRunning.set(this.live.size);
+    this.log.info({ sandbox: id, winner: winnerId, vm: winnerVm.id }, "merged");
+    await loserVm.destroy();
+  }
+
   /** Resolves when every destroy already started has finished its host-side cleanup. */
   async settled(): Promise<void> {
     await Promise.all([...this.live.values()].map((l) => l.destroying));
@@ -295,7 +326,10 @@ export class SandboxService {
     return this.live.size;
   }
 
-  private onVmExit(id: string, vm: Vm): void {
+  private onVmExit(vm: Vm): void {
+    // Looked up by VM, not by the id it was created for: merge_into moves VMs.
+    const id = [...this.live].find(([, l]) => l.vm === vm)?.[0];
+    if (!id) return;
     const row = this.store.getSandbox(id);
     if (row?.state !== "ready") return; // an ordinary destroy
     this.transition(id, "dead", { endReason: "the VM exited unexpectedly" });

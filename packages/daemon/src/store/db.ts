@@ -103,6 +103,15 @@ export class Store {
       });
   }
 
+  /** The sandbox now runs another VM (merge_into): its shape and process follow. */
+  adoptVm(id: string, vm: { vcpu_count: number; mem_size_mib: number; pid: number | null }): void {
+    this.db
+      .prepare(
+        "UPDATE sandboxes SET vcpu_count = @vcpu_count, mem_size_mib = @mem_size_mib, pid = @pid WHERE id = @id",
+      )
+      .run({ id, ...vm });
+  }
+
   deleteSandbox(id: string): void {
     this.db.prepare("DELETE FROM sandboxes WHERE id = ?").run(id);
   }
