@@ -70,7 +70,16 @@ export async function prepareEngine(
 export async function startDaemon(config: Config, log: Logger): Promise<Daemon> {
   const { engine, accel } = await prepareEngine(config, log);
   const store = new Store(join(config.stateDir, "podflare.db"));
-  await reconcile(store, { vmsDir: engine.vmsDir, vmMemDir: engine.vmMemDir }, log);
+  await reconcile(
+    store,
+    {
+      vmsDir: engine.vmsDir,
+      vmMemDir: engine.vmMemDir,
+      layersDir: engine.layers.dir,
+      forksDir: join(config.shmDir, "forks"),
+    },
+    log,
+  );
   const metrics = new Metrics();
   const templates = new TemplateManager(
     engine,

@@ -6,7 +6,7 @@ import { Readable } from "node:stream";
 import type { TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
 import Fastify, { LogController } from "fastify";
 import type { ExecEvent } from "../guest/agent-client.js";
-import { NotImplementedError, PodflareError } from "../sandboxes/errors.js";
+import { PodflareError } from "../sandboxes/errors.js";
 import type { SandboxService } from "../sandboxes/service.js";
 import type { Logger } from "../util/logger.js";
 import { makeKeyChecker } from "./auth.js";
@@ -119,52 +119,11 @@ export function buildServer(deps: ServerDeps) {
   app.post(
     "/v1/sandboxes/:id/fork",
     { schema: { params: SandboxIdParams, body: ForkBody } },
-    async (req) => {
-      service.info(req.params.id); // 404 first, as for every route
-      throw new NotImplementedError("fork is not available in this version of podflare yet");
-    },
-  );
-  app.post(
-    "/v1/sandboxes/:id/merge_into/:winner",
-    { schema: { params: MergeParams } },
     async (req, reply) => {
-      await service.mergeInto(req.params.id, req.params.winner);
-      return reply.status(204).send();
+      const children = await service.fork(req.params.id, req.body?.n ?? 1);
+      return reply.status(201).send({ children });
     },
   );
-
-  // Files: raw bytes streamed straight through, never buffered whole.
-  void app.register(async (plugin) => {
-    const files = plugin.withTypeProvider<TypeBoxTypeProvider>();
-    files.removeAllContentTypeParsers();
-    files.addContentTypeParser("*", (_req, payload, done) => done(null, payload));
-    files.put(
-      "/v1/sandboxes/:id/files",
-      { schema: { params: SandboxIdParams, querystring: FileQuery } },
-      async (req, reply) => {
-        const length = req.headers["content-length"]
-          ? Number(req.headers["content-length"])
-          : undefined;
-        const body = (req.body as Readable | undefined) ?? Readable.from([]);
-        try {
-          await service.upload(req.params.id, req.query.path, body, length);
-        } catch (err) {
-          // Stop reading a body we refuse; the connection closes after the error reply.
-          if (err instanceof PodflareError) void reply.header("connection", "close");
-          throw err;
-        }
-        return reply.status(204).send();
-      },
-    );
-    files.get(
-      "/v1/sandboxes/:id/files",
-      { schema: { params: SandboxIdParams, querystring: FileQuery } },
-      async (req, reply) => {
-        const { size, stream } = await service.download(req.params.id, req.query.path);
-        return reply.type("application/octet-stream").header("content-length", size).send(stream);
-      },
-    );
-  });
 
   return app;
 }

@@ -5,6 +5,7 @@
  * client never makes the daemon buffer a whole file).
  */
 
+import { randomInt } from "node:crypto";
 import type { Duplex } from "node:stream";
 import { Readable } from "node:stream";
 import {
@@ -72,7 +73,11 @@ const utf8 = new TextDecoder("utf-8", { fatal: false });
 export class AgentClient {
   private readonly decoder: FrameDecoder;
   private readonly routes = new Map<number, Route>();
-  private nextId = 1;
+  /**
+   * Random start: a VM forked mid-call still finishes the parent's call, whose frames
+   * carry the parent client's id; this client's ids must not collide with it.
+   */
+  private nextId = 1 + randomInt(2 ** 47);
   private closedError: Error | null = null;
   /** Set by the first answered hello: a `started` frame after it means a restart. */
   private handshakeDone = false;

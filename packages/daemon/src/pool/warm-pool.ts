@@ -10,6 +10,7 @@ import type { Metrics } from "../metrics/metrics.js";
 import type { AcquiredVm, VmSource } from "../sandboxes/service.js";
 import type { Logger } from "../util/logger.js";
 import type { VmEngine } from "../vm/engine.js";
+import { type ForkResult, forkVm } from "../vm/fork.js";
 import type { VmShape } from "../vm/qemu-args.js";
 import type { Vm } from "../vm/vm.js";
 import { backoffMs, refillsToStart } from "./plan.js";
@@ -97,6 +98,12 @@ export class WarmPool implements VmSource {
     const vm = await this.restore(shape, "miss");
     this.refill();
     return { vm, pooled: false };
+  }
+
+  /** n children of a running VM (see vm/fork.ts); the parent keeps running. */
+  async fork(parent: Vm, n: number): Promise<ForkResult> {
+    const ids = Array.from({ length: n }, () => `vm_${randomBytes(6).toString("hex")}`);
+    return forkVm(this.engine, parent, ids);
   }
 
   async close(): Promise<void> {

@@ -32,7 +32,7 @@ export async function findStrayQemus(vmsDir: string): Promise<number[]> {
 
 export async function reconcile(
   store: Store,
-  dirs: { vmsDir: string; vmMemDir: string },
+  dirs: { vmsDir: string; vmMemDir: string; layersDir: string; forksDir: string },
   log: Logger,
 ): Promise<ReconcileReport> {
   const report: ReconcileReport = { sandboxesEnded: 0, processesKilled: 0, filesRemoved: 0 };
@@ -46,7 +46,7 @@ export async function reconcile(
       report.processesKilled++;
     } catch {}
   }
-  for (const dir of [dirs.vmsDir, dirs.vmMemDir]) {
+  for (const dir of [dirs.vmsDir, dirs.vmMemDir, dirs.layersDir, dirs.forksDir]) {
     for (const entry of await readdir(dir).catch(() => [] as string[])) {
       await rm(join(dir, entry), { recursive: true, force: true });
       report.filesRemoved++;

@@ -73,8 +73,11 @@ export interface AcquiredVm {
 /** Where VMs come from (the warm pool). */
 export interface VmSource {
   acquire(template: string, shape: VmShape): Promise<AcquiredVm>;
+  fork(parent: Vm, n: number): Promise<{ children: Vm[]; pausedMs: number }>;
   templateNames(): readonly string[];
 }
+
+export const MAX_FORK_CHILDREN = 32;
 
 interface Live {
   vm: Vm;
@@ -142,19 +145,11 @@ export class SandboxService {
     } finally {
       this.creating--;
     }
-    this.transition(id, "ready", { pid: vm.pid ?? null });
-    const expiry = setTimeout(
-      () => void this.destroy(id, "expired"),
-      Math.min(timeoutMs, MAX_TIMER_MS),
-    );
-    expiry.unref();
-    this.live.set(id, { vm, expiry });
-    vm.exited.then(() => this.onVmExit(vm));
+    this.goLive(id, vm, now + timeoutMs);
     this.metrics?.createSeconds.observe(
       { result: pooled ? "hit" : "miss" },
       (Date.now() - now) / 1000,
     );
-    this.metrics?.sandboxesRunning.set(this.live.size);
     this.log.info({ sandbox: id, vm: vm.id, template, pooled }, "sandbox created");
     return this.info(id);
   }
@@ -276,6 +271,52 @@ export class SandboxService {
   }
 
   /**
+   * Fork a ready sandbox n ways. Each child starts from the parent's state at one paused
+   * instant (REPL, files, processes; a call running at that instant goes on in every
+   * child, unheard) and is a full sandbox with the parent's template, metadata and
+   * expiry. The parent keeps running. Returns the children's ids.
+   */
+  async fork(id: string, n: number): Promise<string[]> {
+    if (!Number.isInteger(n) || n < 1 || n > MAX_FORK_CHILDREN) {
+      throw new BadRequestError(`n must be an integer from 1 to ${MAX_FORK_CHILDREN}`);
+    }
+    const parent = this.readyVm(id, "fork");
+    const row = this.store.getSandbox(id) as SandboxRow;
+    if (this.live.size + this.creating + n > this.limits.maxSandboxes) {
+      throw new OverLimitError(
+        `forking ${n} ways would exceed this host's ${this.limits.maxSandboxes} sandboxes; destroy some first`,
+      );
+    }
+    const ids = Array.from({ length: n }, () => `sbx_${randomBytes(8).toString("hex")}`);
+    const now = Date.now();
+    for (const childId of ids) {
+      this.store.insertSandbox({
+        ...row,
+        id: childId,
+        state: "creating",
+        created_at: now,
+        ended_at: null,
+        end_reason: null,
+        pid: null,
+      });
+    }
+    this.creating += n;
+    let children: Vm[];
+    try {
+      const result = await this.source.fork(parent, n);
+      children = result.children;
+      this.log.info({ sandbox: id, n, pausedMs: Math.round(result.pausedMs) }, "forked");
+    } catch (err) {
+      for (const childId of ids) this.store.deleteSandbox(childId);
+      throw err;
+    } finally {
+      this.creating -= n;
+    }
+    children.forEach((vm, i) => this.goLive(ids[i] as string, vm, row.expires_at));
+    return ids;
+  }
+
+  /**
    * After this, sandbox `id` runs the winner's VM (its REPL, files and processes) and keeps
    * its own id, lifetime and metadata; the winner's id is gone, and id's former VM is
    * destroyed. Siblings are untouched.
@@ -324,6 +365,18 @@ export class SandboxService {
 
   get liveCount(): number {
     return this.live.size;
+  }
+
+  private goLive(id: string, vm: Vm, expiresAt: number): void {
+    this.transition(id, "ready", { pid: vm.pid ?? null });
+    const expiry = setTimeout(
+      () => void this.destroy(id, "expired"),
+      Math.min(Math.max(0, expiresAt - Date.now()), MAX_TIMER_MS),
+    );
+    expiry.unref();
+    this.live.set(id, { vm, expiry });
+    vm.exited.then(() => this.onVmExit(vm));
+    this.metrics?.sandboxesRunning.set(this.live.size);
   }
 
   private onVmExit(vm: Vm): void {

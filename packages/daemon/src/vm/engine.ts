@@ -11,10 +11,11 @@ import type { GuestImage } from "../image/build.js";
 import { CleanupStack } from "../util/cleanup.js";
 import type { Logger } from "../util/logger.js";
 import { run } from "../util/run.js";
+import { DiskLayers } from "./layers.js";
 import { type Accel, buildQemuArgs, type VmShape } from "./qemu-args.js";
 import { QemuProcess } from "./qemu-process.js";
 import { loadDeviceState } from "./snapshot.js";
-import { Vm } from "./vm.js";
+import { Vm, type VmDisk } from "./vm.js";
 
 export interface EngineOptions {
   stateDir: string;
@@ -47,6 +48,8 @@ export interface TemplateFiles {
   statePath: string;
   /** An empty qcow2 overlay whose backing file is the template's frozen disk. */
   cloneOverlay: string;
+  /** Frozen layers (from forks) below the clone overlay, which each clone must keep alive. */
+  layers?: string[];
 }
 
 export interface BootOptions {
@@ -57,7 +60,11 @@ export interface BootOptions {
 }
 
 export class VmEngine {
-  constructor(readonly opts: EngineOptions) {}
+  readonly layers: DiskLayers;
+
+  constructor(readonly opts: EngineOptions) {
+    this.layers = new DiskLayers(join(opts.stateDir, "layers"));
+  }
 
   get vmsDir(): string {
     return join(this.opts.stateDir, "vms");
@@ -129,8 +136,13 @@ export class VmEngine {
    */
   async restore(id: string, template: TemplateFiles, nice = 0): Promise<Vm> {
     const accel = this.opts.accel;
-    return this.launch(id, template.shape, accel, async (cleanup, dir) => {
-      const overlay = join(dir, "root.qcow2");
+    return this.launch(id, template.shape, accel, async (cleanup, dir, disk) => {
+      const overlay = this.layers.pathFor(id);
+      await mkdir(this.layers.dir, { recursive: true, mode: 0o700 });
+      disk.chain = [overlay, ...(template.layers ?? [])];
+      this.layers.retain(disk.chain);
+      // The chain at destroy time: a fork may have grown it by then.
+      cleanup.defer("release disk layers", () => this.layers.release(disk.chain));
       await copyFile(template.cloneOverlay, overlay);
       const stateFd = openSync(template.statePath, "r");
       let qemu: QemuProcess;
@@ -173,6 +185,7 @@ export class VmEngine {
     start: (
       cleanup: CleanupStack,
       dir: string,
+      disk: VmDisk,
     ) => Promise<{ qemu: QemuProcess; agent: AgentClient }>,
     keepDir?: string,
   ): Promise<Vm> {
@@ -185,7 +198,8 @@ export class VmEngine {
       await mkdir(dir, { recursive: true, mode: 0o700 });
       if (!keepDir)
         cleanup.defer("remove VM directory", () => rm(dir, { recursive: true, force: true }));
-      const { qemu, agent } = await start(cleanup, dir);
+      const disk: VmDisk = { chain: [] };
+      const { qemu, agent } = await start(cleanup, dir, disk);
       await agent.restore(
         {
           entropy: randomBytes(64),
@@ -195,7 +209,7 @@ export class VmEngine {
         },
         10_000,
       );
-      const vm = new Vm(id, dir, shape, accel, qemu, agent, cleanup, (name, error) =>
+      const vm = new Vm(id, dir, disk, shape, accel, qemu, agent, cleanup, (name, error) =>
         log.error({ vm: id, step: name, err: String(error) }, "VM cleanup step failed"),
       );
       log.debug(
@@ -208,6 +222,18 @@ export class VmEngine {
       if (err instanceof BootError) throw err;
       throw new BootError(`VM ${id} failed to start: ${(err as Error).message}`);
     }
+  }
+
+  /** A QEMU that only receives a VM's state into its own shared memory file (fork). */
+  spawnReceiver(dir: string, shape: VmShape, rootDisk: string, memPath: string): QemuProcess {
+    return this.spawn(dir, {
+      ...shape,
+      accel: this.opts.accel,
+      rootDisk,
+      memPath,
+      memShared: true,
+      incoming: true,
+    });
   }
 
   private spawn(

@@ -64,6 +64,46 @@ export async function loadDeviceState(qmp: QmpClient, timeoutMs = 30_000): Promi
   );
 }
 
+/**
+ * Move a paused VM's whole state, RAM included, into `receiver` (started with
+ * `-incoming defer` and its own `share=on` memory file). Used by fork: a clone's RAM is a
+ * private mapping, which `x-ignore-shared` cannot skip.
+ */
+export async function transferState(
+  source: QmpClient,
+  receiver: QmpClient,
+  socketPath: string,
+  timeoutMs = 120_000,
+): Promise<void> {
+  await receiver.execute("migrate-set-capabilities", {
+    capabilities: [{ capability: "events", state: true }],
+  });
+  const received = receiver.waitForEvent(
+    "MIGRATION",
+    timeoutMs,
+    (e) => e.data.status === "completed" || e.data.status === "failed",
+  );
+  received.catch(() => {});
+  await receiver.execute("migrate-incoming", { uri: `unix:${socketPath}` });
+  await source.execute("migrate-set-capabilities", {
+    capabilities: [
+      { capability: "x-ignore-shared", state: false },
+      { capability: "events", state: true },
+    ],
+  });
+  // The default cap is 32 MiB/s; the VM is paused, so there is no reason to throttle.
+  await source.execute("migrate-set-parameters", { "max-bandwidth": 64 * 1024 * 1024 * 1024 });
+  await migrate(
+    source,
+    () => source.execute("migrate", { uri: `unix:${socketPath}` }),
+    timeoutMs,
+    "copying",
+  );
+  const event = await received;
+  if (event.data.status !== "completed")
+    throw new Error(`the receiving VM failed to load the state (${String(event.data.status)})`);
+}
+
 /** Start a migration and wait for its end (the `events` capability reports it). */
 async function migrate(
   qmp: QmpClient,

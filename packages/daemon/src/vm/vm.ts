@@ -7,12 +7,18 @@ import type { CleanupStack } from "../util/cleanup.js";
 import type { Accel, VmShape } from "./qemu-args.js";
 import type { QemuExit, QemuProcess } from "./qemu-process.js";
 
+/** A VM's disk chain in the layers directory: its active overlay first (empty for cold boots). */
+export interface VmDisk {
+  chain: string[];
+}
+
 export class Vm {
   private destroying: Promise<void> | null = null;
 
   constructor(
     readonly id: string,
     readonly dir: string,
+    readonly disk: VmDisk,
     readonly shape: VmShape,
     readonly accel: Accel,
     readonly qemu: QemuProcess,
