@@ -224,6 +224,36 @@ async function main(): Promise<void> {
     record("exec print(6*7) (Python)", pyRes.exec ?? [], ref, "p50 <= 2 ms");
     record("destroy (Python)", pyRes.destroy ?? [], ref, "p50 <= 5 ms");
 
+    // Fork, from the request until every child answers an exec; and how soon the parent
+    // answers an exec sent right after the fork request.
+    const forks: Record<number, number[]> = { 1: [], 4: [] };
+    const parentBack: number[] = [];
+    for (const n of [1, 4]) {
+      for (let i = 0; i < 3; i++) {
+        await poolFull(d.url);
+        const parent = await Sandbox.create({ host: d.url });
+        await parent.runCode("import json, random\nstate = list(range(1000))");
+        const t0 = performance.now();
+        const forking = parent.fork(n);
+        await new Promise((r) => setTimeout(r, 5)); // the fork request is in
+        const back = parent.runCode("print(len(state))").then(() => performance.now() - t0);
+        const children = await forking;
+        await Promise.all(children.map((c) => c.runCode("print(len(state))")));
+        forks[n]?.push(performance.now() - t0);
+        parentBack.push(await back);
+        await Promise.all([parent, ...children].map((s) => s.close()));
+      }
+    }
+    console.log("fork (TypeScript SDK):");
+    record("fork n=1 until the child answers", forks[1] ?? [], "pool miss below", "p50 <= 150 ms");
+    record(
+      "fork n=4 until all children answer",
+      forks[4] ?? [],
+      "pool miss below",
+      "p50 <= 300 ms",
+    );
+    record("parent answers an exec after a fork request", parentBack, "-", "<= 60 ms");
+
     // Idle cost: sandboxes that ran a few calls, then sat idle.
     await poolFull(d.url);
     const idle = await Promise.all(
@@ -232,7 +262,7 @@ async function main(): Promise<void> {
     for (const s of idle)
       for (let k = 0; k < 3; k++) await s.runCode("x = [i for i in range(1000)]");
     await new Promise((r) => setTimeout(r, 5000));
-    const pids = (await qemuPidsUnder(join(state, "vms"))).slice(0, 8);
+    const pids = (await qemuPidsUnder(join(state, "vms"))).slice(0, 8); // -pidfile is in the VM directory
     const before = await Promise.all(pids.map(procStats));
     const windowS = 10;
     await new Promise((r) => setTimeout(r, windowS * 1000));

@@ -255,6 +255,7 @@ export class VmEngine {
       initrd: image.initrd,
       rootDiskFormat: "qcow2",
       tscKhz: this.opts.tscKhz,
+      pidFile: join(dir, "qemu.pid"),
     });
     return QemuProcess.spawn(
       this.opts.qemuBinary,

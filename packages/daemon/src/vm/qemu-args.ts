@@ -24,6 +24,8 @@ export interface QemuArgsInput extends VmShape {
   rootDisk: string;
   rootDiskFormat: "qcow2" | "raw";
   memPath: string;
+  /** In the VM's own directory: it also marks the process as that VM's (reconcile finds strays by it). */
+  pidFile: string;
   /** Host TSC frequency, passed to the guest so its calibration cannot hang under TCG. */
   tscKhz: number;
   /** Wait for an incoming migration (restore from a snapshot) instead of booting. */
@@ -61,7 +63,7 @@ export function buildQemuArgs(input: QemuArgsInput): string[] {
     throw new RangeError("vcpuCount must be a positive integer");
   if (!Number.isInteger(input.memSizeMib) || input.memSizeMib < 128)
     throw new RangeError("memSizeMib must be an integer >= 128");
-  for (const p of [input.kernel, input.initrd, input.rootDisk, input.memPath]) {
+  for (const p of [input.kernel, input.initrd, input.rootDisk, input.memPath, input.pidFile]) {
     // QEMU option values are comma-separated: a comma in a path would inject options.
     if (p.includes(",")) throw new RangeError(`path ${p} contains a comma`);
   }
@@ -72,6 +74,8 @@ export function buildQemuArgs(input: QemuArgsInput): string[] {
     "-display",
     "none",
     "-no-reboot",
+    "-pidfile",
+    input.pidFile,
     "-M",
     "microvm,pit=on,pic=on,rtc=on,isa-serial=on,memory-backend=mem",
     "-accel",

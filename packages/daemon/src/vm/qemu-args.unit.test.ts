@@ -12,6 +12,7 @@ const base = {
   rootDiskFormat: "qcow2" as const,
   memPath: "/dev/shm/podflare/a.mem",
   tscKhz: 2_096_000,
+  pidFile: "/vms/a/qemu.pid",
 };
 
 function value(args: string[], flag: string): string[] {
@@ -34,6 +35,11 @@ describe("QEMU arguments", () => {
     );
     assert.match(value(args, "-drive")[0] ?? "", /file=\/vms\/a\/root\.qcow2,format=qcow2/);
     assert.deepEqual(value(args, "-accel"), ["tcg,thread=multi"]);
+    assert.deepEqual(
+      value(args, "-pidfile"),
+      ["/vms/a/qemu.pid"],
+      "the VM's directory is in its command line",
+    );
     assert.ok(!args.includes("-incoming"));
   });
 
