@@ -312,7 +312,7 @@ export class SandboxService {
     } finally {
       this.creating -= n;
     }
-    children.forEach((vm, i) => this.goLive(ids[i] as string, vm, row.expires_at));
+    for (const [i, vm] of children.entries()) this.goLive(ids[i] as string, vm, row.expires_at);
     return ids;
   }
 
