@@ -124,6 +124,47 @@ export function buildServer(deps: ServerDeps) {
       return reply.status(201).send({ children });
     },
   );
+  app.post(
+    "/v1/sandboxes/:id/merge_into/:winner",
+    { schema: { params: MergeParams } },
+    async (req, reply) => {
+      await service.mergeInto(req.params.id, req.params.winner);
+      return reply.status(204).send();
+    },
+  );
+
+  // Files: raw bytes streamed straight through, never buffered whole.
+  void app.register(async (plugin) => {
+    const files = plugin.withTypeProvider<TypeBoxTypeProvider>();
+    files.removeAllContentTypeParsers();
+    files.addContentTypeParser("*", (_req, payload, done) => done(null, payload));
+    files.put(
+      "/v1/sandboxes/:id/files",
+      { schema: { params: SandboxIdParams, querystring: FileQuery } },
+      async (req, reply) => {
+        const length = req.headers["content-length"]
+          ? Number(req.headers["content-length"])
+          : undefined;
+        const body = (req.body as Readable | undefined) ?? Readable.from([]);
+        try {
+          await service.upload(req.params.id, req.query.path, body, length);
+        } catch (err) {
+          // Stop reading a body we refuse; the connection closes after the error reply.
+          if (err instanceof PodflareError) void reply.header("connection", "close");
+          throw err;
+        }
+        return reply.status(204).send();
+      },
+    );
+    files.get(
+      "/v1/sandboxes/:id/files",
+      { schema: { params: SandboxIdParams, querystring: FileQuery } },
+      async (req, reply) => {
+        const { size, stream } = await service.download(req.params.id, req.query.path);
+        return reply.type("application/octet-stream").header("content-length", size).send(stream);
+      },
+    );
+  });
 
   return app;
 }
