@@ -363,8 +363,11 @@ export class SandboxService {
     return this.live.get(id)?.vm.pid;
   }
 
+  /** Sandboxes their users hold (one being destroyed is gone for its user). */
   get liveCount(): number {
-    return this.live.size;
+    let n = 0;
+    for (const l of this.live.values()) if (!l.destroying) n++;
+    return n;
   }
 
   private goLive(id: string, vm: Vm, expiresAt: number): void {
