@@ -95,6 +95,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     {
       target: config.poolSize,
       maxConcurrentRestores: config.maxConcurrentRestores,
+      maxDiskChain: config.maxDiskChain,
       defaultShape: { vcpuCount: config.defaultVcpuCount, memSizeMib: config.defaultMemSizeMib },
     },
     metrics,

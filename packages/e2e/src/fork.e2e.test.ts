@@ -13,7 +13,7 @@ describe("fork", () => {
   const host = () => d.url;
 
   before(async () => {
-    d = await startTestDaemon({ poolSize: 1 });
+    d = await startTestDaemon({ poolSize: 1, maxDiskChain: 2 });
   });
   after(async () => {
     await d?.close();
@@ -83,6 +83,19 @@ describe("fork", () => {
     const [c3] = await c2.fork(1);
     assert.ok(c3);
     assert.equal((await c3.runCode("print(depth)")).stdout, "2\n");
+    // Three forks deep, but chains are merged past two layers; the data is all there.
+    await eventually("the chains to be flattened", async () =>
+      [root, c1, c2, c3].every((s) => (d.daemon.service.diskChainLength(s.id) ?? 0) <= 2),
+    );
+    await c2.runCode("open('/root/deep.txt', 'w').write('kept')");
+    assert.equal(
+      (await c3.runCode("import os; print(depth, os.path.exists('/root/deep.txt'))")).stdout,
+      "2 False\n",
+    );
+    const [c4] = await c3.fork(1);
+    assert.ok(c4);
+    assert.equal((await c4.runCode("print(depth)")).stdout, "2\n", "a fork of a flattened VM");
+    await c4.close();
     // Destroy in an order that removes parents before their children.
     for (const s of [c1, root, c3, c2]) await s.close();
     await d.daemon.service.settled();

@@ -22,6 +22,8 @@ export interface Config {
   readonly poolSize: number;
   /** Restores running at once (misses first, then pool refills). */
   readonly maxConcurrentRestores: number;
+  /** Disk layers a VM may stack up through forks before they are merged into one. */
+  readonly maxDiskChain: number;
   /** The repository's guest/ folder: the image recipe and the agent. */
   readonly guestDir: string;
   readonly qemuBinary: string;
@@ -78,6 +80,7 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     shmDir,
     templatesDir: env.PODFLARE_TEMPLATES_DIR || join(shmDir, "templates"),
     poolSize: envInt("PODFLARE_POOL_SIZE", defaultPoolSize(availableParallelism())),
+    maxDiskChain: Math.max(2, envInt("PODFLARE_MAX_DISK_CHAIN", 8)),
     maxConcurrentRestores: Math.max(
       1,
       envInt("PODFLARE_MAX_CONCURRENT_RESTORES", availableParallelism()),

@@ -138,6 +138,7 @@ export class TemplateManager {
       memPath: join(dir, "mem"),
       statePath: join(dir, "state"),
       cloneOverlay: join(dir, "clone.qcow2"),
+      baseDisk: join(dir, "root.qcow2"),
     };
   }
 

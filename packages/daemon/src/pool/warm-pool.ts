@@ -22,6 +22,8 @@ export interface PoolOptions {
   target: number;
   maxConcurrentRestores: number;
   defaultShape: VmShape;
+  /** Disk layers a VM may stack up through forks before they are merged. */
+  maxDiskChain: number;
 }
 
 // The first call after a restore pays for TCG translating the exec path; a pooled VM
@@ -103,7 +105,16 @@ export class WarmPool implements VmSource {
   /** n children of a running VM (see vm/fork.ts); the parent keeps running. */
   async fork(parent: Vm, n: number): Promise<ForkResult> {
     const ids = Array.from({ length: n }, () => `vm_${randomBytes(6).toString("hex")}`);
-    return forkVm(this.engine, parent, ids);
+    const result = await forkVm(this.engine, parent, ids);
+    // Every fork adds a layer to these chains; past the bound, merge them in the background.
+    for (const vm of [parent, ...result.children]) {
+      if (vm.disk.chain.length > this.opts.maxDiskChain) {
+        this.engine
+          .flatten(vm)
+          .catch((err) => this.log.error({ vm: vm.id, err: String(err) }, "flatten failed"));
+      }
+    }
+    return result;
   }
 
   async close(): Promise<void> {

@@ -60,6 +60,10 @@ export interface QmpCommands {
   "migrate-incoming": { args: { uri: string }; ret: Record<string, never> };
   "query-migrate": { args: Record<string, never>; ret: { status?: string; [k: string]: unknown } };
   getfd: { args: { fdname: string }; ret: Record<string, never> };
+  "block-stream": {
+    args: { "job-id": string; device: string; base?: string };
+    ret: Record<string, never>;
+  };
   "blockdev-snapshot-sync": {
     args: { device?: string; "node-name"?: string; "snapshot-file": string; format?: string };
     ret: Record<string, never>;

@@ -363,6 +363,11 @@ export class SandboxService {
     return this.live.get(id)?.vm.pid;
   }
 
+  /** How many disk layers the sandbox's VM stacks (diagnostics and tests). */
+  diskChainLength(id: string): number | undefined {
+    return this.live.get(id)?.vm.disk.chain.length;
+  }
+
   /** Sandboxes their users hold (one being destroyed is gone for its user). */
   get liveCount(): number {
     let n = 0;

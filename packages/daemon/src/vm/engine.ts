@@ -15,7 +15,7 @@ import { DiskLayers } from "./layers.js";
 import { type Accel, buildQemuArgs, type VmShape } from "./qemu-args.js";
 import { QemuProcess } from "./qemu-process.js";
 import { loadDeviceState } from "./snapshot.js";
-import { Vm, type VmDisk } from "./vm.js";
+import { Vm, type VmDisk, withDisk } from "./vm.js";
 
 export interface EngineOptions {
   stateDir: string;
@@ -50,6 +50,8 @@ export interface TemplateFiles {
   cloneOverlay: string;
   /** Frozen layers (from forks) below the clone overlay, which each clone must keep alive. */
   layers?: string[];
+  /** The template's own frozen disk, at the bottom of every clone's chain. */
+  baseDisk: string;
 }
 
 export interface BootOptions {
@@ -140,6 +142,7 @@ export class VmEngine {
       const overlay = this.layers.pathFor(id);
       await mkdir(this.layers.dir, { recursive: true, mode: 0o700 });
       disk.chain = [overlay, ...(template.layers ?? [])];
+      disk.base = template.baseDisk;
       this.layers.retain(disk.chain);
       // The chain at destroy time: a fork may have grown it by then.
       cleanup.defer("release disk layers", () => this.layers.release(disk.chain));
@@ -198,7 +201,7 @@ export class VmEngine {
       await mkdir(dir, { recursive: true, mode: 0o700 });
       if (!keepDir)
         cleanup.defer("remove VM directory", () => rm(dir, { recursive: true, force: true }));
-      const disk: VmDisk = { chain: [] };
+      const disk: VmDisk = { chain: [], base: "", queue: Promise.resolve() };
       const { qemu, agent } = await start(cleanup, dir, disk);
       await agent.restore(
         {
@@ -222,6 +225,29 @@ export class VmEngine {
       if (err instanceof BootError) throw err;
       throw new BootError(`VM ${id} failed to start: ${(err as Error).message}`);
     }
+  }
+
+  /**
+   * Merge a running VM's fork layers into its active overlay (QMP block-stream down to the
+   * template's disk), so chains stay short however often a line of sandboxes forks. The
+   * merged layers are released: other VMs may still hold them.
+   */
+  flatten(vm: Vm, timeoutMs = 300_000): Promise<void> {
+    return withDisk(vm.disk, async () => {
+      if (vm.disk.chain.length < 2 || !vm.alive) return;
+      const job = `flatten-${randomBytes(4).toString("hex")}`;
+      const qmp = vm.qemu.qmp;
+      const done = qmp.waitForEvent("BLOCK_JOB_COMPLETED", timeoutMs, (e) => e.data.device === job);
+      done.catch(() => {});
+      await qmp.execute("block-stream", { "job-id": job, device: "root", base: vm.disk.base });
+      const event = await done;
+      if (event.data.error)
+        throw new Error(`flattening ${vm.id}'s disk failed: ${String(event.data.error)}`);
+      const merged = vm.disk.chain.slice(1);
+      vm.disk.chain = vm.disk.chain.slice(0, 1);
+      await this.layers.release(merged);
+      this.opts.log.info({ vm: vm.id, merged: merged.length }, "disk chain flattened");
+    });
   }
 
   /** A QEMU that only receives a VM's state into its own shared memory file (fork). */

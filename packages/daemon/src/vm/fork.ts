@@ -13,7 +13,7 @@ import { ROOTFS_SIZE } from "../image/recipe.js";
 import { run } from "../util/run.js";
 import type { TemplateFiles, VmEngine } from "./engine.js";
 import { saveDeviceState, transferState } from "./snapshot.js";
-import type { Vm } from "./vm.js";
+import { type Vm, withDisk } from "./vm.js";
 
 export interface ForkResult {
   children: Vm[];
@@ -26,12 +26,12 @@ export async function forkVm(
   parent: Vm,
   childIds: readonly string[],
 ): Promise<ForkResult> {
-  const frozen = parent.disk.chain[0];
-  if (!frozen) throw new Error(`VM ${parent.id} was cold-booted and cannot be forked`);
+  if (parent.disk.chain.length === 0)
+    throw new Error(`VM ${parent.id} was cold-booted and cannot be forked`);
   const dir = join(engine.opts.shmDir, "forks", `fork_${randomBytes(6).toString("hex")}`);
   await mkdir(dir, { recursive: true, mode: 0o700 });
   try {
-    const template = await freeze(engine, parent, frozen, dir);
+    const template = await withDisk(parent.disk, () => freeze(engine, parent, dir));
     const children: Vm[] = [];
     try {
       for (const vm of await Promise.allSettled(
@@ -54,9 +54,10 @@ export async function forkVm(
 async function freeze(
   engine: VmEngine,
   parent: Vm,
-  frozen: string,
   dir: string,
 ): Promise<{ files: TemplateFiles; pausedMs: number }> {
+  // Read inside the disk queue: a flatten that ran before may have changed the chain.
+  const frozen = parent.disk.chain[0] as string;
   const qmp = parent.qemu.qmp;
   const started = performance.now();
   await qmp.execute("stop", {});
@@ -119,6 +120,7 @@ async function freeze(
       statePath: join(dir, "state"),
       cloneOverlay,
       layers: parent.disk.chain.slice(1), // the frozen layer and those below it
+      baseDisk: parent.disk.base,
     },
     pausedMs,
   };

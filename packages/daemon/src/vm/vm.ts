@@ -10,6 +10,20 @@ import type { QemuExit, QemuProcess } from "./qemu-process.js";
 /** A VM's disk chain in the layers directory: its active overlay first (empty for cold boots). */
 export interface VmDisk {
   chain: string[];
+  /** The template's frozen disk below the chain (the floor a flatten streams down to). */
+  base: string;
+  /** Operations on the chain (fork's freeze, flatten) run one at a time. */
+  queue: Promise<void>;
+}
+
+/** Run `op` on a VM's disk chain after the operations already queued on it. */
+export function withDisk<T>(disk: VmDisk, op: () => Promise<T>): Promise<T> {
+  const result = disk.queue.then(op);
+  disk.queue = result.then(
+    () => {},
+    () => {},
+  );
+  return result;
 }
 
 export class Vm {
