@@ -10,11 +10,11 @@ import { access, mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs
 import { join } from "node:path";
 import type { AgentClient } from "../guest/agent-client.js";
 import type { GuestImage } from "../image/build.js";
-import { ROOTFS_SIZE as ROOT_DISK_SIZE } from "../image/recipe.js";
 import { withFileLock } from "../util/lock.js";
 import type { Logger } from "../util/logger.js";
 import { run } from "../util/run.js";
 import type { TemplateFiles, VmEngine } from "../vm/engine.js";
+import { createOverlay } from "../vm/overlay.js";
 import type { Accel, VmShape } from "../vm/qemu-args.js";
 import { saveDeviceState } from "../vm/snapshot.js";
 
@@ -192,19 +192,7 @@ export class TemplateManager {
       // Everything is complete before one atomic rename, so a reader (or another
       // daemon's prune) never sees half a template. The clones' overlay names its backing
       // file by the final, absolute path (-u: that path does not exist yet).
-      await run("qemu-img", [
-        "create",
-        "-q",
-        "-u",
-        "-f",
-        "qcow2",
-        "-F",
-        "qcow2",
-        "-b",
-        join(final, "root.qcow2"),
-        join(work, "clone.qcow2"),
-        ROOT_DISK_SIZE,
-      ]);
+      await createOverlay(join(work, "clone.qcow2"), join(final, "root.qcow2"), "qcow2");
       await writeFile(
         join(work, "meta.json"),
         `${JSON.stringify({ key, shape, image: this.image.key, qemu: this.qemu, accel: this.engine.opts.accel, builtAt: new Date().toISOString() })}\n`,

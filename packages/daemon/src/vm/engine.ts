@@ -10,8 +10,8 @@ import { AgentClient, AgentError } from "../guest/agent-client.js";
 import type { GuestImage } from "../image/build.js";
 import { CleanupStack } from "../util/cleanup.js";
 import type { Logger } from "../util/logger.js";
-import { run } from "../util/run.js";
 import { DiskLayers } from "./layers.js";
+import { createOverlay } from "./overlay.js";
 import { type Accel, buildQemuArgs, type VmShape } from "./qemu-args.js";
 import { QemuProcess } from "./qemu-process.js";
 import { loadDeviceState } from "./snapshot.js";
@@ -99,17 +99,7 @@ export class VmEngine {
         if (!options.keepFiles)
           cleanup.defer("remove memory file", () => rm(memPath, { force: true }));
         const overlay = join(dir, "root.qcow2");
-        await run("qemu-img", [
-          "create",
-          "-q",
-          "-f",
-          "qcow2",
-          "-F",
-          "raw",
-          "-b",
-          this.opts.image.rootfs,
-          overlay,
-        ]);
+        await createOverlay(overlay, this.opts.image.rootfs, "raw");
         const qemu = this.spawn(dir, {
           ...shape,
           accel,

@@ -9,9 +9,8 @@
 import { randomBytes } from "node:crypto";
 import { mkdir, rm } from "node:fs/promises";
 import { join } from "node:path";
-import { ROOTFS_SIZE } from "../image/recipe.js";
-import { run } from "../util/run.js";
 import type { TemplateFiles, VmEngine } from "./engine.js";
+import { createOverlay } from "./overlay.js";
 import { saveDeviceState, transferState } from "./snapshot.js";
 import { type Vm, withDisk } from "./vm.js";
 
@@ -73,19 +72,7 @@ async function freeze(
 
     // The receiver never runs; its throwaway overlay keeps it off the parent's locked one.
     const receiverDisk = join(dir, "receiver.qcow2");
-    await run("qemu-img", [
-      "create",
-      "-q",
-      "-u",
-      "-f",
-      "qcow2",
-      "-F",
-      "qcow2",
-      "-b",
-      frozen,
-      receiverDisk,
-      ROOTFS_SIZE,
-    ]);
+    await createOverlay(receiverDisk, frozen, "qcow2");
     const receiver = engine.spawnReceiver(dir, parent.shape, receiverDisk, join(dir, "mem"));
     try {
       await receiver.qmp.connect();
@@ -99,19 +86,7 @@ async function freeze(
   }
   const pausedMs = performance.now() - started;
   const cloneOverlay = join(dir, "clone.qcow2");
-  await run("qemu-img", [
-    "create",
-    "-q",
-    "-u",
-    "-f",
-    "qcow2",
-    "-F",
-    "qcow2",
-    "-b",
-    frozen,
-    cloneOverlay,
-    ROOTFS_SIZE,
-  ]);
+  await createOverlay(cloneOverlay, frozen, "qcow2");
   return {
     files: {
       key: `fork-${parent.id}`,
