@@ -76,7 +76,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
       vmsDir: engine.vmsDir,
       vmMemDir: engine.vmMemDir,
       layersDir: engine.layers.dir,
-      forksDir: join(config.shmDir, "forks"),
+      forksDir: engine.forksDir,
     },
     log,
   );

@@ -30,6 +30,8 @@ export interface PoolOptions {
 // pays it here, so the user's first call is as fast as any later one.
 const WARM_UP = "print('podflare: warm-up')";
 
+const newVmId = () => `vm_${randomBytes(6).toString("hex")}`;
+
 /** Pool refills run at this nice level, so they yield the CPU to sandboxes in use. */
 const REFILL_NICE = 10;
 
@@ -104,7 +106,7 @@ export class WarmPool implements VmSource {
 
   /** n children of a running VM (see vm/fork.ts); the parent keeps running. */
   async fork(parent: Vm, n: number): Promise<ForkResult> {
-    const ids = Array.from({ length: n }, () => `vm_${randomBytes(6).toString("hex")}`);
+    const ids = Array.from({ length: n }, newVmId);
     const result = await forkVm(this.engine, parent, ids);
     // Every fork adds a layer to these chains; past the bound, merge them in the background.
     for (const vm of [parent, ...result.children]) {
@@ -199,8 +201,7 @@ export class WarmPool implements VmSource {
     const template = await this.templates.ensure(shape);
     await this.takeSlot(why);
     try {
-      const id = `vm_${randomBytes(6).toString("hex")}`;
-      const vm = await this.engine.restore(id, template, why === "refill" ? REFILL_NICE : 0);
+      const vm = await this.engine.restore(newVmId(), template, why === "refill" ? REFILL_NICE : 0);
       this.metrics.restores.inc({ result: "ok" });
       return vm;
     } catch (err) {

@@ -113,12 +113,8 @@ export class SandboxService {
         `timeout_ms must be between 1 and ${this.limits.maxSandboxTimeoutMs}`,
       );
     }
-    if (this.live.size + this.creating >= this.limits.maxSandboxes) {
-      throw new OverLimitError(
-        `this host runs at most ${this.limits.maxSandboxes} sandboxes; destroy one first`,
-      );
-    }
-    const id = `sbx_${randomBytes(8).toString("hex")}`;
+    this.admit(1);
+    const id = newSandboxId();
     const now = Date.now();
     const row: SandboxRow = {
       id,
@@ -242,7 +238,6 @@ export class SandboxService {
     }
   }
 
-  /** Idempotent: destroying an ended sandbox succeeds; an unknown id is not found. */
   /**
    * Idempotent: destroying an ended sandbox succeeds; an unknown id is not found.
    * Returns once the sandbox is unusable (agent channel closed, SIGKILL sent) and gone
@@ -282,12 +277,8 @@ export class SandboxService {
     }
     const parent = this.readyVm(id, "fork");
     const row = this.store.getSandbox(id) as SandboxRow;
-    if (this.live.size + this.creating + n > this.limits.maxSandboxes) {
-      throw new OverLimitError(
-        `forking ${n} ways would exceed this host's ${this.limits.maxSandboxes} sandboxes; destroy some first`,
-      );
-    }
-    const ids = Array.from({ length: n }, () => `sbx_${randomBytes(8).toString("hex")}`);
+    this.admit(n);
+    const ids = Array.from({ length: n }, newSandboxId);
     const now = Date.now();
     for (const childId of ids) {
       this.store.insertSandbox({
@@ -375,6 +366,15 @@ export class SandboxService {
     return n;
   }
 
+  /** Admission: n more sandboxes must fit beside those holding or acquiring a VM. */
+  private admit(n: number): void {
+    if (this.live.size + this.creating + n > this.limits.maxSandboxes) {
+      throw new OverLimitError(
+        `this host runs at most ${this.limits.maxSandboxes} sandboxes and ${n} more would not fit; destroy some first`,
+      );
+    }
+  }
+
   private goLive(id: string, vm: Vm, expiresAt: number): void {
     this.transition(id, "ready", { pid: vm.pid ?? null });
     const expiry = setTimeout(
@@ -449,6 +449,10 @@ export class SandboxService {
     if (row.state === "ready" || row.state === "dead") this.transition(row.id, "destroying");
     this.store.setState(row.id, "ended", { endReason: reason });
   }
+}
+
+function newSandboxId(): string {
+  return `sbx_${randomBytes(8).toString("hex")}`;
 }
 
 function toInfo(row: SandboxRow): SandboxInfo {

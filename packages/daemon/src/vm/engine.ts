@@ -77,6 +77,11 @@ export class VmEngine {
     return join(this.opts.shmDir, "vms");
   }
 
+  /** Working files of forks in progress (memory on a tmpfs). */
+  get forksDir(): string {
+    return join(this.opts.shmDir, "forks");
+  }
+
   vmDir(id: string): string {
     return join(this.vmsDir, id);
   }
@@ -121,8 +126,6 @@ export class VmEngine {
    * Restore a VM from a template: a new QEMU maps the template's memory privately, its
    * disk is a fresh overlay on the template's frozen one, and the guest resumes exactly
    * where the template stopped. Then it gets its own entropy, clock and identity.
-   */
-  /**
    * `nice` > 0 restores at low CPU priority (pool refills yield to sandboxes in use);
    * the pool renices the VM to 0 when it hands it out.
    */

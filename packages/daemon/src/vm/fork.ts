@@ -27,7 +27,7 @@ export async function forkVm(
 ): Promise<ForkResult> {
   if (parent.disk.chain.length === 0)
     throw new Error(`VM ${parent.id} was cold-booted and cannot be forked`);
-  const dir = join(engine.opts.shmDir, "forks", `fork_${randomBytes(6).toString("hex")}`);
+  const dir = join(engine.forksDir, `fork_${randomBytes(6).toString("hex")}`);
   await mkdir(dir, { recursive: true, mode: 0o700 });
   try {
     const template = await withDisk(parent.disk, () => freeze(engine, parent, dir));
