@@ -242,6 +242,76 @@ program
     }
   });
 
+// Keys are managed on the daemon's host, in its database (PODFLARE_STATE_DIR); a running
+// daemon sees a new or revoked key on its next request.
+async function withKeyStore<T>(fn: (keys: import("@podflare/daemon").KeyStore) => T): Promise<T> {
+  const { KeyStore, Store, loadConfig } = await import("@podflare/daemon");
+  const { mkdir } = await import("node:fs/promises");
+  const { join } = await import("node:path");
+  const config = loadConfig();
+  await mkdir(config.stateDir, { recursive: true, mode: 0o700 });
+  const store = new Store(join(config.stateDir, "podflare.db"));
+  try {
+    return fn(new KeyStore(store.db));
+  } finally {
+    store.close();
+  }
+}
+
+const keys = program
+  .command("keys")
+  .description("API keys (run on the daemon's host; each key is a tenant with its own sandboxes)");
+keys
+  .command("create")
+  .description("create a key and print it once (only its hash is stored)")
+  .requiredOption("--name <name>", "what the key is for, e.g. ci-runner")
+  .option("--max-sandboxes <n>", "sandboxes this key may hold at once", positiveInt)
+  .option("--max-mem-mib <mib>", "guest memory this key's sandboxes may hold at once", positiveInt)
+  .option("--json", "print the key and its record as JSON")
+  .action(
+    async (opts: { name: string; maxSandboxes?: number; maxMemMib?: number; json?: boolean }) => {
+      const { record, secret } = await withKeyStore((k) =>
+        k.create(opts.name, {
+          maxSandboxes: opts.maxSandboxes ?? null,
+          maxMemMib: opts.maxMemMib ?? null,
+        }),
+      );
+      if (opts.json) process.stdout.write(`${JSON.stringify({ ...record, key: secret })}\n`);
+      else {
+        process.stdout.write(`${secret}\n`);
+        process.stderr.write(
+          `created ${record.id} (${record.name}); the key above is shown only now: export PODFLARE_API_KEY=<key>\n`,
+        );
+      }
+    },
+  );
+keys
+  .command("list")
+  .description("list keys (never the keys themselves: id, name, prefix, quotas, state)")
+  .option("--json", "print JSON")
+  .action(async (opts: { json?: boolean }) => {
+    const list = await withKeyStore((k) => k.list());
+    if (opts.json) {
+      process.stdout.write(`${JSON.stringify(list)}\n`);
+      return;
+    }
+    for (const k of list) {
+      const state = k.revokedAt ? `revoked ${new Date(k.revokedAt).toISOString()}` : "active";
+      const quota = `max_sandboxes=${k.maxSandboxes ?? "default"} max_mem_mib=${k.maxMemMib ?? "default"}`;
+      process.stdout.write(`${k.id}\t${k.prefix}…\t${k.name}\t${state}\t${quota}\n`);
+    }
+  });
+keys
+  .command("revoke")
+  .description(
+    "revoke a key: requests with it fail from now on; its sandboxes keep running until they expire or are destroyed",
+  )
+  .argument("<id>", "the key's id (key_...), from podflare keys list")
+  .action(async (id: string) => {
+    const changed = await withKeyStore((k) => k.revoke(id));
+    process.stderr.write(changed ? `revoked ${id}\n` : `${id} was already revoked\n`);
+  });
+
 async function readStdin(): Promise<string> {
   const chunks: Buffer[] = [];
   for await (const chunk of process.stdin) chunks.push(chunk as Buffer);
@@ -249,7 +319,8 @@ async function readStdin(): Promise<string> {
 }
 
 program.parseAsync().catch((err: unknown) => {
-  if (err instanceof PodflareError) process.stderr.write(`podflare: ${err.message}\n`);
+  if (err instanceof PodflareError || (err as Error).name === "KeyError")
+    process.stderr.write(`podflare: ${(err as Error).message}\n`);
   else process.stderr.write(`podflare: ${(err as Error).stack ?? String(err)}\n`);
   process.exitCode = err instanceof PodflareError && err.status === 404 ? 4 : 1;
 });

@@ -5,11 +5,14 @@
 import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
 import { buildServer } from "./api/server.js";
+import { Authenticator, isLoopback } from "./auth/authenticator.js";
+import { KeyStore } from "./auth/keys.js";
 import type { Config } from "./config/config.js";
 import { ensureImage } from "./image/build.js";
 import { Metrics } from "./metrics/metrics.js";
 import { qemuVersion, TemplateManager } from "./pool/templates.js";
 import { WarmPool } from "./pool/warm-pool.js";
+import { Admission } from "./sandboxes/admission.js";
 import { reconcile } from "./sandboxes/reconcile.js";
 import { SandboxService } from "./sandboxes/service.js";
 import { Store } from "./store/db.js";
@@ -67,9 +70,31 @@ export async function prepareEngine(
   return { engine: new VmEngine({ ...base, accel: accel.accel }), accel };
 }
 
-export async function startDaemon(config: Config, log: Logger): Promise<Daemon> {
-  const { engine, accel } = await prepareEngine(config, log);
+/** Opens the database; refuses to expose an unauthenticated API beyond this host. */
+function openStore(config: Config): { store: Store; auth: Authenticator } {
   const store = new Store(join(config.stateDir, "podflare.db"));
+  const auth = new Authenticator(new KeyStore(store.db), config.apiKeys);
+  if (!isLoopback(config.host) && !auth.required() && !config.allowUnauthenticated) {
+    store.close();
+    throw new Error(
+      `refusing to listen on ${config.host} without API keys: anyone who can reach it could run code here. ` +
+        "Create a key first (podflare keys create --name <name>), or set PODFLARE_ALLOW_UNAUTHENTICATED=1 if the network is trusted.",
+    );
+  }
+  return { store, auth };
+}
+
+export async function startDaemon(config: Config, log: Logger): Promise<Daemon> {
+  await mkdir(config.stateDir, { recursive: true, mode: 0o700 });
+  const { store, auth } = openStore(config);
+  let engine: VmEngine;
+  let accel: AccelDecision;
+  try {
+    ({ engine, accel } = await prepareEngine(config, log));
+  } catch (err) {
+    store.close();
+    throw err;
+  }
   await reconcile(
     store,
     {
@@ -89,9 +114,17 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     log,
     () => metrics.templateBuilds.inc(),
   );
+  const admission = new Admission({
+    maxSandboxes: config.maxSandboxes,
+    memoryBudgetMib: config.memoryBudgetMib,
+    vmOverheadMib: config.vmOverheadMib,
+    tenantMaxSandboxes: config.tenantMaxSandboxes,
+    tenantMaxMemMib: config.tenantMaxMemMib,
+  });
   const pool = new WarmPool(
     engine,
     templates,
+    admission,
     {
       target: config.poolSize,
       maxConcurrentRestores: config.maxConcurrentRestores,
@@ -102,24 +135,40 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     log,
   );
   await pool.start();
-  const service = new SandboxService(store, pool, config, log, metrics);
+  const service = new SandboxService(store, pool, config, admission, log, metrics);
   const app = buildServer({
     service,
-    apiKeys: config.apiKeys,
+    auth,
     log,
     metrics: () => metrics.render(),
-    capacity: () => ({
-      accelerator: accel.accel,
-      accelerator_reason: accel.reason,
-      running: service.liveCount,
-      pool: pool.stats(),
-      limits: {
-        max_sandboxes: config.maxSandboxes,
-        max_vcpu_count: config.maxVcpuCount,
-        max_mem_size_mib: config.maxMemSizeMib,
-        max_upload_bytes: config.maxUploadBytes,
-      },
-    }),
+    capacity: (caller) => {
+      const host = admission.usage();
+      const mine = admission.usage(caller?.id ?? null);
+      return {
+        accelerator: accel.accel,
+        accelerator_reason: accel.reason,
+        running: service.liveCount,
+        pool: pool.stats(),
+        memory: {
+          budget_mib: config.memoryBudgetMib,
+          sandboxes_mib: host.chargedMib,
+          pool_mib: pool.chargedMib(),
+          vm_overhead_mib: config.vmOverheadMib,
+        },
+        tenant: {
+          sandboxes: mine.sandboxes,
+          mem_mib: mine.memMib,
+          max_sandboxes: caller?.quota.maxSandboxes ?? config.tenantMaxSandboxes,
+          max_mem_mib: caller?.quota.maxMemMib ?? config.tenantMaxMemMib,
+        },
+        limits: {
+          max_sandboxes: config.maxSandboxes,
+          max_vcpu_count: config.maxVcpuCount,
+          max_mem_size_mib: config.maxMemSizeMib,
+          max_upload_bytes: config.maxUploadBytes,
+        },
+      };
+    },
   });
   const address = await app.listen({ host: config.host, port: config.port });
   log.info({ address, accel: accel.accel, pool: config.poolSize }, "podflared listening");

@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { describe, it } from "node:test";
+import { Authenticator } from "../auth/authenticator.js";
 import { repoRoot } from "../config/config.js";
 import type { SandboxService } from "../sandboxes/service.js";
 import { silentLogger } from "../util/logger.js";
@@ -30,7 +31,7 @@ describe("spec/openapi.yaml", () => {
     const routes: { url: string; method: string }[] = [];
     const app = buildServer({
       service: {} as SandboxService, // routes are only registered here, never called
-      apiKeys: [],
+      auth: new Authenticator(null, []),
       capacity: () => ({}),
       metrics: async () => ({ contentType: "text/plain", body: "" }),
       log: silentLogger(),

@@ -5,11 +5,11 @@
 import { Readable } from "node:stream";
 import type { TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
 import Fastify, { LogController } from "fastify";
+import type { Authenticator } from "../auth/authenticator.js";
 import type { ExecEvent } from "../guest/agent-client.js";
 import { PodflareError } from "../sandboxes/errors.js";
-import type { SandboxService } from "../sandboxes/service.js";
+import type { Caller, SandboxService } from "../sandboxes/service.js";
 import type { Logger } from "../util/logger.js";
-import { makeKeyChecker } from "./auth.js";
 import { toHttpError } from "./errors.js";
 import {
   CreateBody,
@@ -22,8 +22,8 @@ import {
 
 export interface ServerDeps {
   service: SandboxService;
-  apiKeys: readonly string[];
-  capacity: () => Record<string, unknown>;
+  auth: Authenticator;
+  capacity: (caller: Caller) => Record<string, unknown>;
   metrics?: () => Promise<{ contentType: string; body: string }>;
   log: Logger;
   /** Told of every route as it is registered (the OpenAPI sync test uses it). */
@@ -72,20 +72,25 @@ export function buildServer(deps: ServerDeps) {
     done();
   });
 
-  const checkKey = makeKeyChecker(deps.apiKeys);
-  if (checkKey) {
-    app.addHook("onRequest", (request, reply, done) => {
-      if (!request.url.startsWith("/v1/") || request.url === "/v1/healthz") return done();
-      if (checkKey(request.headers.authorization)) return done();
-      void reply.status(401).send({
-        error: "missing or wrong API key: send Authorization: Bearer <key>",
-        code: "unauthorized",
-      });
+  // Who calls: resolved once per request, before any body is read.
+  const callers = new WeakMap<object, Caller>();
+  const caller = (request: object): Caller => callers.get(request) ?? null;
+  app.addHook("onRequest", (request, reply, done) => {
+    const path = request.url.split("?")[0] ?? "";
+    if (path === "/v1/healthz" || !(path.startsWith("/v1/") || path === "/metrics")) return done();
+    const auth = deps.auth.authenticate(request.headers.authorization);
+    if (auth.ok) {
+      callers.set(request, auth.tenant);
+      return done();
+    }
+    void reply.header("connection", "close").status(401).send({
+      error: auth.reason,
+      code: "unauthorized",
     });
-  }
+  });
 
   app.get("/v1/healthz", async (_req, reply) => reply.type("text/plain").send("ok"));
-  app.get("/v1/capacity", async () => deps.capacity());
+  app.get("/v1/capacity", async (req) => deps.capacity(caller(req)));
   if (deps.metrics) {
     const metrics = deps.metrics;
     app.get("/metrics", async (_req, reply) => {
@@ -95,15 +100,15 @@ export function buildServer(deps: ServerDeps) {
   }
 
   app.post("/v1/sandboxes", { schema: { body: CreateBody } }, async (req, reply) => {
-    const info = await service.create(req.body ?? {});
+    const info = await service.create(caller(req), req.body ?? {});
     return reply.status(201).send(info);
   });
-  app.get("/v1/sandboxes", async () => ({ sandboxes: service.list() }));
+  app.get("/v1/sandboxes", async (req) => ({ sandboxes: service.list(caller(req)) }));
   app.get("/v1/sandboxes/:id", { schema: { params: SandboxIdParams } }, async (req) =>
-    service.info(req.params.id),
+    service.info(caller(req), req.params.id),
   );
   app.delete("/v1/sandboxes/:id", { schema: { params: SandboxIdParams } }, async (req, reply) => {
-    await service.destroy(req.params.id);
+    await service.destroy(caller(req), req.params.id);
     return reply.status(204).send();
   });
 
@@ -111,7 +116,7 @@ export function buildServer(deps: ServerDeps) {
     "/v1/sandboxes/:id/exec",
     { schema: { params: SandboxIdParams, body: ExecBody } },
     async (req, reply) => {
-      const events = service.exec(req.params.id, req.body);
+      const events = service.exec(caller(req), req.params.id, req.body);
       return reply.type("application/x-ndjson").send(Readable.from(ndjson(events)));
     },
   );
@@ -120,7 +125,7 @@ export function buildServer(deps: ServerDeps) {
     "/v1/sandboxes/:id/fork",
     { schema: { params: SandboxIdParams, body: ForkBody } },
     async (req, reply) => {
-      const children = await service.fork(req.params.id, req.body?.n ?? 1);
+      const children = await service.fork(caller(req), req.params.id, req.body?.n ?? 1);
       return reply.status(201).send({ children });
     },
   );
@@ -128,7 +133,7 @@ export function buildServer(deps: ServerDeps) {
     "/v1/sandboxes/:id/merge_into/:winner",
     { schema: { params: MergeParams } },
     async (req, reply) => {
-      await service.mergeInto(req.params.id, req.params.winner);
+      await service.mergeInto(caller(req), req.params.id, req.params.winner);
       return reply.status(204).send();
     },
   );
@@ -147,7 +152,7 @@ export function buildServer(deps: ServerDeps) {
           : undefined;
         const body = (req.body as Readable | undefined) ?? Readable.from([]);
         try {
-          await service.upload(req.params.id, req.query.path, body, length);
+          await service.upload(caller(req), req.params.id, req.query.path, body, length);
         } catch (err) {
           // Stop reading a body we refuse; the connection closes after the error reply.
           if (err instanceof PodflareError) void reply.header("connection", "close");
@@ -160,7 +165,7 @@ export function buildServer(deps: ServerDeps) {
       "/v1/sandboxes/:id/files",
       { schema: { params: SandboxIdParams, querystring: FileQuery } },
       async (req, reply) => {
-        const { size, stream } = await service.download(req.params.id, req.query.path);
+        const { size, stream } = await service.download(caller(req), req.params.id, req.query.path);
         return reply.type("application/octet-stream").header("content-length", size).send(stream);
       },
     );

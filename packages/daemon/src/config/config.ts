@@ -2,7 +2,7 @@
  * Daemon configuration, resolved once into a frozen object:
  * explicit option > PODFLARE_* environment variable > default.
  */
-import { availableParallelism, homedir } from "node:os";
+import { availableParallelism, homedir, totalmem } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { defaultPoolSize } from "../pool/plan.js";
@@ -42,6 +42,15 @@ export interface Config {
   readonly defaultSandboxTimeoutMs: number;
   readonly maxSandboxTimeoutMs: number;
   readonly maxSandboxes: number;
+  /** Host memory (MiB) sandboxes and the warm pool may hold: guest memory + overhead. */
+  readonly memoryBudgetMib: number;
+  /** Host memory charged per VM beyond its guest memory (QEMU, TCG code buffer). */
+  readonly vmOverheadMib: number;
+  /** Per-key limits for keys that set none of their own. */
+  readonly tenantMaxSandboxes: number;
+  readonly tenantMaxMemMib: number;
+  /** Listen on a non-loopback address with no API key configured (refused otherwise). */
+  readonly allowUnauthenticated: boolean;
   readonly logLevel: string;
 }
 
@@ -59,6 +68,19 @@ function envInt(name: string, fallback: number): number {
   return value;
 }
 
+function envBool(name: string): boolean {
+  const raw = (process.env[name] ?? "").toLowerCase();
+  if (raw === "" || raw === "0" || raw === "false" || raw === "no") return false;
+  if (raw === "1" || raw === "true" || raw === "yes") return true;
+  throw new Error(`${name}=${raw} is not a boolean; use 1 or 0`);
+}
+
+/** The host's memory minus what the host itself keeps: 10%, at least 1 GiB. */
+export function defaultMemoryBudgetMib(totalBytes = totalmem()): number {
+  const totalMib = Math.floor(totalBytes / 2 ** 20);
+  return Math.max(0, totalMib - Math.max(1024, Math.ceil(totalMib / 10)));
+}
+
 function envAccel(): AccelChoice {
   const raw = process.env.PODFLARE_ACCEL ?? "auto";
   if (raw === "auto" || raw === "kvm" || raw === "tcg") return raw;
@@ -74,6 +96,9 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
   const env = process.env;
   const stateDir = overrides.stateDir ?? (env.PODFLARE_STATE_DIR || defaultStateDir());
   const shmDir = overrides.shmDir ?? (env.PODFLARE_SHM_DIR || "/dev/shm/podflare");
+  const maxSandboxes = overrides.maxSandboxes ?? envInt("PODFLARE_MAX_SANDBOXES", 64);
+  const memoryBudgetMib =
+    overrides.memoryBudgetMib ?? envInt("PODFLARE_MEMORY_BUDGET_MIB", defaultMemoryBudgetMib());
   const config: Config = {
     stateDir,
     imagesDir: env.PODFLARE_IMAGES_DIR || join(stateDir, "images"),
@@ -103,7 +128,12 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     maxUploadBytes: envInt("PODFLARE_MAX_UPLOAD_BYTES", 1024 * 1024 * 1024),
     defaultSandboxTimeoutMs: envInt("PODFLARE_SANDBOX_TIMEOUT_MS", 5 * 60_000),
     maxSandboxTimeoutMs: envInt("PODFLARE_MAX_SANDBOX_TIMEOUT_MS", 24 * 3600_000),
-    maxSandboxes: envInt("PODFLARE_MAX_SANDBOXES", 64),
+    maxSandboxes,
+    memoryBudgetMib,
+    vmOverheadMib: envInt("PODFLARE_VM_OVERHEAD_MIB", 64),
+    tenantMaxSandboxes: envInt("PODFLARE_TENANT_MAX_SANDBOXES", maxSandboxes),
+    tenantMaxMemMib: envInt("PODFLARE_TENANT_MAX_MEM_MIB", memoryBudgetMib),
+    allowUnauthenticated: envBool("PODFLARE_ALLOW_UNAUTHENTICATED"),
     logLevel: env.PODFLARE_LOG_LEVEL || "info",
     ...overrides,
   };

@@ -4,9 +4,13 @@
  * restores on demand; a burst only gets slower, never fails for lack of pool. Restores
  * share a small number of slots so a burst does not starve the host; misses get slots
  * before refills. A pooled VM that dies is dropped and replaced, never handed out.
+ * The pool lives inside the host's memory budget (sandboxes/admission.ts) and yields to
+ * sandboxes: it refills only into memory they do not hold, and when a create needs
+ * memory the pool holds, pooled VMs are destroyed to make room.
  */
 import { randomBytes } from "node:crypto";
 import type { Metrics } from "../metrics/metrics.js";
+import type { Admission } from "../sandboxes/admission.js";
 import type { AcquiredVm, VmSource } from "../sandboxes/service.js";
 import type { Logger } from "../util/logger.js";
 import type { VmEngine } from "../vm/engine.js";
@@ -54,11 +58,18 @@ export class WarmPool implements VmSource {
   constructor(
     private readonly engine: VmEngine,
     private readonly templates: TemplateManager,
+    private readonly admission: Admission,
     private readonly opts: PoolOptions,
     private readonly metrics: Metrics,
     private readonly log: Logger,
   ) {
     metrics.poolTarget.set(opts.target);
+    admission.attachPool(() => this.chargedMib());
+  }
+
+  /** Host memory the pool holds: its ready VMs and those being restored for it. */
+  chargedMib(): number {
+    return (this.ready.length + this.refilling) * this.admission.chargeMib(this.opts.defaultShape);
   }
 
   /** Build (or find) the default template, then start filling the pool. */
@@ -99,6 +110,7 @@ export class WarmPool implements VmSource {
         return { vm, pooled: true };
       }
     }
+    this.yieldMemory();
     const vm = await this.restore(shape, "miss");
     this.refill();
     return { vm, pooled: false };
@@ -107,6 +119,7 @@ export class WarmPool implements VmSource {
   /** n children of a running VM (see vm/fork.ts); the parent keeps running. */
   async fork(parent: Vm, n: number): Promise<ForkResult> {
     const ids = Array.from({ length: n }, newVmId);
+    this.yieldMemory();
     const result = await forkVm(this.engine, parent, ids);
     // Every fork adds a layer to these chains; past the bound, merge them in the background.
     for (const vm of [parent, ...result.children]) {
@@ -140,7 +153,9 @@ export class WarmPool implements VmSource {
       backoffUntil: this.backoffUntil,
       now: Date.now(),
     });
+    const charge = this.admission.chargeMib(this.opts.defaultShape);
     for (let i = 0; i < toStart; i++) {
+      if (!this.admission.poolMayGrow(charge)) break; // sandboxes come first
       const refill = this.refillOne();
       this.inFlight.add(refill);
       void refill.finally(() => this.inFlight.delete(refill));
@@ -165,6 +180,11 @@ export class WarmPool implements VmSource {
         await vm.destroy();
         return;
       }
+      if (this.admission.excessMib() > 0) {
+        // Sandboxes took the memory while this VM was being restored.
+        await vm.destroy();
+        return;
+      }
       this.failures = 0;
       this.ready.push(vm);
       this.metrics.poolReady.set(this.ready.length);
@@ -183,6 +203,16 @@ export class WarmPool implements VmSource {
       this.refilling--;
       this.metrics.poolRefilling.set(this.refilling);
       this.refill();
+    }
+  }
+
+  /** Destroy pooled VMs while sandboxes and pool together exceed the memory budget. */
+  private yieldMemory(): void {
+    while (this.ready.length > 0 && this.admission.excessMib() > 0) {
+      const vm = this.ready.pop() as Vm;
+      this.metrics.poolReady.set(this.ready.length);
+      this.log.info({ vm: vm.id }, "pooled VM destroyed to free memory for a sandbox");
+      void vm.destroy();
     }
   }
 

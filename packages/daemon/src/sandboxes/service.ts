@@ -4,6 +4,8 @@
  */
 import { randomBytes } from "node:crypto";
 import type { Readable } from "node:stream";
+import type { Tenant } from "../auth/authenticator.js";
+import type { KeyQuota } from "../auth/keys.js";
 import {
   AgentClosedError,
   AgentError,
@@ -15,10 +17,10 @@ import type { SandboxRow, Store } from "../store/db.js";
 import type { Logger } from "../util/logger.js";
 import type { VmShape } from "../vm/qemu-args.js";
 import type { Vm } from "../vm/vm.js";
+import type { Admission } from "./admission.js";
 import {
   BadRequestError,
   FileNotFoundError,
-  OverLimitError,
   PodflareError,
   SandboxDeadError,
   SandboxNotFoundError,
@@ -35,9 +37,17 @@ export interface SandboxLimits {
   maxMemSizeMib: number;
   defaultSandboxTimeoutMs: number;
   maxSandboxTimeoutMs: number;
-  maxSandboxes: number;
   maxUploadBytes: number;
 }
+
+/**
+ * Who asks: a tenant (an API key) or, when the daemon requires no key, null. A sandbox
+ * owned by someone else is reported exactly as one that does not exist.
+ */
+export type Caller = Tenant | null;
+
+const ownerOf = (caller: Caller): string | null => caller?.id ?? null;
+const NO_QUOTA: KeyQuota = { maxSandboxes: null, maxMemMib: null };
 
 export interface CreateRequest {
   template?: string;
@@ -89,17 +99,17 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
 
 export class SandboxService {
   private readonly live = new Map<string, Live>();
-  private creating = 0;
 
   constructor(
     private readonly store: Store,
     private readonly source: VmSource,
     private readonly limits: SandboxLimits,
+    private readonly admission: Admission,
     private readonly log: Logger,
     private readonly metrics?: Metrics,
   ) {}
 
-  async create(req: CreateRequest): Promise<SandboxInfo> {
+  async create(caller: Caller, req: CreateRequest): Promise<SandboxInfo> {
     const template = req.template ?? "default";
     if (!this.source.templateNames().includes(template)) {
       throw new BadRequestError(
@@ -113,8 +123,8 @@ export class SandboxService {
         `timeout_ms must be between 1 and ${this.limits.maxSandboxTimeoutMs}`,
       );
     }
-    this.admit(1);
     const id = newSandboxId();
+    this.admission.admit([id], ownerOf(caller), caller?.quota ?? NO_QUOTA, shape);
     const now = Date.now();
     const row: SandboxRow = {
       id,
@@ -128,46 +138,61 @@ export class SandboxService {
       end_reason: null,
       metadata: JSON.stringify(req.metadata ?? {}),
       pid: null,
+      owner: ownerOf(caller),
     };
-    this.store.insertSandbox(row);
-    this.creating++;
     let vm: Vm;
     let pooled: boolean;
     try {
+      this.store.insertSandbox(row);
       ({ vm, pooled } = await this.source.acquire(template, shape));
     } catch (err) {
       this.store.deleteSandbox(id); // a failed create leaves no trace
+      this.admission.release(id);
       throw err;
-    } finally {
-      this.creating--;
     }
     this.goLive(id, vm, now + timeoutMs);
     this.metrics?.createSeconds.observe(
       { result: pooled ? "hit" : "miss" },
       (Date.now() - now) / 1000,
     );
-    this.log.info({ sandbox: id, vm: vm.id, template, pooled }, "sandbox created");
-    return this.info(id);
+    this.log.info(
+      { sandbox: id, vm: vm.id, template, pooled, owner: row.owner },
+      "sandbox created",
+    );
+    return this.info(caller, id);
   }
 
-  list(): SandboxInfo[] {
+  list(caller: Caller): SandboxInfo[] {
     // A destroying sandbox is gone for its user; only the host is still cleaning up.
-    return this.store.listSandboxes(["creating", "ready", "dead"]).map(toInfo);
+    return this.store.listOwned(ownerOf(caller), ["creating", "ready", "dead"]).map(toInfo);
   }
 
-  info(id: string): SandboxInfo {
+  info(caller: Caller, id: string): SandboxInfo {
+    return toInfo(this.ownedRow(caller, id));
+  }
+
+  /**
+   * The caller's sandbox, or not found: another tenant's sandbox, an unknown id and one
+   * already destroyed all give the same answer.
+   */
+  private ownedRow(caller: Caller, id: string): SandboxRow {
     const row = this.store.getSandbox(id);
-    if (!row || row.state === "ended" || row.state === "destroying")
+    if (
+      !row ||
+      row.owner !== ownerOf(caller) ||
+      row.state === "ended" ||
+      row.state === "destroying"
+    )
       throw new SandboxNotFoundError(id);
-    return toInfo(row);
+    return row;
   }
 
   /**
    * Run code. Checks happen now (so a caller can answer with an error status); the events
    * then stream as they happen and always end with exactly one exit event.
    */
-  exec(id: string, req: ExecRequest): AsyncIterable<ExecEvent> {
-    const vm = this.readyVm(id, "exec");
+  exec(caller: Caller, id: string, req: ExecRequest): AsyncIterable<ExecEvent> {
+    const vm = this.readyVm(caller, id, "exec");
     if (req.timeout_ms !== undefined && (req.timeout_ms < 1 || req.timeout_ms > 24 * 3600_000)) {
       throw new BadRequestError("timeout_ms must be between 1 and 86400000");
     }
@@ -209,13 +234,14 @@ export class SandboxService {
   }
 
   async upload(
+    caller: Caller,
     id: string,
     rawPath: unknown,
     body: AsyncIterable<Buffer>,
     declaredLength?: number,
   ): Promise<number> {
     const path = validateGuestPath(rawPath);
-    const vm = this.readyVm(id, "upload");
+    const vm = this.readyVm(caller, id, "upload");
     if (declaredLength !== undefined && declaredLength > this.limits.maxUploadBytes) {
       throw new TooLargeError(
         `the upload is ${declaredLength} bytes; the limit is ${this.limits.maxUploadBytes}`,
@@ -228,9 +254,13 @@ export class SandboxService {
     }
   }
 
-  async download(id: string, rawPath: unknown): Promise<{ size: number; stream: Readable }> {
+  async download(
+    caller: Caller,
+    id: string,
+    rawPath: unknown,
+  ): Promise<{ size: number; stream: Readable }> {
     const path = validateGuestPath(rawPath);
-    const vm = this.readyVm(id, "download");
+    const vm = this.readyVm(caller, id, "download");
     try {
       return await vm.agent.readFile(path);
     } catch (err) {
@@ -244,12 +274,20 @@ export class SandboxService {
    * from the user's view; waiting for QEMU to exit and removing its files continue in
    * the background (`settled()` awaits them; start-up reconciliation covers a crash).
    */
-  async destroy(id: string, reason = "destroyed"): Promise<void> {
+  async destroy(caller: Caller, id: string): Promise<void> {
     const row = this.store.getSandbox(id);
-    if (!row) throw new SandboxNotFoundError(id);
+    if (!row || row.owner !== ownerOf(caller)) throw new SandboxNotFoundError(id);
+    this.end(id, "destroyed");
+  }
+
+  /** End a sandbox for any reason (a user's destroy, expiry, shutdown). */
+  private end(id: string, reason: string): void {
+    const row = this.store.getSandbox(id);
+    if (!row) return;
     const live = this.live.get(id);
     if (!live) {
       if (row.state !== "ended" && row.state !== "destroying") this.transitionToEnded(row, reason);
+      this.admission.release(id);
       return;
     }
     if (live.destroying) return;
@@ -259,6 +297,7 @@ export class SandboxService {
       .destroy() // synchronously closes the channel and sends SIGKILL before its first await
       .then(() => {
         this.live.delete(id);
+        this.admission.release(id); // its memory is free only once QEMU has exited
         this.metrics?.sandboxesRunning.set(this.live.size);
         this.transition(id, "ended", { endReason: reason });
         this.log.info({ sandbox: id, reason }, "sandbox ended");
@@ -271,14 +310,14 @@ export class SandboxService {
    * child, unheard) and is a full sandbox with the parent's template, metadata and
    * expiry. The parent keeps running. Returns the children's ids.
    */
-  async fork(id: string, n: number): Promise<string[]> {
+  async fork(caller: Caller, id: string, n: number): Promise<string[]> {
     if (!Number.isInteger(n) || n < 1 || n > MAX_FORK_CHILDREN) {
       throw new BadRequestError(`n must be an integer from 1 to ${MAX_FORK_CHILDREN}`);
     }
-    const parent = this.readyVm(id, "fork");
+    const parent = this.readyVm(caller, id, "fork");
     const row = this.store.getSandbox(id) as SandboxRow;
-    this.admit(n);
     const ids = Array.from({ length: n }, newSandboxId);
+    this.admission.admit(ids, row.owner, caller?.quota ?? NO_QUOTA, parent.shape);
     const now = Date.now();
     for (const childId of ids) {
       this.store.insertSandbox({
@@ -291,17 +330,17 @@ export class SandboxService {
         pid: null,
       });
     }
-    this.creating += n;
     let children: Vm[];
     try {
       const result = await this.source.fork(parent, n);
       children = result.children;
       this.log.info({ sandbox: id, n, pausedMs: Math.round(result.pausedMs) }, "forked");
     } catch (err) {
-      for (const childId of ids) this.store.deleteSandbox(childId);
+      for (const childId of ids) {
+        this.store.deleteSandbox(childId);
+        this.admission.release(childId);
+      }
       throw err;
-    } finally {
-      this.creating -= n;
     }
     for (const [i, vm] of children.entries()) this.goLive(ids[i] as string, vm, row.expires_at);
     return ids;
@@ -312,13 +351,13 @@ export class SandboxService {
    * its own id, lifetime and metadata; the winner's id is gone, and id's former VM is
    * destroyed. Siblings are untouched.
    */
-  async mergeInto(id: string, winnerId: string): Promise<void> {
+  async mergeInto(caller: Caller, id: string, winnerId: string): Promise<void> {
     if (id === winnerId)
       throw new BadRequestError(
         "a sandbox cannot be merged into itself; name another sandbox as the winner",
       );
-    const loserVm = this.readyVm(id, "merge_into");
-    const winnerVm = this.readyVm(winnerId, "merge_into");
+    const loserVm = this.readyVm(caller, id, "merge_into");
+    const winnerVm = this.readyVm(caller, winnerId, "merge_into");
     const target = this.live.get(id);
     const winner = this.live.get(winnerId);
     if (!target || !winner) throw new SandboxNotFoundError(target ? winnerId : id);
@@ -333,9 +372,14 @@ export class SandboxService {
       mem_size_mib: winnerVm.shape.memSizeMib,
       pid: winnerVm.pid ?? null,
     });
+    this.admission.reshape(id, winnerVm.shape);
     this.metrics?.sandboxesRunning.set(this.live.size);
     this.log.info({ sandbox: id, winner: winnerId, vm: winnerVm.id }, "merged");
-    await loserVm.destroy();
+    try {
+      await loserVm.destroy();
+    } finally {
+      this.admission.release(winnerId); // the winner's charge covered the VM now destroyed
+    }
   }
 
   /** Resolves when every destroy already started has finished its host-side cleanup. */
@@ -345,7 +389,7 @@ export class SandboxService {
 
   /** Destroy every live sandbox (daemon shutdown). */
   async destroyAll(reason: string): Promise<void> {
-    await Promise.all([...this.live.keys()].map((id) => this.destroy(id, reason).catch(() => {})));
+    for (const id of [...this.live.keys()]) this.end(id, reason);
     await this.settled();
   }
 
@@ -366,19 +410,10 @@ export class SandboxService {
     return n;
   }
 
-  /** Admission: n more sandboxes must fit beside those holding or acquiring a VM. */
-  private admit(n: number): void {
-    if (this.live.size + this.creating + n > this.limits.maxSandboxes) {
-      throw new OverLimitError(
-        `this host runs at most ${this.limits.maxSandboxes} sandboxes and ${n} more would not fit; destroy some first`,
-      );
-    }
-  }
-
   private goLive(id: string, vm: Vm, expiresAt: number): void {
     this.transition(id, "ready", { pid: vm.pid ?? null });
     const expiry = setTimeout(
-      () => void this.destroy(id, "expired"),
+      () => this.end(id, "expired"),
       Math.min(Math.max(0, expiresAt - Date.now()), MAX_TIMER_MS),
     );
     expiry.unref();
@@ -394,14 +429,13 @@ export class SandboxService {
     const row = this.store.getSandbox(id);
     if (row?.state !== "ready") return; // an ordinary destroy
     this.transition(id, "dead", { endReason: "the VM exited unexpectedly" });
+    this.admission.release(id); // nothing runs for it any more
     this.log.warn({ sandbox: id, vm: vm.id }, "sandbox VM died");
     void vm.destroy(); // free its files now; the row stays until the user deletes it
   }
 
-  private readyVm(id: string, operation: string): Vm {
-    const row = this.store.getSandbox(id);
-    if (!row || row.state === "ended" || row.state === "destroying")
-      throw new SandboxNotFoundError(id);
+  private readyVm(caller: Caller, id: string, operation: string): Vm {
+    const row = this.ownedRow(caller, id);
     if (row.state === "dead") throw new SandboxDeadError(id, row.end_reason ?? "its VM exited");
     const live = this.live.get(id);
     if (row.state !== "ready" || !live) throw new WrongStateError(id, row.state, operation);

@@ -17,6 +17,8 @@ export interface SandboxRow {
   end_reason: string | null;
   metadata: string;
   pid: number | null;
+  /** The API key (tenant) that created it; null when the daemon runs without keys. */
+  owner: string | null;
 }
 
 const MIGRATIONS: string[] = [
@@ -34,6 +36,18 @@ const MIGRATIONS: string[] = [
      pid INTEGER
    );
    CREATE INDEX sandboxes_state ON sandboxes(state);`,
+  `ALTER TABLE sandboxes ADD COLUMN owner TEXT;
+   CREATE INDEX sandboxes_owner ON sandboxes(owner, state);
+   CREATE TABLE api_keys (
+     id TEXT PRIMARY KEY,
+     name TEXT NOT NULL,
+     hash BLOB NOT NULL UNIQUE,
+     prefix TEXT NOT NULL,
+     created_at INTEGER NOT NULL,
+     revoked_at INTEGER,
+     max_sandboxes INTEGER,
+     max_mem_mib INTEGER
+   );`,
 ];
 
 export class Store {
@@ -60,8 +74,8 @@ export class Store {
   insertSandbox(row: SandboxRow): void {
     this.db
       .prepare(
-        `INSERT INTO sandboxes (id, state, template, vcpu_count, mem_size_mib, created_at, expires_at, ended_at, end_reason, metadata, pid)
-         VALUES (@id, @state, @template, @vcpu_count, @mem_size_mib, @created_at, @expires_at, @ended_at, @end_reason, @metadata, @pid)`,
+        `INSERT INTO sandboxes (id, state, template, vcpu_count, mem_size_mib, created_at, expires_at, ended_at, end_reason, metadata, pid, owner)
+         VALUES (@id, @state, @template, @vcpu_count, @mem_size_mib, @created_at, @expires_at, @ended_at, @end_reason, @metadata, @pid, @owner)`,
       )
       .run(row);
   }
@@ -77,6 +91,16 @@ export class Store {
     return this.db
       .prepare(`SELECT * FROM sandboxes WHERE state IN (${marks}) ORDER BY created_at, id`)
       .all(...states) as SandboxRow[];
+  }
+
+  /** One tenant's sandboxes in these states (`owner` null: those created without a key). */
+  listOwned(owner: string | null, states: readonly SandboxState[]): SandboxRow[] {
+    const marks = states.map(() => "?").join(",");
+    return this.db
+      .prepare(
+        `SELECT * FROM sandboxes WHERE owner IS ? AND state IN (${marks}) ORDER BY created_at, id`,
+      )
+      .all(owner, ...states) as SandboxRow[];
   }
 
   setState(
