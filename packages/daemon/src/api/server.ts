@@ -50,7 +50,8 @@ export function buildServer(deps: ServerDeps) {
 
   app.setErrorHandler((err, request, reply) => {
     const { status, body } = toHttpError(err);
-    if (status >= 500) request.log.error({ err, url: request.url }, "request failed");
+    if (status === 503) request.log.warn({ url: request.url, error: body.error }, "no capacity");
+    else if (status >= 500) request.log.error({ err, url: request.url }, "request failed");
     void reply.status(status).send(body);
   });
   app.setNotFoundHandler((request, reply) => {

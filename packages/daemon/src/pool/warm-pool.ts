@@ -44,6 +44,8 @@ const sameShape = (a: VmShape, b: VmShape) =>
 
 export class WarmPool implements VmSource {
   private readonly ready: Vm[] = [];
+  /** Creates waiting for a refill to land, because the memory it holds is theirs. */
+  private readonly handoff: ((vm: Vm | null) => void)[] = [];
   private refilling = 0;
   private restoring = 0;
   private readonly missQueue: (() => void)[] = [];
@@ -101,16 +103,11 @@ export class WarmPool implements VmSource {
           continue;
         }
         this.metrics.poolReady.set(this.ready.length);
-        // Off the hand-over's path: spawning the next QEMU forks this process, and the
-        // renice (it was restored at refill priority) is a handful of syscalls.
-        setImmediate(() => {
-          void vm.qemu.renice(0);
-          this.refill();
-        });
-        return { vm, pooled: true };
+        return { vm: this.handOver(vm), pooled: true };
       }
     }
-    this.yieldMemory();
+    const takenOver = await this.makeRoom(shape);
+    if (takenOver) return { vm: this.handOver(takenOver), pooled: true };
     const vm = await this.restore(shape, "miss");
     this.refill();
     return { vm, pooled: false };
@@ -119,7 +116,7 @@ export class WarmPool implements VmSource {
   /** n children of a running VM (see vm/fork.ts); the parent keeps running. */
   async fork(parent: Vm, n: number): Promise<ForkResult> {
     const ids = Array.from({ length: n }, newVmId);
-    this.yieldMemory();
+    await this.makeRoom(null); // children are restores of the fork: nothing to take over
     const result = await forkVm(this.engine, parent, ids);
     // Every fork adds a layer to these chains; past the bound, merge them in the background.
     for (const vm of [parent, ...result.children]) {
@@ -166,6 +163,7 @@ export class WarmPool implements VmSource {
     this.refilling++;
     this.metrics.poolRefilling.set(this.refilling);
     const started = performance.now();
+    let handedOff = false;
     try {
       const vm = await this.restore(this.opts.defaultShape, "refill");
       try {
@@ -178,6 +176,12 @@ export class WarmPool implements VmSource {
       }
       if (this.closed || !vm.alive) {
         await vm.destroy();
+        return;
+      }
+      const waiter = this.handoff.shift();
+      if (waiter) {
+        handedOff = true;
+        waiter(vm); // a create needs this memory: it takes the VM itself
         return;
       }
       if (this.admission.excessMib() > 0) {
@@ -202,8 +206,36 @@ export class WarmPool implements VmSource {
     } finally {
       this.refilling--;
       this.metrics.poolRefilling.set(this.refilling);
+      // Waiters re-check the budget: this restore no longer holds memory for the pool.
+      if (!handedOff) for (const wake of this.handoff.splice(0)) wake(null);
       this.refill();
     }
+  }
+
+  private handOver(vm: Vm): Vm {
+    // Off the hand-over's path: spawning the next QEMU forks this process, and the
+    // renice (it was restored at refill priority) is a handful of syscalls.
+    setImmediate(() => {
+      void vm.qemu.renice(0);
+      this.refill();
+    });
+    return vm;
+  }
+
+  /**
+   * Before a VM is started for a sandbox: if sandboxes and pool together exceed the memory
+   * budget, pooled VMs give way, and restores the pool has in flight are taken over (when
+   * of the shape wanted) or waited out, so the host never holds more than its budget.
+   */
+  private async makeRoom(shape: VmShape | null): Promise<Vm | null> {
+    this.yieldMemory();
+    while (this.admission.excessMib() > 0 && this.refilling > 0) {
+      const vm = await new Promise<Vm | null>((resolve) => this.handoff.push(resolve));
+      if (vm && shape && sameShape(shape, this.opts.defaultShape)) return vm;
+      if (vm) void vm.destroy();
+      this.yieldMemory();
+    }
+    return null;
   }
 
   /** Destroy pooled VMs while sandboxes and pool together exceed the memory budget. */
