@@ -8,6 +8,7 @@
 import { randomInt } from "node:crypto";
 import type { Duplex } from "node:stream";
 import { Readable } from "node:stream";
+import { OverLimitError } from "../sandboxes/errors.js";
 import {
   encodeFrame,
   type Frame,
@@ -67,8 +68,56 @@ interface Route {
 }
 
 const READ_WINDOW = 4 * 1024 * 1024;
+/** The agent's largest data frame: the most a download may overrun its window by. */
+const READ_FRAME_SLACK = 256 * 1024;
 const UPLOAD_CHUNK = MAX_PAYLOAD_BYTES;
+/** The agent's default max_output_bytes (spec/guest-protocol.md). */
+const DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024;
+/**
+ * Execs sent to the agent and not yet ended. The agent queues at most 64 (it answers
+ * `busy` beyond), and a VM forked mid-call also still holds the parent's queued calls, so
+ * the host keeps only a few outstanding (enough that the next exec is already in the guest
+ * when one ends) and holds the rest in its own FIFO, in arrival order.
+ */
+export const MAX_AGENT_EXECS = 4;
+/** The host FIFO's bounds per sandbox; past either, exec() throws ExecQueueFullError (429). */
+export const MAX_QUEUED_EXECS = 256;
+export const MAX_QUEUED_EXEC_BYTES = 64 * 1024 * 1024;
 const utf8 = new TextDecoder("utf-8", { fatal: false });
+
+/** Too many execs already waiting for one sandbox. */
+export class ExecQueueFullError extends OverLimitError {}
+
+/**
+ * A header field as bounded text. Guest JSON is hostile: `String()` of an object whose
+ * `toString` is not a function, or of a deeply nested array, throws.
+ */
+function str(value: unknown, max: number, fallback = ""): string {
+  if (typeof value === "string") return value.slice(0, max);
+  if (typeof value === "number" || typeof value === "boolean") return String(value).slice(0, max);
+  return fallback;
+}
+
+/** A non-negative safe integer field, else `fallback`. */
+function count(value: unknown, fallback: number): number {
+  return typeof value === "number" && Number.isSafeInteger(value) && value >= 0 ? value : fallback;
+}
+
+/** What may be logged of a hostile header: a few bounded fields, never the whole object. */
+function headerSummary(h: FrameHeader): Record<string, unknown> {
+  return {
+    type: str(h.type, 64),
+    id: typeof h.id === "number" ? h.id : null,
+    code: str(h.code, 40),
+    message: str(h.message, 500),
+  };
+}
+
+interface QueuedExec {
+  id: number;
+  header: FrameHeader;
+  code: Buffer;
+}
 
 export class AgentClient {
   private readonly decoder: FrameDecoder;
@@ -81,14 +130,29 @@ export class AgentClient {
   private closedError: Error | null = null;
   /** Set by the first answered hello: a `started` frame after it means a restart. */
   private handshakeDone = false;
+  /** Ids of execs sent to the agent whose exit (or error) has not arrived yet. */
+  private readonly agentExecs = new Set<number>();
+  /** Execs waiting for a slot in the agent, in arrival order. */
+  private readonly execQueue: QueuedExec[] = [];
+  private execQueueBytes = 0;
 
   constructor(
     private readonly stream: Duplex,
     private readonly log: (msg: string, extra?: Record<string, unknown>) => void = () => {},
   ) {
-    this.decoder = new FrameDecoder((p) => this.log("agent frame problem", p));
+    this.decoder = new FrameDecoder((p) => this.safeLog("agent frame problem", p));
     stream.on("data", (chunk: Buffer) => {
-      for (const frame of this.decoder.push(chunk)) this.dispatch(frame);
+      for (const frame of this.decoder.push(chunk)) {
+        // Last line of defence: a throw here would be an uncaught exception in the daemon.
+        try {
+          this.dispatch(frame);
+        } catch (err) {
+          this.safeLog("agent frame handling failed", {
+            header: headerSummary(frame.header),
+            err: err instanceof Error ? err.message : "non-error thrown",
+          });
+        }
+      }
     });
     stream.on("error", (err) => this.close(err.message));
     stream.on("close", () => this.close("stream closed"));
@@ -101,6 +165,9 @@ export class AgentClient {
   close(reason = "closed by host"): void {
     if (this.closedError) return;
     this.closedError = new AgentClosedError(reason);
+    this.execQueue.length = 0;
+    this.execQueueBytes = 0;
+    this.agentExecs.clear();
     for (const route of [...this.routes.values()]) route.onClose(this.closedError);
     this.routes.clear();
     this.stream.destroy();
@@ -116,23 +183,23 @@ export class AgentClient {
     if (reply.header.type !== "hello" || reply.header.version !== PROTOCOL_VERSION) {
       throw new AgentError(
         "unsupported_version",
-        `agent answered hello with ${JSON.stringify(reply.header).slice(0, 200)}`,
+        `agent answered hello with ${JSON.stringify(headerSummary(reply.header))}`,
       );
     }
     const h = reply.header;
     this.handshakeDone = true;
     return {
       version: PROTOCOL_VERSION,
-      agent: String(h.agent ?? "").slice(0, 100),
-      python: String(h.python ?? "").slice(0, 40),
-      pid: Number(h.pid) || 0,
+      agent: str(h.agent, 100),
+      python: str(h.python, 40),
+      pid: count(h.pid, 0),
     };
   }
 
   async ping(timeoutMs: number): Promise<void> {
     const reply = await this.request({ type: "ping" }, timeoutMs);
     if (reply.header.type !== "pong")
-      throw new AgentError("bad_reply", `expected pong, got ${reply.header.type}`);
+      throw new AgentError("bad_reply", `expected pong, got ${str(reply.header.type, 64)}`);
   }
 
   async restore(
@@ -153,7 +220,9 @@ export class AgentClient {
 
   /**
    * Start an exec; events arrive on the returned iterable, ending with exactly one exit
-   * event. Abandoning the iteration early cancels the exec in the guest.
+   * event. Abandoning the iteration early cancels the exec in the guest. Execs run in
+   * call order: past MAX_AGENT_EXECS in the guest they wait in a host FIFO; past its
+   * bounds this throws ExecQueueFullError.
    */
   exec(code: string, opts: ExecOptions = {}): AsyncIterable<ExecEvent> & { id: number } {
     const codeBytes = Buffer.from(code, "utf8");
@@ -163,11 +232,26 @@ export class AgentClient {
         `code is ${codeBytes.length} bytes; the limit is ${MAX_PAYLOAD_BYTES} (upload a file and run it instead)`,
       );
     }
+    if (this.closedError) throw this.closedError;
+    const mustWait = this.agentExecs.size >= MAX_AGENT_EXECS || this.execQueue.length > 0;
+    if (
+      mustWait &&
+      (this.execQueue.length >= MAX_QUEUED_EXECS ||
+        this.execQueueBytes + codeBytes.length > MAX_QUEUED_EXEC_BYTES)
+    ) {
+      throw new ExecQueueFullError(
+        `${this.execQueue.length} execs (${this.execQueueBytes} bytes of code) are already waiting for this sandbox; the limit is ${MAX_QUEUED_EXECS} (${MAX_QUEUED_EXEC_BYTES} bytes): wait for some to finish`,
+      );
+    }
     const id = this.allocId();
     const queue: ExecEvent[] = [];
     let wake: (() => void) | null = null;
     let failure: Error | null = null;
     let done = false;
+    // The agent enforces max_output_bytes; a hostile one must not make the host buffer more.
+    const outputCap = (opts.maxOutputBytes ?? DEFAULT_MAX_OUTPUT_BYTES) + MAX_PAYLOAD_BYTES;
+    let outputBytes = 0;
+    let truncated = false;
     const notify = () => {
       wake?.();
       wake = null;
@@ -175,17 +259,21 @@ export class AgentClient {
     this.routes.set(id, {
       onFrame: ({ header, payload }) => {
         if (header.type === "output") {
+          outputBytes += payload.length;
+          if (outputBytes > outputCap) {
+            truncated = true;
+            return;
+          }
           const stream = header.stream === "stderr" ? "stderr" : "stdout";
           queue.push({ type: stream, data: utf8.decode(payload) });
         } else if (header.type === "exit") {
-          this.routes.delete(id);
-          queue.push(exitEvent(header));
+          this.execEnded(id);
+          const event = exitEvent(header);
+          if (truncated && event.type === "exit") event.truncated = true;
+          queue.push(event);
         } else if (header.type === "error") {
-          this.routes.delete(id);
-          failure = new AgentError(
-            String(header.code ?? "error"),
-            String(header.message ?? "agent error").slice(0, 2000),
-          );
+          this.execEnded(id);
+          failure = agentError(header);
         }
         notify();
       },
@@ -194,16 +282,16 @@ export class AgentClient {
         notify();
       },
     });
-    this.send(
-      {
-        type: "exec",
-        id,
-        language: opts.language ?? "python",
-        timeout_ms: opts.timeoutMs ?? null,
-        max_output_bytes: opts.maxOutputBytes ?? null,
-      },
-      codeBytes,
-    );
+    const header: FrameHeader = {
+      type: "exec",
+      id,
+      language: opts.language ?? "python",
+      timeout_ms: opts.timeoutMs ?? null,
+      max_output_bytes: opts.maxOutputBytes ?? null,
+    };
+    this.execQueue.push({ id, header, code: codeBytes });
+    this.execQueueBytes += codeBytes.length;
+    this.pumpExecs();
     const client = this;
     const iterable = {
       id,
@@ -225,14 +313,53 @@ export class AgentClient {
             });
           }
         } finally {
-          if (!done && !client.closed) {
-            client.routes.delete(id);
-            client.cancel(id);
-          }
+          if (!done && !client.closed) client.abandonExec(id);
         }
       },
     };
     return iterable;
+  }
+
+  /** The caller stopped listening to exec `id`: drop it if it still waits, else cancel it. */
+  private abandonExec(id: number): void {
+    if (this.unqueueExec(id)) {
+      this.routes.delete(id);
+      return;
+    }
+    if (!this.agentExecs.has(id)) return; // already ended (an error reply)
+    // Its slot in the agent stays taken until the agent reports its end.
+    this.routes.set(id, {
+      onFrame: ({ header }) => {
+        if (header.type === "exit" || header.type === "error") this.execEnded(id);
+      },
+      onClose: () => {},
+    });
+    this.cancel(id);
+  }
+
+  private unqueueExec(id: number): boolean {
+    const i = this.execQueue.findIndex((q) => q.id === id);
+    if (i < 0) return false;
+    const [q] = this.execQueue.splice(i, 1);
+    this.execQueueBytes -= q?.code.length ?? 0;
+    return true;
+  }
+
+  /** Exec `id` has ended (exit or error reply): free its slot and send the next. */
+  private execEnded(id: number): void {
+    this.routes.delete(id);
+    this.unqueueExec(id); // a hostile agent may answer an exec it was never sent
+    if (this.agentExecs.delete(id)) this.pumpExecs();
+  }
+
+  private pumpExecs(): void {
+    while (!this.closedError && this.agentExecs.size < MAX_AGENT_EXECS) {
+      const next = this.execQueue.shift();
+      if (!next) return;
+      this.execQueueBytes -= next.code.length;
+      this.agentExecs.add(next.id);
+      this.send(next.header, next.code);
+    }
   }
 
   /** Ask the agent to stop exec `target` (queued or running). Fire and forget. */
@@ -322,7 +449,7 @@ export class AgentClient {
         timeoutMs,
         "write_end",
       );
-      return Number(reply.header.size ?? size);
+      return count(reply.header.size, size);
     } finally {
       // Late frames for an aborted write are dropped; keep the route briefly so the
       // agent's ok to write_abort is not logged as unknown.
@@ -359,33 +486,48 @@ export class AgentClient {
         this.routes.delete(id);
         reject(new AgentError("timeout", `the guest did not open ${path} within ${timeoutMs} ms`));
       }, timeoutMs);
+      const fail = (err: Error) => {
+        clearTimeout(timer);
+        const abort = !finished && !this.closed;
+        finished = true;
+        this.routes.delete(id);
+        if (abort && err instanceof AgentError && err.code === "bad_reply")
+          this.send({ type: "read_abort", id });
+        // Before read_begin the caller holds no stream yet: the rejection is the report.
+        if (begun) stream.destroy(err);
+        else reject(err);
+      };
       this.routes.set(id, {
         onFrame: ({ header, payload }) => {
           switch (header.type) {
             case "read_begin":
+              if (begun) break;
               clearTimeout(timer);
               begun = true;
-              resolve({ size: Number(header.size) || 0, stream });
+              resolve({ size: count(header.size, 0), stream });
               break;
             case "data":
               received += payload.length;
+              // The agent may not send past the window; a hostile one must not make the
+              // host buffer the whole file.
+              if (received - consumedAcked > READ_WINDOW + READ_FRAME_SLACK) {
+                fail(new AgentError("bad_reply", "the guest sent past the download window"));
+                break;
+              }
               stream.push(payload);
               break;
             case "read_end":
+              if (!begun) {
+                fail(new AgentError("bad_reply", "the guest ended a download it never began"));
+                break;
+              }
               finished = true;
               this.routes.delete(id);
               stream.push(null);
               break;
-            case "error": {
-              clearTimeout(timer);
-              finished = true;
-              this.routes.delete(id);
-              const err = agentError(header);
-              // Before read_begin the caller holds no stream yet: the rejection is the report.
-              if (begun) stream.destroy(err);
-              else reject(err);
+            case "error":
+              fail(agentError(header));
               break;
-            }
           }
         },
         onClose: (err) => {
@@ -459,8 +601,13 @@ export class AgentClient {
     if (!this.handshakeDone) return; // the agent's first start, during boot
     const inFlight = [...this.routes.values()];
     this.routes.clear();
+    this.agentExecs.clear();
+    this.execQueue.length = 0;
+    this.execQueueBytes = 0;
     if (inFlight.length === 0) return;
-    this.log("guest agent restarted; failing requests in flight", { requests: inFlight.length });
+    this.safeLog("guest agent restarted; failing requests in flight", {
+      requests: inFlight.length,
+    });
     const err = new AgentError(
       "agent_restarted",
       "the sandbox's Python process restarted (most likely killed for using too much memory); its REPL state is lost",
@@ -504,14 +651,22 @@ export class AgentClient {
     const route = typeof id === "number" ? this.routes.get(id) : undefined;
     if (route) route.onFrame(frame);
     else if (frame.header.type === "error")
-      this.log("agent error without a request", { header: frame.header });
+      this.safeLog("agent error without a request", { header: headerSummary(frame.header) });
+  }
+
+  private safeLog(msg: string, extra?: Record<string, unknown>): void {
+    try {
+      this.log(msg, extra);
+    } catch {
+      // a logging failure must not take the daemon down
+    }
   }
 }
 
 function agentError(header: FrameHeader): AgentError {
   return new AgentError(
-    String(header.code ?? "error").slice(0, 40),
-    String(header.message ?? "the guest agent reported an error").slice(0, 2000),
+    str(header.code, 40, "error"),
+    str(header.message, 2000, "the guest agent reported an error"),
   );
 }
 
@@ -523,9 +678,9 @@ function exitEvent(h: FrameHeader): ExecEvent {
   if (h.error && typeof h.error === "object") {
     const e = h.error as Record<string, unknown>;
     event.error = {
-      name: String(e.name ?? "").slice(0, 200),
-      value: String(e.value ?? "").slice(0, 10_000),
-      traceback: String(e.traceback ?? "").slice(0, 100_000),
+      name: str(e.name, 200),
+      value: str(e.value, 10_000),
+      traceback: str(e.traceback, 100_000),
     };
   }
   if (h.timed_out === true) event.timed_out = true;
