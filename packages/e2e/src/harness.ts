@@ -2,10 +2,18 @@
  * Test harness: a real daemon on a random loopback port with its own state directory
  * and memory directory, sharing the built guest image (cached by content hash).
  */
+import { type ChildProcess, spawn } from "node:child_process";
 import { mkdtemp, readdir, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { type Config, createLogger, type Daemon, loadConfig, startDaemon } from "@podflare/daemon";
+import {
+  type Config,
+  createLogger,
+  type Daemon,
+  loadConfig,
+  repoRoot,
+  startDaemon,
+} from "@podflare/daemon";
 
 export const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR || "/var/lib/podflare/images";
 /** Shared by every test daemon of a run: a template is built once (under a lock). */
@@ -80,4 +88,24 @@ export async function eventually<T>(
       throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 50));
   }
+}
+
+/** `podflare serve` as its own process (for kill -9 tests); resolves once it listens. */
+export function serve(env: NodeJS.ProcessEnv): Promise<{ child: ChildProcess; url: string }> {
+  const child = spawn(process.execPath, [join(repoRoot, "packages/cli/dist/main.js"), "serve"], {
+    env,
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  return new Promise((resolve, reject) => {
+    let log = "";
+    child.stderr?.setEncoding("utf8");
+    child.stderr?.on("data", (chunk: string) => {
+      log += chunk;
+      const m = /"address":"(http:\/\/[^"]+)".*podflared listening/.exec(log);
+      if (m?.[1]) resolve({ child, url: m[1] });
+    });
+    child.once("exit", (code) =>
+      reject(new Error(`daemon exited (${code}) before listening:\n${log.slice(-3000)}`)),
+    );
+  });
 }

@@ -3,32 +3,11 @@
  * stray file, and a list that tells the truth.
  */
 import assert from "node:assert/strict";
-import { type ChildProcess, spawn } from "node:child_process";
 import { rm } from "node:fs/promises";
 import { join } from "node:path";
 import { after, describe, it } from "node:test";
-import { repoRoot } from "@podflare/daemon";
 import { Sandbox } from "podflare";
-import { eventually, listDir, qemuPids, testConfig } from "./harness.js";
-
-function serve(env: NodeJS.ProcessEnv): Promise<{ child: ChildProcess; url: string }> {
-  const child = spawn(process.execPath, [join(repoRoot, "packages/cli/dist/main.js"), "serve"], {
-    env,
-    stdio: ["ignore", "ignore", "pipe"],
-  });
-  return new Promise((resolve, reject) => {
-    let log = "";
-    child.stderr?.setEncoding("utf8");
-    child.stderr?.on("data", (chunk: string) => {
-      log += chunk;
-      const m = /"address":"(http:\/\/[^"]+)".*podflared listening/.exec(log);
-      if (m?.[1]) resolve({ child, url: m[1] });
-    });
-    child.once("exit", (code) =>
-      reject(new Error(`daemon exited (${code}) before listening:\n${log.slice(-3000)}`)),
-    );
-  });
-}
+import { eventually, listDir, qemuPids, serve, testConfig } from "./harness.js";
 
 describe("daemon restart after kill -9", () => {
   const cleanup: (() => Promise<void>)[] = [];

@@ -14,6 +14,7 @@ import {
 } from "../guest/agent-client.js";
 import type { Metrics } from "../metrics/metrics.js";
 import type { SandboxRow, Store } from "../store/db.js";
+import { crashPoint } from "../util/crash-points.js";
 import type { Logger } from "../util/logger.js";
 import type { VmShape } from "../vm/qemu-args.js";
 import type { Vm } from "../vm/vm.js";
@@ -144,13 +145,16 @@ export class SandboxService {
     let pooled: boolean;
     try {
       this.store.insertSandbox(row);
+      crashPoint("create:admitted");
       ({ vm, pooled } = await this.source.acquire(template, shape));
+      crashPoint("create:vm-started");
     } catch (err) {
       this.store.deleteSandbox(id); // a failed create leaves no trace
       this.admission.release(id);
       throw err;
     }
     this.goLive(id, vm, now + timeoutMs);
+    crashPoint("create:live");
     this.metrics?.createSeconds.observe(
       { result: pooled ? "hit" : "miss" },
       (Date.now() - now) / 1000,
@@ -292,10 +296,12 @@ export class SandboxService {
     }
     if (live.destroying) return;
     if (row.state !== "destroying") this.transition(id, "destroying");
+    crashPoint("destroy:marked");
     clearTimeout(live.expiry);
     live.destroying = live.vm
       .destroy() // synchronously closes the channel and sends SIGKILL before its first await
       .then(() => {
+        crashPoint("destroy:vm-gone");
         this.live.delete(id);
         this.admission.release(id); // its memory is free only once QEMU has exited
         this.metrics?.sandboxesRunning.set(this.live.size);
@@ -332,7 +338,9 @@ export class SandboxService {
     }
     let children: Vm[];
     try {
+      crashPoint("fork:admitted");
       const result = await this.source.fork(parent, n);
+      crashPoint("fork:children-started");
       children = result.children;
       this.log.info({ sandbox: id, n, pausedMs: Math.round(result.pausedMs) }, "forked");
     } catch (err) {
@@ -403,10 +411,10 @@ export class SandboxService {
     return this.live.get(id)?.vm.disk.chain.length;
   }
 
-  /** Sandboxes their users hold (one being destroyed is gone for its user). */
+  /** Sandboxes running for their users (not one being destroyed, not a dead one). */
   get liveCount(): number {
     let n = 0;
-    for (const l of this.live.values()) if (!l.destroying) n++;
+    for (const l of this.live.values()) if (!l.destroying && l.vm.alive) n++;
     return n;
   }
 
