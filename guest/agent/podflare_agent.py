@@ -1,17 +1,38 @@
 #!/usr/bin/python3
 """podflare guest agent: serves spec/guest-protocol.md (protocol 1) over virtio-serial.
 
-Threads, and why:
-- main: runs execs one at a time from a FIFO queue. User code must run on the main thread
-  because only there can a timeout interrupt it with SIGINT -> KeyboardInterrupt, which
-  also breaks out of time.sleep() and other blocking calls.
-- reader: parses frames and answers everything but exec itself (ping must be answered
-  while user code runs); execs are queued for the main thread.
-- watchdog: turns deadlines and cancels into SIGINTs for the main thread.
+Two processes, both this file (standard library only: it is copied alone into the image):
+
+- The control process (`podflare_agent.py`, started by init) owns the virtio port: it
+  answers hello, ping, restore and file transfers, queues execs, enforces timeouts and
+  cancels, and is the only writer to the port. In the guest it lives in its own cgroup
+  (protected memory, high CPU weight, oom_score_adj -1000; see `Cgroups`).
+- The REPL worker (`podflare_agent.py --worker`, spawned by the control process over a
+  socket pair) runs user code with the ExecRunner below, in the `user` cgroup subtree
+  (memory.max, pids.max, low CPU weight), so an out-of-memory kill or a fork bomb ends
+  the worker, never the agent. Each exec runs with the worker moved into its own cgroup
+  (user/exec-<n>), so a timeout or cancel can kill every process the call started,
+  setsid'd or double-forked ones included. The control process relays the worker's
+  frames to the host and trusts none of them (user code runs in the worker and can write
+  to its socket): every frame is bounded, validated, re-encoded, and output is capped
+  again. A worker that dies mid-exec ends that exec with one exit frame saying so, and a
+  fresh worker is started.
+
+Threads of the control process:
+- main: the dispatcher; runs execs one at a time from a FIFO queue on the worker, times
+  them out, interrupts them, kills their cgroups, respawns the worker.
+- reader: parses host frames and answers everything but exec itself (ping must be
+  answered while user code runs); execs are queued for the dispatcher.
+- link: one per worker; relays its frames and notices its death (pidfd).
+- one thread per file download, paced by the host's credit window.
+Threads of the worker:
+- main: runs the exec. User code must run on the main thread because only there can an
+  interrupt reach it with SIGINT -> KeyboardInterrupt, which also breaks out of
+  time.sleep() and other blocking calls.
+- channel: reads the control process's frames (exec, interrupt, reseed).
+- watchdog: turns interrupts into SIGINTs for the main thread, repeated every second.
 - flusher: forwards captured output at least every few milliseconds.
 - fd pump: forwards what child processes (and C code) write to fds 1 and 2.
-- one thread per file download, paced by the host's credit window.
-Standard library only: this file is copied alone into the guest image.
 """
 
 import argparse
@@ -41,7 +62,7 @@ import time
 import traceback
 import types
 
-VERSION = "1.0.0"
+VERSION = "1.1.0"
 PROTOCOL = 1
 PORT_NAME = "org.podflare.agent"
 VIRTIO_PORTS = "/sys/class/virtio-ports"
@@ -59,7 +80,12 @@ PENDING_OUTPUT_CAP = 1 << 20  # producers wait beyond this: memory stays bounded
 FLUSH_DELAY = 0.005  # lets a burst of small writes coalesce into one frame
 DRAIN_CAP = 4 << 20  # an endlessly writing child cannot stall the end of an exec
 DRAIN_TIMEOUT = 5.0
+PIPE_SIZE = 1 << 20  # capture pipes; /proc/sys/fs/pipe-max-size allows it by default
+_SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 KICK_INTERVAL = 1.0  # SIGINT is repeated while code swallows KeyboardInterrupt
+# An interrupted exec whose worker shows no sign of life (its SIGINT handler never runs:
+# stuck in C code, SIGINT blocked or ignored) for this long is ended by killing the worker.
+KILL_GRACE = 10.0
 DISCONNECTED_POLL = 0.02  # the port reads EOF (and polls HUP) until the host connects
 SHUTDOWN_GRACE = 2.0
 
@@ -77,12 +103,34 @@ RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
 HOSTNAME_RE = re.compile(r"[a-z0-9-]{1,63}")
 MACHINE_ID_RE = re.compile(r"[0-9a-f]{32}")
 
+# The guest's cgroup v2 tree (see Cgroups): <root>/agent holds the control process,
+# <root>/user/repl the idle worker, <root>/user/exec-<n> the worker while it runs exec n
+# and whatever that call starts.
+CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP_CONTROLLERS = ("cpu", "memory", "pids")
+PIDS_MAX = 1024  # tasks (threads count) of everything user code runs
+# memory.max of `user` = MemTotal - reserve; the reserve is what the kernel (slab, page
+# tables of the guest), init, the control agent and its page cache need. Measured in a
+# 1 GiB guest: ~110 MiB outside `user` at rest; see docs/guest-isolation.md.
+MEMORY_RESERVE_FRACTION = 0.125
+MEMORY_RESERVE_MIN = 96 << 20
+AGENT_MEMORY_MIN = 48 << 20  # never reclaimed from the control agent (it uses ~16 MiB)
+AGENT_CPU_WEIGHT = 10000  # the maximum: the agent wins the CPU whenever it is runnable
+USER_CPU_WEIGHT = 10  # default is 100; ratio 1000:1
+SWEEP_PASSES = 20
+WORKER_FD_ARG = "--fd"
+WORKER_SEND_TIMEOUT = 5.0  # a worker that does not read its socket for this long is killed
+RESPAWN_BACKOFF_MIN, RESPAWN_BACKOFF_MAX = 0.1, 5.0
+QUICK_DEATH = 2.0  # a worker that dies this soon after starting backs the respawn off
+MAX_WORKER_READ = 1 << 20
+
 _log_fd = 2  # main() points this at a dup of the original stderr (the console)
+_log_prefix = "podflare-agent"
 
 
 def log(message):
     try:
-        os.write(_log_fd, f"podflare-agent: {message}\n".encode("utf-8", "replace"))
+        os.write(_log_fd, f"{_log_prefix}: {message}\n".encode("utf-8", "replace"))
     except OSError:
         pass
 
@@ -291,7 +339,16 @@ class OutputCollector:
         with self._cond:
             self._job_id, self._room, self._truncated = job_id, limit, False
 
+    def dropping(self):
+        """True while output would be dropped anyway (no exec, or past its limit): lets
+        producers skip decoding and encoding it."""
+        return self._job_id is None or self._truncated
+
     def push(self, stream, text):
+        if self._truncated and text:  # cheap: 1 GiB of output past the limit costs no copies
+            with self._cond:
+                if self._job_id is not None and self._truncated:
+                    return
         data = text.encode("utf-8", "replace")
         with self._cond:
             while self._job_id is not None and self._pending >= PENDING_OUTPUT_CAP:
@@ -400,11 +457,18 @@ class FdCapture:
         self._streams = {}  # pipe read end -> (stream, incremental decoder)
         for fd, stream in ((1, "stdout"), (2, "stderr")):
             read_end, write_end = os.pipe()
+            try:
+                # Fewer wake-ups for a child that writes a lot (a full pipe of 64 KiB
+                # makes it wait for every pump round trip).
+                fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass
             os.dup2(write_end, fd)  # inheritable: children write here
             os.close(write_end)
             os.set_blocking(read_end, False)
             self._streams[read_end] = (stream, codecs.getincrementaldecoder("utf-8")("replace"))
         self._wake_r, self._wake_w = os.pipe()
+        self._null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         self._drained = threading.Event()
         self._libc = ctypes.CDLL(None)
         # Set by the pump from before it reads a pipe until what it read is in the
@@ -417,6 +481,8 @@ class FdCapture:
     def drain(self):
         """Returns once what was written to fds 1/2 so far is in the collector (main thread only)."""
         self._libc.fflush(None)  # C stdio buffers fully when fd 1 is a pipe
+        if _in_forked_child():
+            return  # no pump in this process
         # Fast path (most cells write only through sys.stdout): nothing is waiting in the
         # pipes and the pump holds nothing unpushed. Poll first, then check busy: data
         # the pump took before the poll keeps busy set until it is in the collector.
@@ -465,10 +531,30 @@ class FdCapture:
 
     def _read_and_push(self, fd, stream, decoder, budget, final):
         while budget > 0:
-            try:
-                data = os.read(fd, min(budget, 64 << 10))
-            except BlockingIOError:
-                break
+            if self._collector.dropping():
+                # Past the exec's limit (or between execs): discard without copying it
+                # through Python, at pipe speed.
+                try:
+                    moved = os.splice(fd, self._null, PIPE_SIZE, flags=_SPLICE_F_NONBLOCK)
+                except BlockingIOError:
+                    break
+                except OSError:  # no splice here: read and drop
+                    try:
+                        moved = len(os.read(fd, PIPE_SIZE))
+                    except BlockingIOError:
+                        break
+                if moved:
+                    decoder.reset()
+                    budget -= moved
+                    if not final:
+                        break
+                    continue
+                data = b""  # EOF
+            else:
+                try:
+                    data = os.read(fd, min(budget, 64 << 10))
+                except BlockingIOError:
+                    break
             if not data:
                 # User code closed fd 1 or 2 everywhere: stop watching this pipe.
                 del self._streams[fd]
@@ -484,7 +570,7 @@ class FdCapture:
 
 
 class ExecJob:
-    __slots__ = ("id", "language", "code", "timeout", "max_output", "deadline", "reason", "next_kick")
+    __slots__ = ("id", "language", "code", "timeout", "max_output", "deadline", "reason", "next_kick", "raises_seen")
 
     def __init__(self, job_id, language, code, timeout, max_output):
         self.id = job_id
@@ -495,6 +581,31 @@ class ExecJob:
         self.deadline = None
         self.reason = None  # None, "timeout" or "cancel": why the exec is being interrupted
         self.next_kick = 0.0
+        self.raises_seen = 0
+
+
+_worker_pid = None  # set in the worker; a process with another pid is a fork of it
+
+
+def _in_forked_child():
+    return _worker_pid is not None and os.getpid() != _worker_pid
+
+
+def _exit_forked(exc):
+    """A process that user code forked (os.fork, multiprocessing with fork) and that came
+    back out of the cell: it must not act as the REPL (send an exit frame, wait for the
+    next exec), so it leaves with the cell's status, as a script would."""
+    code = 0
+    if isinstance(exc, SystemExit):
+        code = exc.code if _is_int(exc.code) else (0 if exc.code is None else 1)
+    elif exc is not None:
+        code = 1
+        try:
+            text = "".join(traceback.format_exception(type(exc), exc, _without_agent_frames(exc.__traceback__)))
+            _write_all(2, text.encode("utf-8", "replace"))
+        except Exception:
+            pass
+    os._exit(code & 0xFF)
 
 
 def _compile_cell(source, filename):
@@ -541,6 +652,7 @@ class ExecRunner:
         self._current = None
         self._closing = False
         self._armed = False  # user code is on the main thread's stack right now
+        self._raises = 0  # KeyboardInterrupts raised: proof that the interrupted code runs Python
         self._main_ident = threading.get_ident()
         self._cells = 0
         # A real module, so pickle, dataclasses and typing find cell-defined names in
@@ -564,18 +676,13 @@ class ExecRunner:
             self._cond.notify_all()
             return True
 
-    def cancel(self, target):
-        """Removes and returns exec `target` if queued; interrupts it if running."""
+    def interrupt(self, target, reason):
+        """Interrupts exec `target` (`reason`: "timeout" or "cancel") if it is queued or running."""
         with self._cond:
-            for job in self._queue:
-                if job.id == target:
-                    self._queue.remove(job)
-                    return job
-            job = self._current
-            if job is not None and job.id == target and job.reason is None:
-                job.reason = "cancel"
-                self._cond.notify_all()
-        return None
+            for job in [self._current, *self._queue]:
+                if job is not None and job.id == target and job.reason is None:
+                    job.reason = reason
+                    self._cond.notify_all()
 
     def shutdown(self):
         """The channel is gone for good: drop the queue and interrupt the running exec."""
@@ -654,6 +761,8 @@ class ExecRunner:
         # must keep working.
         signal.signal(signal.SIGINT, self._on_sigint)
         exc = self._call_armed(job, body, last)
+        if _in_forked_child():
+            _exit_forked(exc)
         if exc is None:
             return {"code": 0}
         self._capture.drain()  # what children printed comes before the traceback
@@ -731,6 +840,7 @@ class ExecRunner:
         # _call_armed's own bookkeeping (the watchdog repeats it a second later).
         job = self._current
         if self._armed and job is not None and job.reason is not None and frame is not None and frame.f_code is not _CALL_ARMED_CODE:
+            self._raises += 1
             raise KeyboardInterrupt
 
     def _watch(self):
@@ -748,11 +858,847 @@ class ExecRunner:
                 else:
                     if now >= job.next_kick:
                         job.next_kick = now + KICK_INTERVAL
+                        if self._raises != job.raises_seen:
+                            # The code swallows KeyboardInterrupt but does run: the
+                            # control process must not take it for stuck (KILL_GRACE).
+                            job.raises_seen = self._raises
+                            self._writer.send({"type": "alive", "id": job.id})
                         signal.pthread_kill(self._main_ident, signal.SIGINT)
                     self._cond.wait(job.next_kick - now)
 
 
 _CALL_ARMED_CODE = ExecRunner._call_armed.__code__
+
+
+class WorkerChannel:
+    """The worker's end of the socket pair: exec, interrupt and reseed requests from the
+    control process (trusted: it validated everything the host sent)."""
+
+    def __init__(self, fd, writer, runner):
+        self._fd = fd
+        self._writer = writer
+        self._runner = runner
+
+    def read_loop(self):
+        _pin_helper_thread()
+        parser = FrameParser()
+        while True:
+            try:
+                data = os.read(self._fd, min(parser.room(), 1 << 20))
+            except OSError as exc:
+                log(f"worker: channel read failed: {exc}")
+                break
+            if not data:
+                break
+            for kind, first, payload in parser.feed(data):
+                if kind != "frame":
+                    log(f"worker: {first}")
+                    continue
+                try:
+                    self._dispatch(json.loads(first), payload)
+                except Exception:
+                    log(f"worker: {traceback.format_exc()}")
+        # The control process is gone (it exits, or killed us and we are about to die).
+        self._runner.shutdown()
+        if not self._runner.stopped.wait(SHUTDOWN_GRACE):
+            os._exit(0)
+
+    def _dispatch(self, header, payload):
+        kind = header.get("type")
+        if kind == "exec":
+            code = payload.decode("utf-8")
+            job = ExecJob(header["id"], header["language"], code, None, header["max_output_bytes"])
+            if not self._runner.submit(job):
+                self._writer.send({"type": "exit", "id": job.id, "code": 1})
+        elif kind == "interrupt":
+            self._runner.interrupt(header["id"], header["reason"])
+        elif kind == "reseed":
+            # The control process has just reseeded the kernel CRNG (restore): clones of
+            # one snapshot must stop sharing the REPL's random sequence. The module object
+            # is the one user code imported.
+            random.seed(os.urandom(32))
+            self._writer.send({"type": "reseeded", "id": header.get("id")})
+
+
+def _after_fork_in_worker(channel_fd, null_fd):
+    # A fork of the worker must not write frames into the worker's channel (its copy of
+    # the writer's lock may even be held): the channel becomes /dev/null. Forked copies
+    # are also the preferred victims of the OOM killer, ahead of the REPL.
+    try:
+        os.dup2(null_fd, channel_fd, inheritable=False)
+    except OSError:
+        pass
+    _write_proc_file("/proc/self/oom_score_adj", "500")
+
+
+def _write_proc_file(path, text):
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        os.write(fd, text.encode("ascii"))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def worker_main(args):
+    """The REPL worker: runs user code; talks only to the control process (fd `args.fd`)."""
+    global _worker_pid, _log_prefix
+    _log_prefix = "podflare-agent[worker]"
+    _worker_pid = os.getpid()
+    fd = args.fd
+    os.set_inheritable(fd, False)  # user code's children must not reach the channel
+    if args.cpus:
+        # Spawned from a control thread that stays on one vCPU; user code gets them all.
+        _set_affinity({int(cpu) for cpu in args.cpus.split(",")})
+    _write_proc_file("/proc/self/oom_score_adj", "0")  # the control process has -1000
+    null_fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    os.register_at_fork(after_in_child=lambda: _after_fork_in_worker(fd, null_fd))
+    writer = FrameWriter(fd)
+    collector = OutputCollector(writer)
+    capture = FdCapture(collector)
+    runner = ExecRunner(writer, collector, capture)
+    sys.stdout = CapturedStream(collector, "stdout", 1)
+    sys.stderr = CapturedStream(collector, "stderr", 2)
+    sys.argv = [""]
+    if sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
+        sys.path[0] = ""  # as in the interactive interpreter: imports see the cwd
+    runner.install()
+    collector.start()
+    capture.start()
+    writer.send({"type": "ready", "id": None, "pid": os.getpid()})
+    threading.Thread(target=WorkerChannel(fd, writer, runner).read_loop, name="podflare-channel", daemon=True).start()
+    runner.run_forever()
+    os._exit(0)  # user threads may still run and must not keep the process alive
+
+
+def _read_text(path):
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _keyed_counter(path, key):
+    """A counter from a flat-keyed cgroup file such as memory.events ("oom_kill 3")."""
+    for line in _read_text(path).splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def memory_limit_for(mem_total):
+    """memory.max of the `user` subtree for a guest whose MemTotal is `mem_total` bytes."""
+    reserve = max(MEMORY_RESERVE_MIN, int(mem_total * MEMORY_RESERVE_FRACTION))
+    return max(mem_total - reserve, mem_total // 2) // 4096 * 4096
+
+
+class Cgroups:
+    """The guest's cgroup v2 layout, managed by the control process:
+
+        <root>/agent           the control process: cpu.weight 10000, memory.min
+        <root>/user            everything user code runs: memory.max, pids.max, cpu.weight 10
+        <root>/user/repl       the worker between execs
+        <root>/user/exec-<n>   the worker while it runs exec n, and every process that
+                               call starts; removed once empty
+
+    `user` enables no controllers for its children: its limits cover the whole subtree,
+    and its children are plain process groups (cheap to create and remove per exec) that
+    cgroup.kill can end at once. With `root` None every operation is a no-op (tests on a
+    host, or a kernel without cgroup v2). Failures are logged, never fatal.
+    """
+
+    def __init__(self, root):
+        self.root = root
+        self.enabled = root is not None
+        self.agent = self.user = self.repl = None
+        if self.enabled:
+            self.agent = os.path.join(root, "agent")
+            self.user = os.path.join(root, "user")
+            self.repl = os.path.join(self.user, "repl")
+        self.memory_max = None
+        self._seq = 0
+        self._lingering = []  # exec cgroups that still had processes when their exec ended
+
+    def _write(self, path, text, quiet=False):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, text.encode("ascii"))  # one write: cgroup files take one value each
+            finally:
+                os.close(fd)
+            return True
+        except OSError as exc:
+            if not quiet:
+                log(f"cgroup: write {text!r} to {path}: {exc}")
+            return False
+
+    def setup(self):
+        """Creates the layout, sets the limits and moves this (control) process into agent/."""
+        if not self.enabled:
+            return
+        available = _read_text(os.path.join(self.root, "cgroup.controllers")).split()
+        for controller in CGROUP_CONTROLLERS:
+            if controller in available:
+                self._write(os.path.join(self.root, "cgroup.subtree_control"), f"+{controller}")
+            else:
+                log(f"cgroup: controller {controller} not available (have: {' '.join(available) or 'none'})")
+        for path in (self.agent, self.user, self.repl):
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as exc:
+                log(f"cgroup: mkdir {path}: {exc}; running without cgroups")
+                self.enabled = False
+                return
+        mem_total = 0
+        for line in _read_text("/proc/meminfo").splitlines():
+            if line.startswith("MemTotal:"):  # "MemTotal:       995500 kB"
+                mem_total = int(line.split()[1]) * 1024
+        limits = [
+            (self.agent, "cpu.weight", AGENT_CPU_WEIGHT),
+            (self.agent, "memory.min", AGENT_MEMORY_MIN),
+            (self.user, "cpu.weight", USER_CPU_WEIGHT),
+            (self.user, "pids.max", PIDS_MAX),
+        ]
+        if mem_total:
+            self.memory_max = memory_limit_for(mem_total)
+            limits.append((self.user, "memory.max", self.memory_max))
+        for path, name, value in limits:
+            if os.path.exists(os.path.join(path, name)):
+                self._write(os.path.join(path, name), str(value))
+        # An earlier control process died: its worker (and the worker's own children) are
+        # of no use to anyone now. Processes of earlier execs keep running.
+        self.kill(self.repl)
+        for entry in self._exec_cgroups():
+            self._seq = max(self._seq, int(entry[5:]))
+            self._lingering.append(os.path.join(self.user, entry))
+        self.tidy()
+        if not self._write(os.path.join(self.agent, "cgroup.procs"), "0"):
+            log("cgroup: cannot move the agent into its cgroup; running without cgroups")
+            self.enabled = False
+            return
+        _write_proc_file("/proc/self/oom_score_adj", "-1000")
+        log(f"cgroups: user memory.max={self.memory_max} pids.max={PIDS_MAX}")
+
+    def _exec_cgroups(self):
+        try:
+            return [e for e in os.listdir(self.user) if e.startswith("exec-") and e[5:].isdigit()]
+        except OSError:
+            return []
+
+    def spawn_prefix(self):
+        """argv prefix that starts a process in user/repl before it runs anything: its
+        start-up memory is then charged to `user` (a shell builtin moves the shell itself,
+        which then becomes the worker)."""
+        if not self.enabled:
+            return []
+        return ["/bin/sh", "-c", 'echo 0 > "$0"; exec "$@"', os.path.join(self.repl, "cgroup.procs")]
+
+    def new_exec(self):
+        if not self.enabled:
+            return None
+        self._seq += 1
+        path = os.path.join(self.user, f"exec-{self._seq}")
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            log(f"cgroup: mkdir {path}: {exc}")
+            return None
+        return path
+
+    def move(self, pid, path):
+        return self.enabled and path is not None and self._write(os.path.join(path, "cgroup.procs"), str(pid), quiet=True)
+
+    def procs(self, path):
+        return {int(pid) for pid in _read_text(os.path.join(path, "cgroup.procs")).split() if pid.isdigit()}
+
+    def kill(self, path):
+        """SIGKILLs every process in `path` (cgroup.kill: also those forking meanwhile)."""
+        if not self.enabled or path is None or not os.path.isdir(path):
+            return
+        if self._write(os.path.join(path, "cgroup.kill"), "1", quiet=True):
+            return
+        for _ in range(SWEEP_PASSES):  # a kernel before 5.14: one by one
+            pids = self.procs(path)
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def remove(self, path):
+        """rmdir once empty; a cgroup that still has processes is retried by tidy()."""
+        if not self.enabled or path is None:
+            return
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            if path not in self._lingering:
+                self._lingering.append(path)
+
+    def tidy(self):
+        lingering, self._lingering = self._lingering, []
+        for path in lingering:
+            self.remove(path)
+
+    def oom_kills(self):
+        return _keyed_counter(os.path.join(self.user, "memory.events"), "oom_kill") if self.enabled else 0
+
+    def pids_limit_hits(self):
+        return _keyed_counter(os.path.join(self.user, "pids.events"), "max") if self.enabled else 0
+
+
+class WorkerProcess:
+    """One REPL worker: the process, its socket and its link thread."""
+
+    def __init__(self, argv, on_frames, on_death):
+        host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            os.set_inheritable(child.fileno(), True)
+            self.pid = os.posix_spawn(
+                argv[0],
+                [*argv, WORKER_FD_ARG, str(child.fileno())],
+                dict(os.environ),
+                # User code expects default signal dispositions (this process may ignore some).
+                setsigdef=signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP},
+            )
+        except BaseException:
+            host.close()
+            raise
+        finally:
+            child.close()
+        self._sock = host
+        self._fd = host.fileno()
+        os.set_blocking(self._fd, False)
+        self._pidfd = os.pidfd_open(self.pid)
+        self._send_lock = threading.Lock()  # also keeps _fd from closing under a sender
+        self._pid_lock = threading.Lock()  # keeps _pidfd from closing under kill()
+        self._on_frames = on_frames
+        self._on_death = on_death
+        self.started = time.monotonic()
+        self.ready_at = None  # set (under the scheduler's lock) by its "ready" frame
+        self.dead = False
+        self.gone = threading.Event()  # reaped
+
+    def start(self):
+        threading.Thread(target=self._link, name=f"podflare-link-{self.pid}", daemon=True).start()
+
+    def send(self, header, payload=b"", timeout=WORKER_SEND_TIMEOUT):
+        """Sends a frame without ever blocking for long: a worker that does not read its
+        socket (stuck, or user code stole the fd) is killed instead."""
+        data = FrameWriter.encode(header, payload)
+        deadline = time.monotonic() + timeout
+        with self._send_lock:
+            if self._fd < 0:
+                return False  # closed: the number may belong to another file by now
+            view = memoryview(data)
+            poller = select.poll()
+            poller.register(self._fd, select.POLLOUT)
+            while view:
+                try:
+                    view = view[os.write(self._fd, view) :]
+                    continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                poller.poll(remaining * 1000)
+        if view:
+            log(f"worker {self.pid} does not take frames; killing it")
+            self.kill()
+            return False
+        return True
+
+    def kill(self):
+        with self._pid_lock:
+            if self._pidfd >= 0:  # a pidfd never signals a recycled pid
+                try:
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def close_channel(self):
+        """Tells the worker to exit (EOF on its channel)."""
+        with self._send_lock:
+            if self._fd >= 0:
+                try:
+                    self._sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
+    def _link(self):
+        _pin_helper_thread()
+        parser = FrameParser()
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        poller.register(self._pidfd, select.POLLIN)
+        eof = False
+        try:
+            while True:
+                ready = dict(poller.poll())
+                if not eof and ready.get(self._fd):
+                    eof = not self._relay(parser)
+                    if eof:
+                        poller.unregister(self._fd)
+                        # User code may have shut the socket: a worker that cannot talk is useless.
+                        self.kill()
+                if ready.get(self._pidfd):
+                    break
+            while not eof and self._relay(parser):  # what it sent before it died
+                pass
+        except Exception:
+            log(f"worker link: {traceback.format_exc()}")
+            self.kill()
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            status = 0
+        with self._send_lock, self._pid_lock:
+            self._sock.close()
+            os.close(self._pidfd)
+            self._fd = self._pidfd = -1
+        try:
+            self._on_death(self, status)
+        finally:
+            self.gone.set()
+
+    def _relay(self, parser):
+        """Reads what is there; False on EOF (or once nothing is left after death)."""
+        try:
+            data = os.read(self._fd, min(parser.room(), MAX_WORKER_READ))
+        except BlockingIOError:
+            return not self.dead_reading_done()
+        except OSError:
+            return False
+        if not data:
+            return False
+        frames = []
+        for kind, first, payload in parser.feed(data):
+            if kind == "frame":
+                frames.append((first, payload))
+            else:
+                log(f"worker {self.pid} sent a bad frame ({first})")
+        if frames:
+            self._on_frames(self, frames)
+        return True
+
+    def dead_reading_done(self):
+        # Nothing more to read right now: after the worker's death that is the end of it.
+        try:
+            return select.select([self._pidfd], [], [], 0)[0] != []
+        except (OSError, ValueError):
+            return True
+
+
+def _death_cause(status):
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}", 128 - code
+    return f"exited with code {code}", code or 1
+
+
+class ControlJob:
+    __slots__ = (
+        "id", "language", "code", "timeout", "max_output", "room", "truncated", "reason", "deadline",
+        "interrupted_at", "kill_at", "done", "worker", "cgroup", "oom_before", "pids_before",
+        "repl_before", "kill_leftovers", "killed_stuck",
+    )
+
+    def __init__(self, job_id, language, code, timeout, max_output):
+        self.id = job_id
+        self.language = language
+        self.code = code  # the payload bytes, already checked to be UTF-8
+        self.timeout = timeout
+        self.max_output = max_output
+        self.room = max_output
+        self.truncated = False
+        self.reason = None  # "timeout" or "cancel"
+        self.deadline = None
+        self.interrupted_at = None
+        self.kill_at = None  # the worker is killed if still running then (KILL_GRACE)
+        self.done = False  # its exit frame was sent
+        self.worker = None
+        self.cgroup = None
+        self.oom_before = self.pids_before = 0
+        self.repl_before = set()
+        self.kill_leftovers = False
+        self.killed_stuck = False
+
+
+class ExecScheduler:
+    """Runs execs one at a time on the REPL worker (the dispatcher is the main thread):
+    owns the queue, timeouts, cancels, per-exec cgroups and the worker's life."""
+
+    def __init__(self, writer, cgroups, worker_argv, kill_grace=KILL_GRACE):
+        self._writer = writer
+        self._cgroups = cgroups
+        self._worker_argv = worker_argv
+        self._kill_grace = kill_grace
+        self._cond = threading.Condition()
+        self._queue = collections.deque()
+        self._current = None
+        self._closing = False
+        self._worker = None
+        self._respawn_at = 0.0
+        self._backoff = RESPAWN_BACKOFF_MIN
+        self._restart_note = None  # told (stderr) to the next exec: the REPL died while idle
+        self.stopped = threading.Event()
+
+    # -- called from the reader thread --
+
+    def submit(self, job):
+        with self._cond:
+            if self._closing or len(self._queue) >= MAX_QUEUED_EXECS:
+                return False
+            self._queue.append(job)
+            self._cond.notify_all()
+            return True
+
+    def cancel(self, target):
+        """Removes and returns exec `target` if queued; interrupts it if running."""
+        with self._cond:
+            for job in self._queue:
+                if job.id == target:
+                    self._queue.remove(job)
+                    return job
+            job = self._current
+            if job is not None and job.id == target and job.reason is None and not job.done:
+                job.reason = "cancel"
+                self._cond.notify_all()
+        return None
+
+    def shutdown(self):
+        """The channel is gone for good: drop the queue and interrupt the running exec."""
+        with self._cond:
+            self._closing = True
+            self._queue.clear()
+            if self._current is not None and self._current.reason is None:
+                self._current.reason = "cancel"
+            self._cond.notify_all()
+
+    def reseed(self):
+        """After a restore: the REPL reseeds `random` before it runs anything else (its
+        channel is in order). No worker: the next one seeds itself from the fresh CRNG."""
+        with self._cond:
+            worker = self._worker
+        if worker is not None and not worker.dead:
+            worker.send({"type": "reseed", "id": None}, timeout=1.0)
+
+    # -- the dispatcher (main thread) --
+
+    def run_forever(self):
+        _pin_helper_thread()
+        try:
+            while True:
+                job = self._next_job()
+                if job is None:
+                    return
+                try:
+                    self._run(job)
+                except Exception:  # an agent bug: the exec still ends with exactly one exit
+                    log(f"exec {job.id}: {traceback.format_exc()}")
+                    job.worker.kill()
+                    self._wait_done(job)
+                finally:
+                    with self._cond:
+                        self._current = None
+        finally:
+            self._stop_worker()
+            self.stopped.set()
+
+    def _next_job(self):
+        while True:
+            with self._cond:
+                while True:
+                    if self._closing:
+                        return None
+                    if self._worker is None:
+                        delay = self._respawn_at - time.monotonic()
+                        if delay <= 0:
+                            break
+                        self._cond.wait(delay)
+                    elif self._worker.ready_at is not None and self._queue:
+                        job = self._queue.popleft()
+                        job.worker = self._worker
+                        self._current = job
+                        return job
+                    else:
+                        self._cond.wait()
+            self._spawn()
+
+    def _spawn(self):
+        cg = self._cgroups
+        cg.kill(cg.repl)  # what the previous worker left behind (it is gone by now)
+        try:
+            worker = WorkerProcess(cg.spawn_prefix() + self._worker_argv, self._from_worker, self._worker_died)
+        except OSError as exc:
+            log(f"cannot start the REPL worker: {exc}")
+            with self._cond:
+                self._respawn_at = time.monotonic() + self._backoff
+                self._backoff = min(self._backoff * 2, RESPAWN_BACKOFF_MAX)
+            return
+        cg.move(worker.pid, cg.repl)  # the shell prefix did it already; harmless
+        with self._cond:
+            self._worker = worker
+        worker.start()
+        log(f"REPL worker started pid={worker.pid}")
+
+    def _run(self, job):
+        cg = self._cgroups
+        worker = job.worker
+        job.oom_before = cg.oom_kills()
+        job.pids_before = cg.pids_limit_hits()
+        job.cgroup = cg.new_exec()
+        if job.cgroup is not None and not cg.move(worker.pid, job.cgroup):
+            cg.remove(job.cgroup)
+            job.cgroup = None
+        note = None
+        with self._cond:
+            note, self._restart_note = self._restart_note, None
+            job.deadline = None if job.timeout is None else time.monotonic() + job.timeout
+        if note:
+            self._send_output(job, "stderr", note.encode())
+        header = {"type": "exec", "id": job.id, "language": job.language, "max_output_bytes": job.max_output}
+        worker.send(header, job.code)  # on failure the worker is killed: the death ends the job
+        self._supervise(job)
+        self._finish(job)
+
+    def _supervise(self, job):
+        while True:
+            act = None
+            with self._cond:
+                if job.done:
+                    return
+                now = time.monotonic()
+                if job.reason is None and job.deadline is not None and now >= job.deadline:
+                    job.reason = "timeout"
+                if job.reason is not None and job.interrupted_at is None:
+                    job.interrupted_at = now
+                    job.kill_at = now + self._kill_grace
+                    act = "interrupt"
+                elif job.kill_at is not None and now >= job.kill_at:
+                    job.kill_at = None
+                    job.killed_stuck = True
+                    act = "kill"
+                else:
+                    wake = job.kill_at if job.reason is not None else job.deadline
+                    self._cond.wait(None if wake is None else max(0.0, wake - now))
+                    continue
+            if act == "interrupt":
+                self._interrupt(job)
+            else:
+                log(f"exec {job.id}: the REPL did not stop within {self._kill_grace:g} s of the interrupt; killing it")
+                job.worker.kill()
+
+    def _wait_done(self, job):
+        with self._cond:
+            while not job.done:
+                self._cond.wait()
+
+    def _interrupt(self, job):
+        cg = self._cgroups
+        # KeyboardInterrupt for the Python code (repeated every second by the worker) ...
+        job.worker.send({"type": "interrupt", "id": job.id, "reason": job.reason})
+        if job.cgroup is not None:
+            # ... and SIGKILL for every other process of the call, wherever it went (its
+            # own session, a double fork): the worker steps out of the call's cgroup first.
+            job.repl_before = cg.procs(cg.repl)
+            cg.move(job.worker.pid, cg.repl)
+            cg.kill(job.cgroup)
+
+    def _finish(self, job):
+        cg = self._cgroups
+        if job.cgroup is None:
+            return
+        worker = job.worker
+        if not worker.dead:
+            cg.move(worker.pid, cg.repl)
+        if job.interrupted_at is not None or worker.dead or job.kill_leftovers:
+            cg.kill(job.cgroup)
+        if job.interrupted_at is not None and not worker.dead:
+            # Processes the interrupted code started after the worker left the call's
+            # cgroup (before its KeyboardInterrupt landed) are in user/repl: back into the
+            # call's cgroup with them, and kill it again, until none are left.
+            for _ in range(SWEEP_PASSES):
+                strays = cg.procs(cg.repl) - job.repl_before - {worker.pid}
+                if not strays:
+                    break
+                for pid in strays:
+                    cg.move(pid, job.cgroup)
+                cg.kill(job.cgroup)
+        # Processes a call starts keep running after it ends normally (documented); their
+        # cgroup is removed once they are gone.
+        cg.remove(job.cgroup)
+        cg.tidy()
+
+    def _stop_worker(self):
+        with self._cond:
+            worker = self._worker
+        if worker is None:
+            return
+        worker.close_channel()
+        if not worker.gone.wait(SHUTDOWN_GRACE):
+            worker.kill()
+            worker.gone.wait(SHUTDOWN_GRACE)
+
+    # -- called from a worker's link thread --
+
+    def _send_output(self, job, stream, data):
+        frames = self._output_frames(job, stream, data)
+        if frames:
+            self._writer.send_encoded(b"".join(frames))
+
+    def _output_frames(self, job, stream, data):
+        """Encoded output frames for `data`, within what is left of the job's limit."""
+        if not data:
+            return []
+        if job.room <= 0:
+            job.truncated = True
+            return []
+        if len(data) > job.room:
+            data = data[: _utf8_cut(data, 0, job.room)]
+            job.truncated = True
+            job.room = len(data)
+        job.room -= len(data)
+        frames = []
+        start = 0
+        while start < len(data):
+            end = _utf8_cut(data, start, OUTPUT_FRAME)
+            if end == start:  # cannot happen with valid UTF-8; never loop
+                break
+            frames.append(FrameWriter.encode({"type": "output", "id": job.id, "stream": stream}, data[start:end]))
+            start = end
+        return frames
+
+    def _from_worker(self, worker, frames):
+        """Relays a worker's frames: only those of its current exec, validated."""
+        out = []
+        for raw, payload in frames:
+            try:
+                header = json.loads(raw.decode("utf-8"))
+            except (ValueError, RecursionError):
+                continue
+            if not isinstance(header, dict):
+                continue
+            kind = header.get("type")
+            if kind == "ready":
+                with self._cond:
+                    if worker.ready_at is None:
+                        worker.ready_at = time.monotonic()
+                        self._cond.notify_all()
+                continue
+            with self._cond:
+                job = self._current
+                if job is None or job.done or job.worker is not worker or header.get("id") != job.id or not _is_int(header.get("id")):
+                    continue  # stale, forged or for nobody: dropped
+                if kind == "output":
+                    stream = header.get("stream")
+                    if stream not in ("stdout", "stderr"):
+                        continue
+                    try:
+                        payload.decode("utf-8")
+                    except UnicodeDecodeError:
+                        payload = payload.decode("utf-8", "replace").encode("utf-8")
+                    out += self._output_frames(job, stream, payload)
+                elif kind == "alive":
+                    if job.kill_at is not None:
+                        job.kill_at = time.monotonic() + self._kill_grace
+                elif kind == "exit":
+                    if self._cgroups.pids_limit_hits() > job.pids_before:
+                        job.kill_leftovers = True
+                        out += self._output_frames(
+                            job,
+                            "stderr",
+                            f"podflare: this call hit the sandbox's process limit ({PIDS_MAX}); the processes it started are killed as it ends\n".encode(),
+                        )
+                    out.append(FrameWriter.encode(self._exit_frame(job, header)))
+                    job.done = True
+                    self._cond.notify_all()
+        if out:
+            self._writer.send_encoded(b"".join(out))
+
+    def _exit_frame(self, job, header):
+        """The exit frame for `job` from the worker's claims, checked and clipped; the
+        control process's own knowledge (timeout, cancel, truncation) wins."""
+        code = header.get("code")
+        frame = {"type": "exit", "id": job.id, "code": code if _is_int(code) and -(1 << 31) <= code < 1 << 31 else 1}
+        error = header.get("error")
+        if isinstance(error, dict):
+            frame["error"] = {
+                "name": _clip(str(error.get("name", "")), 200),
+                "value": _clip(str(error.get("value", "")), MAX_MESSAGE),
+                "traceback": _clip(str(error.get("traceback", "")), MAX_TRACEBACK, keep_tail=True),
+            }
+        if header.get("truncated") is True or job.truncated:
+            frame["truncated"] = True
+        if job.reason == "timeout":
+            frame.update(code=124, timed_out=True)
+        elif job.reason == "cancel":
+            frame.update(code=130, cancelled=True)
+        return frame
+
+    def _worker_died(self, worker, status):
+        cause, code = _death_cause(status)
+        now = time.monotonic()
+        oom = self._cgroups.oom_kills()
+        out = []
+        with self._cond:
+            worker.dead = True
+            if self._worker is worker:
+                self._worker = None
+                quick = worker.ready_at is None or now - worker.ready_at < QUICK_DEATH
+                self._respawn_at = now + (self._backoff if quick else 0.0)
+                self._backoff = min(self._backoff * 2, RESPAWN_BACKOFF_MAX) if quick else RESPAWN_BACKOFF_MIN
+            job = self._current
+            if job is not None and not job.done and job.worker is worker:
+                out_of_memory = oom > job.oom_before
+                if job.killed_stuck:
+                    name = "ReplKilled"
+                    value = f"the code did not stop within {self._kill_grace:g} s of the interrupt, so the Python REPL process was killed"
+                elif out_of_memory:
+                    name = "OutOfMemory"
+                    limit = f" ({self._cgroups.memory_max >> 20} MiB)" if self._cgroups.memory_max else ""
+                    value = f"the sandbox ran out of memory{limit} and the Python REPL process was killed"
+                else:
+                    name = "ReplDied"
+                    value = f"the Python REPL process {cause}"
+                value += "; its state (variables, imports) is lost and a fresh REPL has been started"
+                text = f"podflare: {value}\n"
+                out += self._output_frames(job, "stderr", text.encode())
+                frame = {"type": "exit", "id": job.id, "code": code, "error": {"name": name, "value": value, "traceback": ""}}
+                if job.truncated:
+                    frame["truncated"] = True
+                if job.reason == "timeout":
+                    frame.update(code=124, timed_out=True)
+                elif job.reason == "cancel":
+                    frame.update(code=130, cancelled=True)
+                out.append(FrameWriter.encode(frame))
+                job.done = True
+            elif not self._closing:
+                self._restart_note = f"podflare: the Python REPL process {cause} between calls; its state is lost and a fresh REPL has been started\n"
+            self._cond.notify_all()
+        log(f"REPL worker pid={worker.pid} {cause}")
+        if out:
+            self._writer.send_encoded(b"".join(out))
 
 
 class _Upload:
@@ -992,7 +1938,8 @@ def _write_hosts(hostname):
 
 
 class Agent:
-    """The reader thread: parses frames, answers requests and queues execs."""
+    """The control process's reader thread: parses frames, answers requests and queues
+    execs for the dispatcher (`runner`, an ExecScheduler)."""
 
     def __init__(self, fd, reconnects, skip_system_restore, writer, runner, transfers):
         self._fd = fd
@@ -1111,7 +2058,7 @@ class Agent:
             raise RequestError("bad_request", "the code is not UTF-8") from None
         if language == "bash" and "\0" in code:
             raise RequestError("bad_request", "bash code cannot contain NUL")
-        job = ExecJob(rid, language, code, None if timeout_ms is None else timeout_ms / 1000, DEFAULT_MAX_OUTPUT if max_output is None else max_output)
+        job = ControlJob(rid, language, payload, None if timeout_ms is None else timeout_ms / 1000, DEFAULT_MAX_OUTPUT if max_output is None else max_output)
         if not self._runner.submit(job):
             raise RequestError("busy", f"more than {MAX_QUEUED_EXECS} execs queued")
         return None
@@ -1148,8 +2095,8 @@ class Agent:
                 except (OSError, OverflowError, ValueError) as exc:
                     failures.append(f"{name}: {exc}")
         # After the CRNG reseed, so clones of one snapshot stop sharing the REPL's
-        # random sequence. The module object is the one user code imported.
-        random.seed(os.urandom(32))
+        # random sequence: the worker reseeds before it runs anything else.
+        self._runner.reseed()
         if failures:
             raise RequestError("io_error", "restore incomplete: " + "; ".join(failures))
         return {"type": "ok", "id": rid}
@@ -1184,9 +2131,19 @@ def main(argv=None):
         action="store_true",
         help="restore only reseeds random and leaves the CRNG, clock, hostname and machine-id alone (host-side tests)",
     )
+    parser.add_argument(
+        "--cgroup-root",
+        help=f"a cgroup v2 directory to lay out and use (default: {CGROUP_ROOT} with --port or no channel option, none with --fd)",
+    )
+    parser.add_argument("--no-cgroups", action="store_true", help="never use cgroups")
+    parser.add_argument("--kill-grace", type=float, default=KILL_GRACE, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # the REPL process (internal)
+    parser.add_argument("--cpus", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.fd is not None and args.fd < 3:
         parser.error("--fd must be 3 or more")
+    if args.worker and args.fd is None:
+        parser.error("--worker needs --fd")
 
     global _log_fd
     for std_fd in (0, 1, 2):  # open the lowest free fd, so pipes never land on 0..2
@@ -1195,39 +2152,41 @@ def main(argv=None):
         except OSError:
             os.open(os.devnull, os.O_RDWR)
     _log_fd = os.dup(2)  # diagnostics stay off the captured fds 1 and 2
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null_fd, 0)
+    os.close(null_fd)
+    sys.stdin = open(os.devnull, encoding="utf-8")
+    if args.worker:
+        worker_main(args)
+        return
+
     if args.fd is not None:
         fd = args.fd
         os.set_inheritable(fd, False)
     else:
         fd = os.open(args.port or _find_port(), os.O_RDWR | os.O_CLOEXEC)
-    null_fd = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null_fd, 0)
-    os.close(null_fd)
-    sys.stdin = open(os.devnull, encoding="utf-8")
+    cgroup_root = None
+    if not args.no_cgroups:
+        cgroup_root = args.cgroup_root or (CGROUP_ROOT if args.fd is None else None)
+        if cgroup_root is not None and not os.path.exists(os.path.join(cgroup_root, "cgroup.procs")):
+            log(f"{cgroup_root} is not a cgroup v2 directory; running without cgroups")
+            cgroup_root = None
+    cgroups = Cgroups(cgroup_root)
+    cgroups.setup()
+    cpus = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))
+    worker_argv = [sys.executable, "-u", os.path.realpath(__file__), "--worker", "--cpus", cpus]
 
     writer = FrameWriter(fd)
-    collector = OutputCollector(writer)
-    capture = FdCapture(collector)
-    runner = ExecRunner(writer, collector, capture)
+    scheduler = ExecScheduler(writer, cgroups, worker_argv, kill_grace=args.kill_grace)
     transfers = FileTransfers(writer)
-    agent = Agent(fd, args.fd is None, args.skip_system_restore, writer, runner, transfers)
-    sys.stdout = CapturedStream(collector, "stdout", 1)
-    sys.stderr = CapturedStream(collector, "stderr", 2)
-    sys.argv = [""]
-    if sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
-        sys.path[0] = ""  # as in the interactive interpreter: imports see the cwd
-    runner.install()
-    collector.start()
-    capture.start()
+    agent = Agent(fd, args.fd is None, args.skip_system_restore, writer, scheduler, transfers)
     log(f"version {VERSION} started pid={os.getpid()}")
     # First frame of every agent process: the host learns that the state and requests of
-    # an earlier agent (say, OOM-killed with the user code inside it) are gone.
+    # an earlier agent are gone. (The REPL worker dying is told through exit frames.)
     writer.send({"type": "started", "id": None, **agent.identity()})
     threading.Thread(target=agent.read_loop, name="podflare-reader", daemon=True).start()
-    runner.run_forever()
-    # Only reached once the channel is closed for good (--fd). User threads may still be
-    # running and must not keep the process alive.
-    os._exit(0)
+    scheduler.run_forever()
+    os._exit(0)  # only reached once the channel is closed for good (--fd)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 """PID 1 of a podflare guest.
 
 The initramfs switch_root's into `/usr/bin/python3 -I -S /opt/podflare/podflare_init.py`
-with /dev already mounted. This mounts the API file systems, brings up lo, then runs the
+with /dev already mounted. This mounts the API file systems (cgroup2 included), brings up lo, then runs the
 guest agent and reaps every process of the guest (orphans are reparented to PID 1),
 respawning the agent whenever it exits. PID 1 exiting panics the kernel, so every setup
 step is best-effort and logged, and the supervisor loop survives any exception.
@@ -26,6 +26,9 @@ MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
 MOUNTS = (  # source, target, type, flags, options; in order (/dev/pts needs /dev)
     ("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
     ("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
+    # The agent lays out its cgroups here (podflare_agent.Cgroups): user code runs under
+    # memory and pids limits, in a cgroup per call that a timeout can kill whole.
+    ("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
     ("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"),
     ("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=0620,ptmxmode=0666"),  # gid 5: tty
     ("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
