@@ -48,6 +48,10 @@ export async function prepareEngine(
     image,
     tscKhz: await hostTscKhz(),
     log,
+    vmUidBase: config.vmUidBase,
+    vmUidCount: config.vmUidCount,
+    vmCgroups: config.vmCgroups,
+    vmMemOverheadMib: config.vmMemOverheadMib,
   };
   const probeEngine = new VmEngine({ ...base, accel: "kvm" });
   const accel = await chooseAccel(

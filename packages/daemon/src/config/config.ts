@@ -6,6 +6,7 @@ import { availableParallelism, homedir, totalmem } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { defaultPoolSize } from "../pool/plan.js";
+import { QEMU_OVERHEAD_MIB } from "../vm/cgroup.js";
 
 export type AccelChoice = "auto" | "kvm" | "tcg";
 
@@ -27,6 +28,16 @@ export interface Config {
   /** The repository's guest/ folder: the image recipe and the agent. */
   readonly guestDir: string;
   readonly qemuBinary: string;
+  /**
+   * When the daemon runs as root, each VM's QEMU runs as a uid (and gid) of its own from
+   * [vmUidBase, vmUidBase + vmUidCount); no account needs to exist. 0 turns it off.
+   */
+  readonly vmUidBase: number;
+  readonly vmUidCount: number;
+  /** Per-VM cgroup limits (memory, pids, CPU) where the host's cgroups are writable. */
+  readonly vmCgroups: boolean;
+  /** QEMU's memory allowed beyond guest RAM in a VM's cgroup (MiB; docs/hardening.md). */
+  readonly vmMemOverheadMib: number;
   readonly accel: AccelChoice;
   readonly defaultVcpuCount: number;
   readonly defaultMemSizeMib: number;
@@ -112,6 +123,10 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     ),
     guestDir: env.PODFLARE_GUEST_DIR || join(repoRoot, "guest"),
     qemuBinary: env.PODFLARE_QEMU || "qemu-system-x86_64",
+    vmUidBase: envInt("PODFLARE_VM_UID_BASE", 2_000_000_000),
+    vmUidCount: Math.max(1, envInt("PODFLARE_VM_UID_COUNT", 65_536)),
+    vmCgroups: env.PODFLARE_VM_CGROUPS !== "0",
+    vmMemOverheadMib: envInt("PODFLARE_VM_MEM_OVERHEAD_MIB", QEMU_OVERHEAD_MIB),
     accel: envAccel(),
     defaultVcpuCount: envInt("PODFLARE_VCPU_COUNT", 2),
     defaultMemSizeMib: envInt("PODFLARE_MEM_SIZE_MIB", 1024),

@@ -6,7 +6,7 @@
  * share one build, other processes wait on a lock file.
  */
 import { createHash } from "node:crypto";
-import { access, mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
+import { access, chmod, mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { AgentClient } from "../guest/agent-client.js";
 import type { GuestImage } from "../image/build.js";
@@ -156,12 +156,19 @@ export class TemplateManager {
   private async load(key: string, shape: VmShape): Promise<TemplateFiles> {
     const files = this.filesOf(key, shape);
     const ready = join(this.dir, key, "meta.json");
-    if (await exists(ready)) return files;
+    if (await exists(ready)) {
+      await this.exposeTemplate(key);
+      return files;
+    }
     await mkdir(this.dir, { recursive: true, mode: 0o700 });
+    // VMs under their own uids (the template's own, while it is built) pass through it.
+    await chmod(this.dir, this.engine.uids ? 0o711 : 0o700);
     return withFileLock(join(this.dir, `.lock-${key}`), async () => {
-      if (await exists(ready)) return files;
-      await this.build(key, shape);
-      await this.prune();
+      if (!(await exists(ready))) {
+        await this.build(key, shape);
+        await this.prune();
+      }
+      await this.exposeTemplate(key);
       return files;
     });
   }
@@ -185,7 +192,13 @@ export class TemplateManager {
           { template: key, ms: Math.round(performance.now() - started) },
           "building template: warm, saving its state",
         );
-        await saveDeviceState(vm.qemu.qmp, join(work, "state"), join(work, "migrate.sock"));
+        await saveDeviceState(
+          vm.qemu.qmp,
+          join(work, "state"),
+          join(work, "migrate.sock"),
+          30_000,
+          vm.jail.creds,
+        );
       } finally {
         await vm.destroy(); // kills QEMU; the files stay, now frozen
       }
@@ -210,6 +223,28 @@ export class TemplateManager {
       await rm(final, { recursive: true, force: true });
       throw err;
     }
+  }
+
+  /**
+   * File modes of a frozen template, owned by the daemon. When VMs run under uids of their
+   * own, they must read its disk (the bottom of every clone's chain) by path: the
+   * directories are traversable but not listable (0711) and the disk read-only for all.
+   * Memory and device state stay the daemon's alone (clones get them as fds).
+   */
+  private async exposeTemplate(key: string): Promise<void> {
+    const open = this.engine.uids !== null;
+    const dir = join(this.dir, key);
+    await chmod(this.dir, open ? 0o711 : 0o700);
+    await chmod(dir, open ? 0o711 : 0o700);
+    for (const [file, mode] of [
+      ["root.qcow2", 0o444],
+      ["clone.qcow2", 0o600],
+      ["mem", 0o600],
+      ["state", 0o600],
+      ["meta.json", 0o444],
+      ["console.log", 0o600],
+    ] as const)
+      await chmod(join(dir, file), mode).catch(() => {});
   }
 
   private async warm(agent: AgentClient): Promise<void> {

@@ -2,28 +2,38 @@
  * Start-up reconciliation. A sandbox cannot outlive the daemon that ran it (QEMU dies
  * with its parent and the host channels were socketpairs), so whatever a previous run
  * left is ended and removed: rows marked ended, stray QEMU processes killed, VM
- * directories and memory files deleted.
+ * directories and memory files deleted, the VMs' cgroups emptied and removed.
  */
 import { readdir, readFile, rm } from "node:fs/promises";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import type { Store } from "../store/db.js";
 import type { Logger } from "../util/logger.js";
+import { CgroupManager } from "../vm/cgroup.js";
+import { cgroupScopeOf } from "../vm/engine.js";
 import { LIVE_STATES } from "./lifecycle.js";
 
 export interface ReconcileReport {
   sandboxesEnded: number;
   processesKilled: number;
   filesRemoved: number;
+  cgroupsRemoved: number;
 }
 
-/** QEMU processes whose command line points into our VM directory. */
-export async function findStrayQemus(vmsDir: string): Promise<number[]> {
+/**
+ * QEMU processes whose command line points into one of our directories (a VM's
+ * directory, or a fork's for a receiver): their -pidfile is there. They run under
+ * per-VM uids, so the uid tells nothing; the path does.
+ */
+export async function findStrayQemus(...dirs: string[]): Promise<number[]> {
   const pids: number[] = [];
   for (const entry of await readdir("/proc").catch(() => [] as string[])) {
     if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
     const cmdline = await readFile(`/proc/${entry}/cmdline`, "utf8").catch(() => "");
     const argv = cmdline.split("\0");
-    if (argv.some((a) => a.includes("qemu-system")) && argv.some((a) => a.includes(`${vmsDir}/`))) {
+    if (
+      argv.some((a) => a.includes("qemu-system")) &&
+      argv.some((a) => dirs.some((d) => a.startsWith(`${d}/`)))
+    ) {
       pids.push(Number(entry));
     }
   }
@@ -35,16 +45,28 @@ export async function reconcile(
   dirs: { vmsDir: string; vmMemDir: string; layersDir: string; forksDir: string },
   log: Logger,
 ): Promise<ReconcileReport> {
-  const report: ReconcileReport = { sandboxesEnded: 0, processesKilled: 0, filesRemoved: 0 };
+  const report: ReconcileReport = {
+    sandboxesEnded: 0,
+    processesKilled: 0,
+    filesRemoved: 0,
+    cgroupsRemoved: 0,
+  };
   for (const row of store.listSandboxes(LIVE_STATES)) {
     store.setState(row.id, "ended", { endReason: "the daemon restarted" });
     report.sandboxesEnded++;
   }
-  for (const pid of await findStrayQemus(dirs.vmsDir)) {
+  for (const pid of await findStrayQemus(dirs.vmsDir, dirs.forksDir)) {
     try {
       process.kill(pid, "SIGKILL");
       report.processesKilled++;
     } catch {}
+  }
+  // This state directory's VM groups (what is left in one is killed first).
+  const cgroups = await CgroupManager.detect(cgroupScopeOf(dirname(dirs.vmsDir)), log);
+  if (cgroups) {
+    const stale = await cgroups.removeStale();
+    report.cgroupsRemoved += stale.groups;
+    report.processesKilled += stale.killed;
   }
   for (const dir of [dirs.vmsDir, dirs.vmMemDir, dirs.layersDir, dirs.forksDir]) {
     for (const entry of await readdir(dir).catch(() => [] as string[])) {
@@ -53,7 +75,10 @@ export async function reconcile(
     }
   }
   store.pruneEnded(7 * 24 * 3600_000);
-  if (report.sandboxesEnded + report.processesKilled + report.filesRemoved > 0) {
+  if (
+    report.sandboxesEnded + report.processesKilled + report.filesRemoved + report.cgroupsRemoved >
+    0
+  ) {
     log.warn(report, "reconciled what a previous daemon run left behind");
   }
   return report;

@@ -2,20 +2,42 @@
  * The VM engine: boots guests from the image and gives back `Vm`s. Every resource a boot
  * acquires registers its undo step at once, so a failed boot leaves nothing behind.
  */
-import { randomBytes } from "node:crypto";
-import { closeSync, openSync } from "node:fs";
-import { copyFile, mkdir, rm } from "node:fs/promises";
-import { dirname, join } from "node:path";
+import { createHash, randomBytes } from "node:crypto";
+import { closeSync, openSync, statSync } from "node:fs";
+import {
+  chmod,
+  chown,
+  copyFile,
+  lstat,
+  mkdir,
+  readdir,
+  rm,
+  truncate,
+  writeFile,
+} from "node:fs/promises";
+import { dirname, join, resolve } from "node:path";
 import { AgentClient, AgentError } from "../guest/agent-client.js";
 import type { GuestImage } from "../image/build.js";
 import { CleanupStack } from "../util/cleanup.js";
 import type { Logger } from "../util/logger.js";
+import { CgroupManager, QEMU_OVERHEAD_MIB, vmCgroupLimits } from "./cgroup.js";
 import { DiskLayers } from "./layers.js";
+import { freshMemFd, type MemFd, sealedCopy } from "./memfd.js";
 import { createOverlay } from "./overlay.js";
-import { type Accel, buildQemuArgs, type VmShape } from "./qemu-args.js";
+import {
+  type Accel,
+  buildQemuArgs,
+  MEMFD_PATH,
+  type QemuCredentials,
+  type VmShape,
+} from "./qemu-args.js";
 import { QemuProcess } from "./qemu-process.js";
 import { loadDeviceState } from "./snapshot.js";
-import { Vm, type VmDisk, withDisk } from "./vm.js";
+import { sharedUidAllocator, type UidAllocator } from "./uids.js";
+import { Vm, type VmDisk, type VmJail, withDisk } from "./vm.js";
+
+/** Host-wide claims of VM uids (several daemons may share the range). */
+export const UID_CLAIM_DIR = "/run/podflare/vm-uids";
 
 export interface EngineOptions {
   stateDir: string;
@@ -27,6 +49,16 @@ export interface EngineOptions {
   accel: Accel;
   tscKhz: number;
   log: Logger;
+  /**
+   * First uid of the range VMs run under when the daemon is root (each VM its own uid and
+   * the gid of the same number); 0 or absent: QEMU keeps the daemon's uid.
+   */
+  vmUidBase?: number;
+  vmUidCount?: number;
+  /** Per-VM cgroup limits (memory, pids, CPU) where the host allows (default on). */
+  vmCgroups?: boolean;
+  /** QEMU's memory beyond guest RAM allowed by the VM's cgroup. */
+  vmMemOverheadMib?: number;
 }
 
 export class BootError extends Error {
@@ -50,6 +82,11 @@ export interface TemplateFiles {
   cloneOverlay: string;
   /** Frozen layers (from forks) below the clone overlay, which each clone must keep alive. */
   layers?: string[];
+  /**
+   * The memory as a sealed memfd held by the daemon (a fork's one-off template); clones
+   * under their own uids map it instead of `memPath`.
+   */
+  memFd?: number;
   /** The template's own frozen disk, at the bottom of every clone's chain. */
   baseDisk: string;
 }
@@ -61,11 +98,157 @@ export interface BootOptions {
   keepFiles?: { dir: string; memPath: string };
 }
 
+/** A sealed memfd copy of a template's memory file, shared by the clones that map it. */
+interface TemplateMem {
+  memfd: Promise<MemFd>;
+  refs: number;
+  timer?: NodeJS.Timeout;
+}
+
 export class VmEngine {
   readonly layers: DiskLayers;
+  /** Allocates VM uids; null when QEMU keeps the daemon's uid (not root, or turned off). */
+  readonly uids: UidAllocator | null;
+  private cgroupsReady: Promise<CgroupManager | null> | null = null;
+  private dirsReady: Promise<void> | null = null;
+  private readonly templateMems = new Map<string, TemplateMem>();
 
   constructor(readonly opts: EngineOptions) {
     this.layers = new DiskLayers(join(opts.stateDir, "layers"));
+    const base = opts.vmUidBase ?? 0;
+    const root = process.getuid?.() === 0;
+    this.uids =
+      root && base > 0
+        ? sharedUidAllocator({ base, count: opts.vmUidCount ?? 65_536 }, UID_CLAIM_DIR)
+        : null;
+    if (!this.uids)
+      opts.log.info(
+        { root, vmUidBase: base },
+        "VMs run under the daemon's uid (per-VM uids need root and a uid base)",
+      );
+  }
+
+  /** The cgroup scope of this daemon: its state directory, hashed. */
+  get cgroupScope(): string {
+    return cgroupScopeOf(this.opts.stateDir);
+  }
+
+  /** Per-VM cgroups, found once (null where the host offers none we can write). */
+  cgroups(): Promise<CgroupManager | null> {
+    this.cgroupsReady ??=
+      this.opts.vmCgroups === false
+        ? Promise.resolve(null)
+        : CgroupManager.detect(this.cgroupScope, this.opts.log);
+    return this.cgroupsReady;
+  }
+
+  /**
+   * Our directories: private (0700), or traversable but not listable (0711) where VMs
+   * under their own uids must reach their files below them. Nothing is world-writable.
+   */
+  private ensureDirs(): Promise<void> {
+    this.dirsReady ??= (async () => {
+      const mode = this.uids ? 0o711 : 0o700;
+      for (const dir of [
+        this.opts.stateDir,
+        this.vmsDir,
+        this.layers.dir,
+        this.opts.shmDir,
+        this.vmMemDir,
+        this.forksDir,
+      ]) {
+        await mkdir(dir, { recursive: true, mode });
+        await chmod(dir, mode);
+      }
+    })();
+    this.dirsReady.catch(() => {
+      this.dirsReady = null;
+    });
+    return this.dirsReady;
+  }
+
+  /**
+   * A uid and a cgroup for one QEMU, each with its undo step (run after QEMU's kill,
+   * which is deferred later). Cgroup failures degrade to no limits, logged.
+   */
+  private async confine(
+    cleanup: CleanupStack,
+    name: string,
+    shape: VmShape,
+    nice = 0,
+  ): Promise<VmJail> {
+    await this.ensureDirs();
+    let creds: QemuCredentials | null = null;
+    if (this.uids) {
+      const uids = this.uids;
+      const uid = uids.allocate();
+      cleanup.defer("release VM uid", () => uids.release(uid));
+      creds = { uid, gid: uid };
+    }
+    let cgroup: VmJail["cgroup"] = null;
+    const manager = await this.cgroups();
+    if (manager) {
+      try {
+        cgroup = await manager.create(
+          name,
+          vmCgroupLimits(shape, this.opts.vmMemOverheadMib ?? QEMU_OVERHEAD_MIB),
+        );
+        const group = cgroup;
+        cleanup.defer("remove cgroup", () => group.remove());
+        if (nice > 0) await group.setNice(nice);
+      } catch (err) {
+        this.opts.log.warn({ vm: name, err: String(err) }, "VM runs without cgroup limits");
+      }
+    }
+    return { creds, cgroup };
+  }
+
+  /** Put a just-spawned QEMU into its group and let renice follow into it. */
+  private async enter(jail: VmJail, qemu: QemuProcess): Promise<void> {
+    const group = jail.cgroup;
+    if (!group || !qemu.pid) return;
+    qemu.onRenice = (nice) => group.setNice(nice);
+    await group.attach(qemu.pid);
+  }
+
+  /** A file or directory for the VM's uid alone. */
+  private async giveTo(path: string, creds: QemuCredentials | null, mode: number): Promise<void> {
+    if (!creds) return;
+    await chown(path, creds.uid, creds.gid);
+    await chmod(path, mode);
+  }
+
+  /** The sealed memfd of a template's memory file (one copy per file version, shared). */
+  private async templateMem(memPath: string): Promise<{ fd: number; release: () => void }> {
+    const st = statSync(memPath);
+    const key = `${memPath}:${st.ino}:${st.mtimeMs}`;
+    let entry = this.templateMems.get(key);
+    if (!entry) {
+      const created: TemplateMem = { memfd: sealedCopy(memPath), refs: 0 };
+      entry = created;
+      this.templateMems.set(key, created);
+      created.memfd.catch(() => this.templateMems.delete(key));
+    }
+    const e = entry;
+    e.refs++;
+    if (e.timer) clearTimeout(e.timer);
+    e.timer = undefined;
+    const release = () => {
+      if (--e.refs > 0) return;
+      // Kept a little while: pool refills come one after another.
+      e.timer = setTimeout(() => {
+        if (e.refs > 0) return;
+        this.templateMems.delete(key);
+        e.memfd.then((m) => m.close()).catch(() => {});
+      }, 10_000);
+      e.timer.unref();
+    };
+    try {
+      return { fd: (await e.memfd).fd, release };
+    } catch (err) {
+      release();
+      throw err;
+    }
   }
 
   get vmsDir(): string {
@@ -98,21 +281,28 @@ export class VmEngine {
       id,
       shape,
       accel,
-      async (cleanup, dir) => {
+      async (cleanup, dir, _disk, jail) => {
         const memPath = options.keepFiles?.memPath ?? this.memPath(id);
         await mkdir(dirname(memPath), { recursive: true, mode: 0o700 });
         if (!options.keepFiles)
           cleanup.defer("remove memory file", () => rm(memPath, { force: true }));
+        // Made here, in the VM's size, and handed to its uid: QEMU creates nothing in a
+        // shared directory.
+        await writeFile(memPath, "", { mode: 0o600 });
+        await truncate(memPath, shape.memSizeMib * 1024 * 1024);
+        await this.giveTo(memPath, jail.creds, 0o600);
         const overlay = join(dir, "root.qcow2");
         await createOverlay(overlay, this.opts.image.rootfs, "raw");
-        const qemu = this.spawn(dir, {
-          ...shape,
-          accel,
-          rootDisk: overlay,
-          memPath,
-          memShared: true,
-        });
+        await this.giveTo(overlay, jail.creds, 0o600);
+        const qemu = this.spawn(
+          dir,
+          { ...shape, accel, rootDisk: overlay, memPath, memShared: true },
+          [],
+          0,
+          jail.creds,
+        );
         cleanup.defer("kill QEMU", async () => void (await qemu.kill()));
+        await this.enter(jail, qemu);
         const agent = this.attachAgent(id, qemu, cleanup);
         qemu.qmp.connect().catch(() => {}); // a dead QEMU shows in `exited`
         await this.waitForAgent(agent, qemu, timeoutMs);
@@ -131,47 +321,68 @@ export class VmEngine {
    */
   async restore(id: string, template: TemplateFiles, nice = 0): Promise<Vm> {
     const accel = this.opts.accel;
-    return this.launch(id, template.shape, accel, async (cleanup, dir, disk) => {
-      const overlay = this.layers.pathFor(id);
-      await mkdir(this.layers.dir, { recursive: true, mode: 0o700 });
-      disk.chain = [overlay, ...(template.layers ?? [])];
-      disk.base = template.baseDisk;
-      this.layers.retain(disk.chain);
-      // The chain at destroy time: a fork may have grown it by then.
-      cleanup.defer("release disk layers", () => this.layers.release(disk.chain));
-      await copyFile(template.cloneOverlay, overlay);
-      const stateFd = openSync(template.statePath, "r");
-      let qemu: QemuProcess;
-      try {
-        qemu = this.spawn(
-          dir,
-          {
-            ...template.shape,
-            accel,
-            rootDisk: overlay,
-            memPath: template.memPath,
-            memShared: false,
-            incoming: true,
-          },
-          [stateFd],
-          nice,
-        );
-      } finally {
-        closeSync(stateFd);
-      }
-      cleanup.defer("kill QEMU", async () => void (await qemu.kill()));
-      const agent = this.attachAgent(id, qemu, cleanup);
-      agent.assumeHandshake(); // the restored agent is the template's, already greeted
-      try {
-        await qemu.qmp.connect();
-        await loadDeviceState(qemu.qmp);
-        await qemu.qmp.execute("cont", {});
-      } catch (err) {
-        await Promise.race([qemu.exited, new Promise((r) => setTimeout(r, 100))]);
-        throw new BootError(`restore failed: ${(err as Error).message}\n${qemu.diagnostics()}`);
-      }
-      return { qemu, agent };
-    });
+    return this.launch(
+      id,
+      template.shape,
+      accel,
+      async (cleanup, dir, disk, jail) => {
+        const overlay = this.layers.pathFor(id);
+        disk.chain = [overlay, ...(template.layers ?? [])];
+        disk.base = template.baseDisk;
+        this.layers.retain(disk.chain);
+        // The chain at destroy time: a fork may have grown it by then.
+        cleanup.defer("release disk layers", () => this.layers.release(disk.chain));
+        await copyFile(template.cloneOverlay, overlay);
+        await this.giveTo(overlay, jail.creds, 0o600);
+        // A VM under its own uid maps the memory from a write-sealed memfd (see memfd.ts).
+        let memPath = template.memPath;
+        let memFd: number | null = null;
+        if (jail.creds) {
+          memPath = MEMFD_PATH;
+          if (template.memFd !== undefined) memFd = template.memFd;
+          else {
+            const mem = await this.templateMem(template.memPath);
+            cleanup.defer("release template memory", () => mem.release());
+            memFd = mem.fd;
+          }
+        }
+        const stateFd = openSync(template.statePath, "r");
+        let qemu: QemuProcess;
+        try {
+          qemu = this.spawn(
+            dir,
+            {
+              ...template.shape,
+              accel,
+              rootDisk: overlay,
+              memPath,
+              memShared: false,
+              incoming: true,
+            },
+            memFd === null ? [stateFd] : [stateFd, memFd],
+            nice,
+            jail.creds,
+          );
+        } finally {
+          closeSync(stateFd);
+        }
+        cleanup.defer("kill QEMU", async () => void (await qemu.kill()));
+        await this.enter(jail, qemu);
+        const agent = this.attachAgent(id, qemu, cleanup);
+        agent.assumeHandshake(); // the restored agent is the template's, already greeted
+        try {
+          await qemu.qmp.connect();
+          await loadDeviceState(qemu.qmp);
+          await qemu.qmp.execute("cont", {});
+        } catch (err) {
+          await Promise.race([qemu.exited, new Promise((r) => setTimeout(r, 100))]);
+          throw new BootError(`restore failed: ${(err as Error).message}\n${qemu.diagnostics()}`);
+        }
+        return { qemu, agent };
+      },
+      undefined,
+      nice,
+    );
   }
 
   private async launch(
@@ -182,8 +393,10 @@ export class VmEngine {
       cleanup: CleanupStack,
       dir: string,
       disk: VmDisk,
+      jail: VmJail,
     ) => Promise<{ qemu: QemuProcess; agent: AgentClient }>,
     keepDir?: string,
+    nice = 0,
   ): Promise<Vm> {
     if (!VM_ID.test(id)) throw new RangeError(`invalid VM id ${JSON.stringify(id)}`);
     const { log } = this.opts;
@@ -191,11 +404,18 @@ export class VmEngine {
     const cleanup = new CleanupStack();
     const dir = keepDir ?? this.vmDir(id);
     try {
+      await this.ensureDirs();
       await mkdir(dir, { recursive: true, mode: 0o700 });
       if (!keepDir)
         cleanup.defer("remove VM directory", () => rm(dir, { recursive: true, force: true }));
+      const jail = await this.confine(cleanup, id, shape, nice);
+      if (keepDir && jail.creds) {
+        // A template in the making: its files go back to the daemon when the VM ends.
+        cleanup.defer("return the VM's files to the daemon", () => chownTree(dir, 0, 0));
+      }
+      await this.giveTo(dir, jail.creds, 0o700);
       const disk: VmDisk = { chain: [], base: "", queue: Promise.resolve() };
-      const { qemu, agent } = await start(cleanup, dir, disk);
+      const { qemu, agent } = await start(cleanup, dir, disk, jail);
       await agent.restore(
         {
           entropy: randomBytes(64),
@@ -205,11 +425,28 @@ export class VmEngine {
         },
         10_000,
       );
-      const vm = new Vm(id, dir, disk, shape, accel, qemu, agent, cleanup, (name, error) =>
-        log.error({ vm: id, step: name, err: String(error) }, "VM cleanup step failed"),
+      const vm = new Vm(
+        id,
+        dir,
+        disk,
+        shape,
+        accel,
+        qemu,
+        agent,
+        cleanup,
+        (name, error) =>
+          log.error({ vm: id, step: name, err: String(error) }, "VM cleanup step failed"),
+        jail,
       );
       log.debug(
-        { vm: id, pid: qemu.pid, accel, ms: Math.round(performance.now() - started) },
+        {
+          vm: id,
+          pid: qemu.pid,
+          uid: jail.creds?.uid,
+          cgroup: jail.cgroup !== null,
+          accel,
+          ms: Math.round(performance.now() - started),
+        },
         "VM started",
       );
       return vm;
@@ -243,16 +480,65 @@ export class VmEngine {
     });
   }
 
-  /** A QEMU that only receives a VM's state into its own shared memory file (fork). */
-  spawnReceiver(dir: string, shape: VmShape, rootDisk: string, memPath: string): QemuProcess {
-    return this.spawn(dir, {
-      ...shape,
-      accel: this.opts.accel,
-      rootDisk,
-      memPath,
-      memShared: true,
-      incoming: true,
-    });
+  /**
+   * A QEMU that only receives a VM's state into shared memory of its own (fork), under its
+   * own uid and cgroup like any VM. Its directory `dir` (made by the caller) becomes its
+   * own (0711: the parent's QEMU must reach the socket the receiver listens on). Under a
+   * VM uid the memory is a fresh memfd, sealed against writes once the receiver is gone;
+   * otherwise a file at `memPath`. `dispose` kills it and undoes everything.
+   */
+  async spawnReceiver(
+    dir: string,
+    shape: VmShape,
+    rootDisk: string,
+    memPath: string,
+  ): Promise<Receiver> {
+    const cleanup = new CleanupStack();
+    try {
+      const jail = await this.confine(cleanup, `rcv_${randomBytes(6).toString("hex")}`, shape);
+      await this.giveTo(dir, jail.creds, 0o711);
+      await this.giveTo(rootDisk, jail.creds, 0o600);
+      let memfd: MemFd | null = null;
+      if (jail.creds) {
+        const m = await freshMemFd(shape.memSizeMib * 1024 * 1024);
+        memfd = m;
+        cleanup.defer("close receiver memory", () => m.close());
+      }
+      const qemu = this.spawn(
+        dir,
+        {
+          ...shape,
+          accel: this.opts.accel,
+          rootDisk,
+          memPath: memfd ? MEMFD_PATH : memPath,
+          memShared: true,
+          incoming: true,
+        },
+        memfd ? ["ignore", memfd.fd] : [],
+        0,
+        jail.creds,
+      );
+      cleanup.defer("kill receiver", async () => void (await qemu.kill()));
+      await this.enter(jail, qemu);
+      const failures = async () => {
+        for (const f of await cleanup.unwind())
+          this.opts.log.error({ step: f.name, err: String(f.error) }, "receiver cleanup failed");
+      };
+      return {
+        qemu,
+        creds: jail.creds,
+        memfd,
+        // The memfd outlives the receiver: keep its undo step out of the stack's way.
+        finish: async () => {
+          await qemu.kill();
+          if (memfd) await memfd.seal();
+        },
+        dispose: failures,
+      };
+    } catch (err) {
+      await cleanup.unwind();
+      throw err;
+    }
   }
 
   private spawn(
@@ -264,8 +550,9 @@ export class VmEngine {
       memShared: boolean;
       incoming?: boolean;
     },
-    extraFds: number[] = [],
+    extraFds: (number | "ignore")[] = [],
     nice = 0,
+    creds: QemuCredentials | null = null,
   ): QemuProcess {
     const { image } = this.opts;
     const args = buildQemuArgs({
@@ -283,6 +570,7 @@ export class VmEngine {
       this.opts.consoleLogMaxBytes,
       extraFds,
       nice,
+      creds,
     );
   }
 
@@ -327,4 +615,27 @@ export class VmEngine {
       `the guest agent did not answer within ${timeoutMs} ms.\n${qemu.diagnostics()}`,
     );
   }
+}
+
+/** A fork's receiver QEMU: `finish` kills it and seals its memory; `dispose` undoes the rest. */
+export interface Receiver {
+  qemu: QemuProcess;
+  creds: QemuCredentials | null;
+  /** Its guest memory when it runs under its own uid (null: the file at memPath). */
+  memfd: MemFd | null;
+  finish(): Promise<void>;
+  dispose(): Promise<void>;
+}
+
+export function cgroupScopeOf(stateDir: string): string {
+  return createHash("sha256").update(resolve(stateDir)).digest("hex").slice(0, 12);
+}
+
+/** chown -R (no symlinks followed). */
+async function chownTree(path: string, uid: number, gid: number): Promise<void> {
+  const st = await lstat(path).catch(() => null);
+  if (!st) return;
+  if (st.isDirectory())
+    for (const entry of await readdir(path)) await chownTree(join(path, entry), uid, gid);
+  if (!st.isSymbolicLink()) await chown(path, uid, gid);
 }

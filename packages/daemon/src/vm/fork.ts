@@ -6,10 +6,11 @@
  * resumes, and each child is an ordinary restore of the template: private copy-on-write
  * memory, its own overlay on the frozen disk, fresh entropy, clock and identity.
  */
+
 import { randomBytes } from "node:crypto";
-import { mkdir, rm } from "node:fs/promises";
+import { chmod, chown, mkdir, rm } from "node:fs/promises";
 import { join } from "node:path";
-import type { TemplateFiles, VmEngine } from "./engine.js";
+import type { Receiver, TemplateFiles, VmEngine } from "./engine.js";
 import { createOverlay } from "./overlay.js";
 import { saveDeviceState, transferState } from "./snapshot.js";
 import { type Vm, withDisk } from "./vm.js";
@@ -29,8 +30,13 @@ export async function forkVm(
     throw new Error(`VM ${parent.id} was cold-booted and cannot be forked`);
   const dir = join(engine.forksDir, `fork_${randomBytes(6).toString("hex")}`);
   await mkdir(dir, { recursive: true, mode: 0o700 });
+  let receiver: Receiver | null = null;
   try {
-    const template = await withDisk(parent.disk, () => freeze(engine, parent, dir));
+    const template = await withDisk(parent.disk, async () => {
+      const frozen = await freeze(engine, parent, dir);
+      receiver = frozen.receiver;
+      return frozen;
+    });
     const children: Vm[] = [];
     try {
       for (const vm of await Promise.allSettled(
@@ -45,7 +51,8 @@ export async function forkVm(
     }
     return { children, pausedMs: template.pausedMs };
   } finally {
-    // The children map the memory file privately and have read the state: both may go.
+    // The children map the memory privately and have read the state: both may go.
+    await (receiver as Receiver | null)?.dispose();
     await rm(dir, { recursive: true, force: true });
   }
 }
@@ -54,35 +61,56 @@ async function freeze(
   engine: VmEngine,
   parent: Vm,
   dir: string,
-): Promise<{ files: TemplateFiles; pausedMs: number }> {
+): Promise<{ files: TemplateFiles; pausedMs: number; receiver: Receiver }> {
   // Read inside the disk queue: a flatten that ran before may have changed the chain.
   const frozen = parent.disk.chain[0] as string;
   const qmp = parent.qemu.qmp;
+  const creds = parent.jail.creds;
+  // Made before the pause: the parent's next overlay (its QEMU, under its own uid, creates
+  // nothing in the shared layers directory) and the receiver's throwaway one, which keeps
+  // the receiver off the parent's locked disk (it never runs).
+  const next = engine.layers.pathFor(`${parent.id}-${randomBytes(4).toString("hex")}`);
+  await createOverlay(next, frozen, "qcow2");
+  if (creds) {
+    await chown(next, creds.uid, creds.gid);
+    await chmod(next, 0o600);
+  }
+  const receiverDisk = join(dir, "receiver.qcow2");
+  await createOverlay(receiverDisk, frozen, "qcow2");
+  const receiver = await engine.spawnReceiver(dir, parent.shape, receiverDisk, join(dir, "mem"));
+  let snapshotted = false;
   const started = performance.now();
-  await qmp.execute("stop", {});
   try {
-    const next = engine.layers.pathFor(`${parent.id}-${randomBytes(4).toString("hex")}`);
-    await qmp.execute("blockdev-snapshot-sync", {
-      device: "root",
-      "snapshot-file": next,
-      format: "qcow2",
-    });
-    engine.layers.retain([next]);
-    parent.disk.chain = [next, ...parent.disk.chain];
-
-    // The receiver never runs; its throwaway overlay keeps it off the parent's locked one.
-    const receiverDisk = join(dir, "receiver.qcow2");
-    await createOverlay(receiverDisk, frozen, "qcow2");
-    const receiver = engine.spawnReceiver(dir, parent.shape, receiverDisk, join(dir, "mem"));
+    await qmp.execute("stop", {});
     try {
-      await receiver.qmp.connect();
-      await transferState(qmp, receiver.qmp, join(dir, "transfer.sock"));
-      await saveDeviceState(receiver.qmp, join(dir, "state"), join(dir, "save.sock"));
+      // mode "existing": QEMU opens the overlay made above instead of creating one.
+      const snapshot = { device: "root", "snapshot-file": next, format: "qcow2", mode: "existing" };
+      await qmp.execute("blockdev-snapshot-sync", snapshot);
+      snapshotted = true;
+      engine.layers.retain([next]);
+      parent.disk.chain = [next, ...parent.disk.chain];
+      // The frozen layer is now read-only for everyone: the daemon's, readable by the
+      // children's uids, and no longer writable by the parent's.
+      await chown(frozen, 0, 0).catch(() => {});
+      await chmod(frozen, 0o644);
+
+      await receiver.qemu.qmp.connect();
+      await transferState(qmp, receiver.qemu.qmp, join(dir, "transfer.sock"), 120_000, creds);
+      await saveDeviceState(
+        receiver.qemu.qmp,
+        join(dir, "state"),
+        join(dir, "save.sock"),
+        30_000,
+        receiver.creds,
+      );
     } finally {
-      await receiver.kill();
+      await qmp.execute("cont", {}); // from paused or post-migration alike
     }
-  } finally {
-    await qmp.execute("cont", {}); // from paused or post-migration alike
+    await receiver.finish(); // killed, and its memory sealed against writes
+  } catch (err) {
+    await receiver.dispose();
+    if (!snapshotted) await rm(next, { force: true });
+    throw err;
   }
   const pausedMs = performance.now() - started;
   const cloneOverlay = join(dir, "clone.qcow2");
@@ -92,11 +120,13 @@ async function freeze(
       key: `fork-${parent.id}`,
       shape: parent.shape,
       memPath: join(dir, "mem"),
+      ...(receiver.memfd ? { memFd: receiver.memfd.fd } : {}),
       statePath: join(dir, "state"),
       cloneOverlay,
       layers: parent.disk.chain.slice(1), // the frozen layer and those below it
       baseDisk: parent.disk.base,
     },
     pausedMs,
+    receiver,
   };
 }

@@ -10,6 +10,25 @@ export const FD_AGENT = 4;
 export const FD_CONSOLE = 5;
 /** Where a restoring QEMU reads the snapshot's device state from. */
 export const FD_INCOMING = 6;
+/**
+ * Where QEMU finds guest RAM when it is handed over as an inherited memfd (VMs under their
+ * own uid: a sealed template memfd, or a fork receiver's fresh one). QEMU 7.2 opens the
+ * memory path read-write even for a private mapping, so a shared template file would
+ * have to be writable by every VM; a write-sealed memfd can be opened but never written.
+ */
+export const FD_MEMORY = 7;
+export const MEMFD_PATH = `/proc/self/fd/${FD_MEMORY}`;
+/**
+ * QEMU's seccomp filter: no obsolete syscalls, no set*uid/set*gid, no fork/exec (which
+ * is why snapshots go through fd: and unix:, never exec:), no scheduler/affinity calls.
+ */
+export const SANDBOX_OPTION =
+  "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+/**
+ * TCG translation cache (MiB). QEMU 7.2's default is 1 GiB (an eighth of host RAM at
+ * most), touched as code is translated: a bound makes the per-VM memory limit meaningful.
+ */
+export const TCG_TB_SIZE_MIB = 128;
 export const AGENT_PORT_NAME = "org.podflare.agent";
 
 export interface VmShape {
@@ -32,6 +51,8 @@ export interface QemuArgsInput extends VmShape {
   incoming?: boolean;
   /** Map guest memory shared (template/parent) or private copy-on-write (clones). */
   memShared?: boolean;
+  /** QEMU's seccomp sandbox (default on). */
+  sandbox?: boolean;
 }
 
 export function kernelCommandLine(input: Pick<QemuArgsInput, "accel" | "tscKhz">): string {
@@ -69,6 +90,7 @@ export function buildQemuArgs(input: QemuArgsInput): string[] {
   }
   const share = input.memShared === false ? "off" : "on";
   const args = [
+    ...(input.sandbox === false ? [] : ["-sandbox", SANDBOX_OPTION]),
     "-nodefaults",
     "-no-user-config",
     "-display",
@@ -79,7 +101,7 @@ export function buildQemuArgs(input: QemuArgsInput): string[] {
     "-M",
     "microvm,pit=on,pic=on,rtc=on,isa-serial=on,memory-backend=mem",
     "-accel",
-    input.accel === "kvm" ? "kvm" : "tcg,thread=multi",
+    input.accel === "kvm" ? "kvm" : `tcg,thread=multi,tb-size=${TCG_TB_SIZE_MIB}`,
     "-cpu",
     input.accel === "kvm" ? "host" : "max",
     "-smp",
@@ -114,4 +136,50 @@ export function buildQemuArgs(input: QemuArgsInput): string[] {
   ];
   if (input.incoming) args.push("-incoming", "defer");
   return args;
+}
+
+/** Who QEMU runs as: its own unprivileged uid and gid (the daemon runs as root), or unchanged. */
+export interface QemuCredentials {
+  uid: number;
+  gid: number;
+}
+
+/**
+ * The launcher in front of QEMU: optional `nice`, then util-linux `setpriv`, which
+ * switches to the VM's uid/gid with no supplementary groups and no_new_privs, and sets
+ * the parent-death signal. setpriv (util-linux 2.38) applies --pdeathsig after the
+ * credential change (the kernel clears PDEATHSIG when credentials change), so the VM
+ * still dies with the daemon: packages/e2e/src/restart.e2e.test.ts checks it.
+ */
+export function qemuCommand(
+  qemuBinary: string,
+  args: readonly string[],
+  options: { nice?: number; creds?: QemuCredentials | null } = {},
+): string[] {
+  const nice = options.nice ?? 0;
+  const creds = options.creds;
+  if (creds) {
+    for (const id of [creds.uid, creds.gid])
+      if (!Number.isSafeInteger(id) || id <= 0 || id >= 2 ** 32 - 1)
+        throw new RangeError(`invalid VM uid/gid ${id}`);
+  }
+  return [
+    ...(nice > 0 ? ["nice", "-n", String(nice)] : []),
+    "setpriv",
+    ...(creds
+      ? [
+          "--reuid",
+          String(creds.uid),
+          "--regid",
+          String(creds.gid),
+          "--clear-groups",
+          "--no-new-privs",
+        ]
+      : []),
+    "--pdeathsig",
+    "KILL",
+    "--",
+    qemuBinary,
+    ...args,
+  ];
 }

@@ -1,6 +1,7 @@
 /**
  * One QEMU process and its three host channels. QEMU runs under `setpriv --pdeathsig
- * KILL`, so it dies with the daemon even on `kill -9`: no VM can outlive its owner.
+ * KILL`, so it dies with the daemon even on `kill -9`: no VM can outlive its owner; when
+ * the daemon runs as root, setpriv also switches it to the VM's own uid and gid.
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { readdir } from "node:fs/promises";
@@ -8,7 +9,7 @@ import { setPriority } from "node:os";
 import type { Duplex } from "node:stream";
 import { QmpClient } from "../qmp/client.js";
 import { ConsoleLog } from "./console-log.js";
-import { FD_AGENT, FD_CONSOLE, FD_QMP } from "./qemu-args.js";
+import { FD_AGENT, FD_CONSOLE, FD_QMP, type QemuCredentials, qemuCommand } from "./qemu-args.js";
 
 export interface QemuExit {
   code: number | null;
@@ -20,6 +21,8 @@ export class QemuProcess {
   readonly agentStream: Duplex;
   readonly exited: Promise<QemuExit>;
   private exitInfo: QemuExit | null = null;
+  /** Called by renice (the VM's cgroup follows its priority: nice alone does not cross cgroups). */
+  onRenice: ((nice: number) => Promise<void>) | null = null;
   private stderrTail = "";
 
   private constructor(
@@ -49,26 +52,22 @@ export class QemuProcess {
     });
   }
 
-  /** `extraFds` are inherited as fds 6, 7, ... (e.g. a snapshot's device state). */
+  /**
+   * `extraFds` are inherited as fds 6, 7, ... (a snapshot's device state, guest memory).
+   * `creds`: run QEMU as this uid/gid (the daemon must be root).
+   */
   static spawn(
     qemuBinary: string,
     args: string[],
     consolePath: string,
     consoleMaxBytes: number,
-    extraFds: number[] = [],
+    extraFds: (number | "ignore")[] = [],
     nice = 0,
+    creds: QemuCredentials | null = null,
   ): QemuProcess {
     const consoleLog = new ConsoleLog(consolePath, consoleMaxBytes);
     // nice applies before QEMU starts, so every thread it creates inherits it.
-    const argv = [
-      ...(nice > 0 ? ["nice", "-n", String(nice)] : []),
-      "setpriv",
-      "--pdeathsig",
-      "KILL",
-      "--",
-      qemuBinary,
-      ...args,
-    ];
+    const argv = qemuCommand(qemuBinary, args, { nice, creds });
     const child = spawn(argv[0] as string, argv.slice(1), {
       stdio: ["ignore", "ignore", "pipe", "pipe", "pipe", "pipe", ...extraFds],
     });
@@ -98,6 +97,7 @@ export class QemuProcess {
   async renice(nice: number): Promise<void> {
     const pid = this.child.pid;
     if (!pid || this.exitInfo) return;
+    await this.onRenice?.(nice).catch(() => {});
     const tasks = await readdir(`/proc/${pid}/task`).catch(() => [] as string[]);
     for (const tid of tasks) {
       try {

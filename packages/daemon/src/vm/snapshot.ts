@@ -4,11 +4,18 @@
  * template that clones map privately, copy-on-write.
  */
 import { createWriteStream } from "node:fs";
-import { rm, stat } from "node:fs/promises";
+import { chmod, chown, rm, stat } from "node:fs/promises";
 import { createServer } from "node:net";
 import { pipeline } from "node:stream/promises";
 import type { QmpClient } from "../qmp/client.js";
-import { FD_INCOMING } from "./qemu-args.js";
+import { FD_INCOMING, type QemuCredentials } from "./qemu-args.js";
+
+/** Let only the QEMU running as `creds` connect to a unix socket (no-op without creds). */
+async function allowConnect(socketPath: string, creds: QemuCredentials | null): Promise<void> {
+  if (!creds) return;
+  await chown(socketPath, creds.uid, creds.gid);
+  await chmod(socketPath, 0o600);
+}
 
 const CAPABILITIES = [
   { capability: "x-ignore-shared", state: true },
@@ -21,6 +28,8 @@ export async function saveDeviceState(
   statePath: string,
   socketPath: string,
   timeoutMs = 30_000,
+  /** The saving QEMU's uid/gid: our socket is made connectable for it alone. */
+  creds: QemuCredentials | null = null,
 ): Promise<number> {
   await qmp.execute("stop", {});
   await qmp.execute("migrate-set-capabilities", { capabilities: CAPABILITIES });
@@ -39,6 +48,7 @@ export async function saveDeviceState(
       server.once("error", reject);
       server.listen(socketPath, resolve);
     });
+    await allowConnect(socketPath, creds);
     await migrate(
       qmp,
       () => qmp.execute("migrate", { uri: `unix:${socketPath}` }),
@@ -74,6 +84,8 @@ export async function transferState(
   receiver: QmpClient,
   socketPath: string,
   timeoutMs = 120_000,
+  /** The source QEMU's uid/gid: the receiver's listening socket is handed to it alone. */
+  sourceCreds: QemuCredentials | null = null,
 ): Promise<void> {
   await receiver.execute("migrate-set-capabilities", {
     capabilities: [{ capability: "events", state: true }],
@@ -85,6 +97,7 @@ export async function transferState(
   );
   received.catch(() => {});
   await receiver.execute("migrate-incoming", { uri: `unix:${socketPath}` });
+  await allowConnect(socketPath, sourceCreds);
   await source.execute("migrate-set-capabilities", {
     capabilities: [
       { capability: "x-ignore-shared", state: false },

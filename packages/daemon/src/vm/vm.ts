@@ -4,7 +4,8 @@
  */
 import type { AgentClient } from "../guest/agent-client.js";
 import type { CleanupStack } from "../util/cleanup.js";
-import type { Accel, VmShape } from "./qemu-args.js";
+import type { VmCgroup } from "./cgroup.js";
+import type { Accel, QemuCredentials, VmShape } from "./qemu-args.js";
 import type { QemuExit, QemuProcess } from "./qemu-process.js";
 
 /** A VM's disk chain in the layers directory: its active overlay first (empty for cold boots). */
@@ -26,6 +27,13 @@ export function withDisk<T>(disk: VmDisk, op: () => Promise<T>): Promise<T> {
   return result;
 }
 
+/** What confines a VM's QEMU besides its seccomp filter (null: not available here). */
+export interface VmJail {
+  /** The VM's own uid/gid (when the daemon runs as root). */
+  creds: QemuCredentials | null;
+  cgroup: VmCgroup | null;
+}
+
 export class Vm {
   private destroying: Promise<void> | null = null;
 
@@ -39,6 +47,7 @@ export class Vm {
     readonly agent: AgentClient,
     private readonly cleanup: CleanupStack,
     private readonly onCleanupFailure: (name: string, error: unknown) => void,
+    readonly jail: VmJail = { creds: null, cgroup: null },
   ) {}
 
   get pid(): number | undefined {
