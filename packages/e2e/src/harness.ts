@@ -21,7 +21,7 @@ export const TEMPLATES_DIR =
   process.env.PODFLARE_TEMPLATES_DIR || "/dev/shm/podflare-test-templates";
 
 export async function testConfig(overrides: Partial<Config> = {}): Promise<Config> {
-  const stateDir = await mkdtemp(join(tmpdir(), "podflare-test-"));
+  const stateDir = overrides.stateDir ?? (await mkdtemp(join(tmpdir(), "podflare-test-")));
   return loadConfig({
     stateDir,
     imagesDir: IMAGES_DIR,

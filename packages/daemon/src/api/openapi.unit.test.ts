@@ -32,7 +32,7 @@ describe("spec/openapi.yaml", () => {
     const app = buildServer({
       service: {} as SandboxService, // routes are only registered here, never called
       auth: new Authenticator(null, []),
-      capacity: () => ({}),
+      capacity: async () => ({}),
       metrics: async () => ({ contentType: "text/plain", body: "" }),
       log: silentLogger(),
       onRoute: (r) => routes.push(r),

@@ -23,7 +23,7 @@ import {
 export interface ServerDeps {
   service: SandboxService;
   auth: Authenticator;
-  capacity: (caller: Caller) => Record<string, unknown>;
+  capacity: (caller: Caller) => Promise<Record<string, unknown>>;
   metrics?: () => Promise<{ contentType: string; body: string }>;
   log: Logger;
   /** Told of every route as it is registered (the OpenAPI sync test uses it). */

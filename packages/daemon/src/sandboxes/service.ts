@@ -19,9 +19,11 @@ import type { Logger } from "../util/logger.js";
 import type { VmShape } from "../vm/qemu-args.js";
 import type { Vm } from "../vm/vm.js";
 import type { Admission } from "./admission.js";
+import type { DiskGuard } from "./disk-guard.js";
 import {
   BadRequestError,
   FileNotFoundError,
+  NoCapacityError,
   PodflareError,
   SandboxDeadError,
   SandboxNotFoundError,
@@ -108,6 +110,7 @@ export class SandboxService {
     private readonly admission: Admission,
     private readonly log: Logger,
     private readonly metrics?: Metrics,
+    private readonly disk?: DiskGuard,
   ) {}
 
   async create(caller: Caller, req: CreateRequest): Promise<SandboxInfo> {
@@ -124,6 +127,7 @@ export class SandboxService {
         `timeout_ms must be between 1 and ${this.limits.maxSandboxTimeoutMs}`,
       );
     }
+    await this.disk?.checkRoom("create a sandbox");
     const id = newSandboxId();
     this.admission.admit([id], ownerOf(caller), caller?.quota ?? NO_QUOTA, shape);
     const now = Date.now();
@@ -149,9 +153,9 @@ export class SandboxService {
       ({ vm, pooled } = await this.source.acquire(template, shape));
       crashPoint("create:vm-started");
     } catch (err) {
-      this.store.deleteSandbox(id); // a failed create leaves no trace
       this.admission.release(id);
-      throw err;
+      ignoreFailure(() => this.store.deleteSandbox(id)); // a failed create leaves no trace
+      throw hostDiskError(err, "create a sandbox");
     }
     this.goLive(id, vm, now + timeoutMs);
     crashPoint("create:live");
@@ -321,6 +325,7 @@ export class SandboxService {
       throw new BadRequestError(`n must be an integer from 1 to ${MAX_FORK_CHILDREN}`);
     }
     const parent = this.readyVm(caller, id, "fork");
+    await this.disk?.checkRoom("fork");
     const row = this.store.getSandbox(id) as SandboxRow;
     const ids = Array.from({ length: n }, newSandboxId);
     this.admission.admit(ids, row.owner, caller?.quota ?? NO_QUOTA, parent.shape);
@@ -345,10 +350,10 @@ export class SandboxService {
       this.log.info({ sandbox: id, n, pausedMs: Math.round(result.pausedMs) }, "forked");
     } catch (err) {
       for (const childId of ids) {
-        this.store.deleteSandbox(childId);
         this.admission.release(childId);
+        ignoreFailure(() => this.store.deleteSandbox(childId));
       }
-      throw err;
+      throw hostDiskError(err, "fork");
     }
     for (const [i, vm] of children.entries()) this.goLive(ids[i] as string, vm, row.expires_at);
     return ids;
@@ -426,6 +431,7 @@ export class SandboxService {
     );
     expiry.unref();
     this.live.set(id, { vm, expiry });
+    this.disk?.watch(id, vm);
     vm.exited.then(() => this.onVmExit(vm));
     this.metrics?.sandboxesRunning.set(this.live.size);
   }
@@ -448,6 +454,7 @@ export class SandboxService {
     const live = this.live.get(id);
     if (row.state !== "ready" || !live) throw new WrongStateError(id, row.state, operation);
     if (!live.vm.alive) throw new SandboxDeadError(id, "its VM exited");
+    this.disk?.assertRunning(id, live.vm);
     return live.vm;
   }
 
@@ -491,6 +498,25 @@ export class SandboxService {
     if (row.state === "ready" || row.state === "dead") this.transition(row.id, "destroying");
     this.store.setState(row.id, "ended", { endReason: reason });
   }
+}
+
+function ignoreFailure(fn: () => void): void {
+  try {
+    fn();
+  } catch {
+    // best effort on a path that is already failing; reconciliation covers the rest
+  }
+}
+
+/** A full host disk (ENOSPC, or SQLite's "database or disk is full") becomes a clear 503. */
+function hostDiskError(err: unknown, what: string): unknown {
+  const text = `${(err as { code?: unknown })?.code ?? ""} ${(err as Error)?.message ?? ""}`;
+  if (/ENOSPC|No space left on device|SQLITE_FULL|disk is full/i.test(text)) {
+    return new NoCapacityError(
+      `the host's disk is full: cannot ${what} now; free disk space on the host and retry`,
+    );
+  }
+  return err;
 }
 
 function newSandboxId(): string {

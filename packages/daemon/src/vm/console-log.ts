@@ -21,16 +21,26 @@ export class ConsoleLog {
   write(chunk: Buffer): void {
     this.tailText = (this.tailText + chunk.toString("utf8")).slice(-4096);
     if (this.fd === null) return;
-    if (this.written + chunk.length > this.maxBytes / 2) {
-      closeSync(this.fd);
-      renameSync(this.path, `${this.path}.1`);
-      this.fd = openSync(this.path, "w", 0o600);
-      this.written = 0;
+    try {
+      if (this.written + chunk.length > this.maxBytes / 2) {
+        closeSync(this.fd);
+        this.fd = null;
+        renameSync(this.path, `${this.path}.1`);
+        this.fd = openSync(this.path, "w", 0o600);
+        this.written = 0;
+      }
+      const part = chunk.subarray(0, Math.floor(this.maxBytes / 2));
+      writeSync(this.fd, part);
+      this.written += part.length;
+    } catch {
+      // A full host disk (ENOSPC) must not take the daemon down: the log loses lines,
+      // the in-memory tail keeps the last ones.
+      this.dropped = true;
     }
-    const part = chunk.subarray(0, Math.floor(this.maxBytes / 2));
-    writeSync(this.fd, part);
-    this.written += part.length;
   }
+
+  /** Some output could not be written (the host disk was full). */
+  dropped = false;
 
   tail(): string {
     return this.tailText;

@@ -1,0 +1,93 @@
+/**
+ * The host disk under the state directory (VM overlays, fork layers, the database). When
+ * it is nearly full, new sandboxes and forks are refused (503) before anything is made.
+ * A running VM whose disk write meets a full host disk is paused by QEMU (virtio-blk
+ * `werror=enospc`: the write is kept and retried, never failed to the guest); the guard
+ * then checks the free space every second and resumes the VM once there is room again,
+ * so its memory and disk survive intact. Calls on such a sandbox get a 503 that says so.
+ */
+import { statfs } from "node:fs/promises";
+import type { QmpEvent } from "../qmp/client.js";
+import type { Logger } from "../util/logger.js";
+import type { Vm } from "../vm/vm.js";
+import { NoCapacityError } from "./errors.js";
+
+const CHECK_MS = 1000;
+
+export class DiskGuard {
+  private readonly paused = new Map<Vm, string>();
+  private timer: NodeJS.Timeout | null = null;
+
+  constructor(
+    private readonly dir: string,
+    private readonly minFreeMib: number,
+    private readonly log: Logger,
+  ) {}
+
+  async freeMib(): Promise<number> {
+    const s = await statfs(this.dir);
+    return Math.floor((s.bavail * s.bsize) / 2 ** 20);
+  }
+
+  /** Throws a 503 if the host disk has too little room for a new VM's files. */
+  async checkRoom(what: string): Promise<void> {
+    const free = await this.freeMib();
+    if (free < this.minFreeMib) {
+      throw new NoCapacityError(
+        `the host's disk is full (${free} MiB free under ${this.dir}, ${this.minFreeMib} MiB needed): cannot ${what} now; free disk space on the host and retry`,
+      );
+    }
+  }
+
+  /** Watch a sandbox's VM for writes paused on a full host disk. */
+  watch(sandboxId: string, vm: Vm): void {
+    vm.qemu.qmp.on("event", (e: QmpEvent) => {
+      if (e.event !== "BLOCK_IO_ERROR" || this.paused.has(vm)) return;
+      const data = e.data as { nospace?: unknown; action?: unknown } | undefined;
+      if (data?.nospace !== true || data.action !== "stop") return;
+      this.paused.set(vm, sandboxId);
+      this.log.warn({ sandbox: sandboxId, vm: vm.id }, "host disk full: sandbox paused");
+      this.timer ??= setInterval(() => void this.resumeIfRoom(), CHECK_MS);
+    });
+    void vm.exited.then(() => this.paused.delete(vm));
+  }
+
+  /** Throws a 503 if the sandbox's VM is paused for disk space. */
+  assertRunning(sandboxId: string, vm: Vm): void {
+    if (!this.paused.has(vm)) return;
+    throw new NoCapacityError(
+      `sandbox ${sandboxId} is paused because the host's disk is full; its memory and files are kept and it resumes by itself once disk space is freed on the host`,
+    );
+  }
+
+  get pausedCount(): number {
+    return this.paused.size;
+  }
+
+  private async resumeIfRoom(): Promise<void> {
+    if (this.paused.size === 0) {
+      if (this.timer) clearInterval(this.timer);
+      this.timer = null;
+      return;
+    }
+    const free = await this.freeMib().catch(() => 0);
+    if (free < this.minFreeMib) return;
+    for (const [vm, sandboxId] of [...this.paused]) {
+      this.paused.delete(vm);
+      try {
+        await vm.qemu.qmp.execute("cont", {});
+        this.log.info(
+          { sandbox: sandboxId, vm: vm.id, freeMib: free },
+          "disk space back: sandbox resumed",
+        );
+      } catch (err) {
+        this.log.error({ sandbox: sandboxId, err: String(err) }, "could not resume a sandbox");
+      }
+    }
+  }
+
+  close(): void {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = null;
+  }
+}
