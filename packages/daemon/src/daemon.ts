@@ -13,6 +13,7 @@ import { Metrics } from "./metrics/metrics.js";
 import { qemuVersion, TemplateManager } from "./pool/templates.js";
 import { WarmPool } from "./pool/warm-pool.js";
 import { Admission } from "./sandboxes/admission.js";
+import { DiskGuard } from "./sandboxes/disk-guard.js";
 import { reconcile } from "./sandboxes/reconcile.js";
 import { SandboxService } from "./sandboxes/service.js";
 import { Store } from "./store/db.js";
@@ -139,13 +140,15 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     log,
   );
   await pool.start();
-  const service = new SandboxService(store, pool, config, admission, log, metrics);
+  const disk = new DiskGuard(config.stateDir, config.minFreeDiskMib, log);
+  const service = new SandboxService(store, pool, config, admission, log, metrics, disk);
   const app = buildServer({
     service,
     auth,
     log,
     metrics: () => metrics.render(),
-    capacity: (caller) => {
+    capacity: async (caller) => {
+      const diskFreeMib = await disk.freeMib().catch(() => null);
       const host = admission.usage();
       const mine = admission.usage(caller?.id ?? null);
       return {
@@ -153,6 +156,11 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
         accelerator_reason: accel.reason,
         running: service.liveCount,
         pool: pool.stats(),
+        disk: {
+          free_mib: diskFreeMib,
+          min_free_mib: config.minFreeDiskMib,
+          paused_sandboxes: disk.pausedCount,
+        },
         memory: {
           budget_mib: config.memoryBudgetMib,
           sandboxes_mib: host.chargedMib,
@@ -190,6 +198,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
         await app.close();
         await pool.close();
         await service.destroyAll("the daemon stopped");
+        disk.close();
         store.close();
       })();
       return closing;

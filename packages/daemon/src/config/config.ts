@@ -60,6 +60,8 @@ export interface Config {
   /** Per-key limits for keys that set none of their own. */
   readonly tenantMaxSandboxes: number;
   readonly tenantMaxMemMib: number;
+  /** Free space (MiB) under the state directory below which creates and forks get 503. */
+  readonly minFreeDiskMib: number;
   /** Listen on a non-loopback address with no API key configured (refused otherwise). */
   readonly allowUnauthenticated: boolean;
   readonly logLevel: string;
@@ -148,6 +150,7 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     vmOverheadMib: envInt("PODFLARE_VM_OVERHEAD_MIB", 64),
     tenantMaxSandboxes: envInt("PODFLARE_TENANT_MAX_SANDBOXES", maxSandboxes),
     tenantMaxMemMib: envInt("PODFLARE_TENANT_MAX_MEM_MIB", memoryBudgetMib),
+    minFreeDiskMib: envInt("PODFLARE_MIN_FREE_DISK_MIB", 512),
     allowUnauthenticated: envBool("PODFLARE_ALLOW_UNAUTHENTICATED"),
     logLevel: env.PODFLARE_LOG_LEVEL || "info",
     ...overrides,

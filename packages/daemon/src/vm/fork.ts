@@ -10,6 +10,7 @@
 import { randomBytes } from "node:crypto";
 import { chmod, chown, mkdir, rm } from "node:fs/promises";
 import { join } from "node:path";
+import { crashPoint } from "../util/crash-points.js";
 import type { Receiver, TemplateFiles, VmEngine } from "./engine.js";
 import { createOverlay } from "./overlay.js";
 import { saveDeviceState, transferState } from "./snapshot.js";
@@ -82,6 +83,7 @@ async function freeze(
   const started = performance.now();
   try {
     await qmp.execute("stop", {});
+    crashPoint("fork:parent-paused");
     try {
       // mode "existing": QEMU opens the overlay made above instead of creating one.
       const snapshot = { device: "root", "snapshot-file": next, format: "qcow2", mode: "existing" };
