@@ -119,7 +119,8 @@ export function parseMountinfo(text: string): CgroupMount[] {
 function within(mount: CgroupMount, path: string): string {
   const rel =
     mount.root !== "/" && path.startsWith(mount.root) ? path.slice(mount.root.length) : path;
-  return join(mount.mountPoint, rel);
+  const dir = join(mount.mountPoint, rel);
+  return dir.length > 1 ? dir.replace(/\/+$/, "") : dir;
 }
 
 export type CgroupLayout =

@@ -1,6 +1,15 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
-import { buildQemuArgs, FD_AGENT, FD_QMP, kernelCommandLine } from "./qemu-args.js";
+import {
+  buildQemuArgs,
+  FD_AGENT,
+  FD_QMP,
+  kernelCommandLine,
+  MEMFD_PATH,
+  qemuCommand,
+  SANDBOX_OPTION,
+  TCG_TB_SIZE_MIB,
+} from "./qemu-args.js";
 
 const base = {
   vcpuCount: 2,
@@ -34,7 +43,7 @@ describe("QEMU arguments", () => {
       /mem-path=\/dev\/shm\/podflare\/a\.mem,share=on$/,
     );
     assert.match(value(args, "-drive")[0] ?? "", /file=\/vms\/a\/root\.qcow2,format=qcow2/);
-    assert.deepEqual(value(args, "-accel"), ["tcg,thread=multi"]);
+    assert.deepEqual(value(args, "-accel"), [`tcg,thread=multi,tb-size=${TCG_TB_SIZE_MIB}`]);
     assert.deepEqual(
       value(args, "-pidfile"),
       ["/vms/a/qemu.pid"],
@@ -69,5 +78,59 @@ describe("QEMU arguments", () => {
     assert.throws(() => buildQemuArgs({ ...base, rootDisk: "/x,format=raw" }), /comma/);
     assert.throws(() => buildQemuArgs({ ...base, vcpuCount: 0 }), RangeError);
     assert.throws(() => buildQemuArgs({ ...base, memSizeMib: 64 }), RangeError);
+  });
+});
+
+describe("QEMU hardening arguments", () => {
+  it("turns QEMU's seccomp sandbox on with every deny option, first", () => {
+    const args = buildQemuArgs(base);
+    assert.deepEqual(value(args, "-sandbox"), [SANDBOX_OPTION]);
+    assert.equal(args[0], "-sandbox");
+    for (const opt of [
+      "obsolete=deny",
+      "elevateprivileges=deny",
+      "spawn=deny",
+      "resourcecontrol=deny",
+    ])
+      assert.ok(SANDBOX_OPTION.split(",").includes(opt), opt);
+    assert.deepEqual(value(buildQemuArgs({ ...base, sandbox: false }), "-sandbox"), []);
+  });
+
+  it("bounds the TCG translation cache (the cgroup memory limit counts on it)", () => {
+    assert.deepEqual(value(buildQemuArgs(base), "-accel"), [
+      `tcg,thread=multi,tb-size=${TCG_TB_SIZE_MIB}`,
+    ]);
+  });
+
+  it("maps an inherited memfd by its /proc/self/fd path", () => {
+    const args = buildQemuArgs({ ...base, memPath: MEMFD_PATH, memShared: false, incoming: true });
+    assert.match(value(args, "-object")[0] ?? "", /mem-path=\/proc\/self\/fd\/7,share=off$/);
+  });
+
+  it("runs QEMU under setpriv: its own uid/gid, no groups, no_new_privs, parent-death signal", () => {
+    const cmd = qemuCommand("qemu-system-x86_64", ["-x"], {
+      nice: 10,
+      creds: { uid: 2_000_000_005, gid: 2_000_000_005 },
+    });
+    assert.deepEqual(cmd, [
+      "nice",
+      "-n",
+      "10",
+      "setpriv",
+      "--reuid",
+      "2000000005",
+      "--regid",
+      "2000000005",
+      "--clear-groups",
+      "--no-new-privs",
+      "--pdeathsig",
+      "KILL",
+      "--",
+      "qemu-system-x86_64",
+      "-x",
+    ]);
+    assert.deepEqual(qemuCommand("q", [], {}), ["setpriv", "--pdeathsig", "KILL", "--", "q"]);
+    assert.throws(() => qemuCommand("q", [], { creds: { uid: 0, gid: 0 } }), RangeError);
+    assert.throws(() => qemuCommand("q", [], { creds: { uid: 2 ** 32 - 1, gid: 5 } }), RangeError);
   });
 });
