@@ -118,6 +118,8 @@ AGENT_MEMORY_MIN = 48 << 20  # never reclaimed from the control agent (it uses ~
 AGENT_CPU_WEIGHT = 10000  # the maximum: the agent wins the CPU whenever it is runnable
 USER_CPU_WEIGHT = 10  # default is 100; ratio 1000:1
 SWEEP_PASSES = 20
+PIDS_WATCH_INTERVAL = 0.2
+SWEEP_INTERVAL = 0.1
 WORKER_FD_ARG = "--fd"
 WORKER_SEND_TIMEOUT = 5.0  # a worker that does not read its socket for this long is killed
 RESPAWN_BACKOFF_MIN, RESPAWN_BACKOFF_MAX = 0.1, 5.0
@@ -585,6 +587,7 @@ class ExecJob:
 
 
 _worker_pid = None  # set in the worker; a process with another pid is a fork of it
+_interrupt_pending = False  # the running exec is being interrupted: its forks die at birth
 
 
 def _in_forked_child():
@@ -678,10 +681,12 @@ class ExecRunner:
 
     def interrupt(self, target, reason):
         """Interrupts exec `target` (`reason`: "timeout" or "cancel") if it is queued or running."""
+        global _interrupt_pending
         with self._cond:
             for job in [self._current, *self._queue]:
                 if job is not None and job.id == target and job.reason is None:
                     job.reason = reason
+                    _interrupt_pending = job is self._current
                     self._cond.notify_all()
 
     def shutdown(self):
@@ -725,6 +730,8 @@ class ExecRunner:
             self.stopped.set()
 
     def _run(self, job):
+        global _interrupt_pending
+        _interrupt_pending = job.reason is not None
         self._collector.begin(job.id, job.max_output)
         try:
             result = self._run_python(job) if job.language == "python" else self._run_bash(job)
@@ -921,6 +928,10 @@ class WorkerChannel:
 
 
 def _after_fork_in_worker(channel_fd, null_fd):
+    if _interrupt_pending:
+        # Forked after the call was interrupted: outside the call's cgroup (the worker has
+        # left it), where a fork loop would otherwise go on until its KeyboardInterrupt.
+        os._exit(1)
     # A fork of the worker must not write frames into the worker's channel (its copy of
     # the writer's lock may even be held): the channel becomes /dev/null. Forked copies
     # are also the preferred victims of the OOM killer, ahead of the REPL.
@@ -1153,11 +1164,43 @@ class Cgroups:
         for path in lingering:
             self.remove(path)
 
+    def exec_cgroups(self):
+        return [os.path.join(self.user, entry) for entry in self._exec_cgroups()] if self.enabled else []
+
     def oom_kills(self):
         return _keyed_counter(os.path.join(self.user, "memory.events"), "oom_kill") if self.enabled else 0
 
     def pids_limit_hits(self):
         return _keyed_counter(os.path.join(self.user, "pids.events"), "max") if self.enabled else 0
+
+    def watch_pids_limit(self, on_hit):
+        """Calls on_hit() (at most every PIDS_WATCH_INTERVAL) whenever forks in `user`
+        fail for its pids.max, from a thread woken by the kernel (poll on pids.events)."""
+        path = os.path.join(self.user, "pids.events") if self.enabled else None
+        if path is None or not os.path.exists(path):
+            return
+        threading.Thread(target=self._pids_watch, args=(path, on_hit), name="podflare-pids", daemon=True).start()
+
+    def _pids_watch(self, path, on_hit):
+        _pin_helper_thread()
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            poller = select.poll()
+            poller.register(fd, select.POLLPRI)
+            last = None
+            while True:
+                # Reading re-arms the notification; a change makes poll() return POLLPRI.
+                count = 0
+                for line in os.pread(fd, 4096, 0).decode("ascii", "replace").splitlines():
+                    if line.startswith("max ") and line[4:].strip().isdigit():
+                        count = int(line[4:])
+                if last is not None and count > last:
+                    on_hit()
+                    time.sleep(PIDS_WATCH_INTERVAL)  # a rate limit: a bomb fails thousands of forks a second
+                last = count
+                poller.poll()
+        except Exception:
+            log(f"pids watcher: {traceback.format_exc()}")
 
 
 class WorkerProcess:
@@ -1403,6 +1446,21 @@ class ExecScheduler:
         if worker is not None and not worker.dead:
             worker.send({"type": "reseed", "id": None}, timeout=1.0)
 
+    def pids_limit_hit(self):
+        """Forks fail for the pids limit: if processes that an earlier call left behind
+        outnumber the running call's (a fork bomb put in the background, say
+        `:(){ :|:& };:`, which returns at once), they are killed. A running call that
+        bombs is the caller's to time out or cancel, and its leftovers die as it ends."""
+        cg = self._cgroups
+        with self._cond:
+            current = self._current.cgroup if self._current is not None else None
+        sizes = {path: len(cg.procs(path)) for path in cg.exec_cgroups()}
+        busiest = max((path for path in sizes if path != current), key=sizes.get, default=None)
+        if busiest is not None and sizes[busiest] > sizes.get(current, 0):
+            log(f"pids limit hit: killing {sizes[busiest]} processes left behind in {busiest}")
+            cg.kill(busiest)
+            cg.remove(busiest)
+
     # -- the dispatcher (main thread) --
 
     def run_forever(self):
@@ -1499,12 +1557,21 @@ class ExecScheduler:
                     job.kill_at = None
                     job.killed_stuck = True
                     act = "kill"
+                elif job.interrupted_at is not None and job.cgroup is not None:
+                    # Until the code stops, what it forks outside the call's cgroup is
+                    # killed every SWEEP_INTERVAL (a fork loop must not starve it).
+                    self._cond.wait(SWEEP_INTERVAL if job.kill_at is None else min(SWEEP_INTERVAL, max(0.0, job.kill_at - now)))
+                    if job.done:
+                        return
+                    act = "sweep"
                 else:
                     wake = job.kill_at if job.reason is not None else job.deadline
                     self._cond.wait(None if wake is None else max(0.0, wake - now))
                     continue
             if act == "interrupt":
                 self._interrupt(job)
+            elif act == "sweep":
+                self._sweep(job, passes=1)
             else:
                 log(f"exec {job.id}: the REPL did not stop within {self._kill_grace:g} s of the interrupt; killing it")
                 job.worker.kill()
@@ -1535,20 +1602,24 @@ class ExecScheduler:
         if job.interrupted_at is not None or worker.dead or job.kill_leftovers:
             cg.kill(job.cgroup)
         if job.interrupted_at is not None and not worker.dead:
-            # Processes the interrupted code started after the worker left the call's
-            # cgroup (before its KeyboardInterrupt landed) are in user/repl: back into the
-            # call's cgroup with them, and kill it again, until none are left.
-            for _ in range(SWEEP_PASSES):
-                strays = cg.procs(cg.repl) - job.repl_before - {worker.pid}
-                if not strays:
-                    break
-                for pid in strays:
-                    cg.move(pid, job.cgroup)
-                cg.kill(job.cgroup)
+            self._sweep(job, SWEEP_PASSES)
         # Processes a call starts keep running after it ends normally (documented); their
         # cgroup is removed once they are gone.
         cg.remove(job.cgroup)
         cg.tidy()
+
+    def _sweep(self, job, passes):
+        """Processes the interrupted code started after the worker left the call's cgroup
+        (before its KeyboardInterrupt landed) are in user/repl: back into the call's
+        cgroup with them, and kill it again, until none are left."""
+        cg = self._cgroups
+        for _ in range(passes):
+            strays = cg.procs(cg.repl) - job.repl_before - {job.worker.pid}
+            if not strays:
+                return
+            for pid in strays:
+                cg.move(pid, job.cgroup)
+            cg.kill(job.cgroup)
 
     def _stop_worker(self):
         with self._cond:
@@ -2178,6 +2249,7 @@ def main(argv=None):
 
     writer = FrameWriter(fd)
     scheduler = ExecScheduler(writer, cgroups, worker_argv, kill_grace=args.kill_grace)
+    cgroups.watch_pids_limit(scheduler.pids_limit_hit)
     transfers = FileTransfers(writer)
     agent = Agent(fd, args.fd is None, args.skip_system_restore, writer, scheduler, transfers)
     log(f"version {VERSION} started pid={os.getpid()}")
