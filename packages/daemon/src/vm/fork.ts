@@ -68,16 +68,18 @@ async function freeze(
   const qmp = parent.qemu.qmp;
   const creds = parent.jail.creds;
   // Made before the pause: the parent's next overlay (its QEMU, under its own uid, creates
-  // nothing in the shared layers directory) and the receiver's throwaway one, which keeps
-  // the receiver off the parent's locked disk (it never runs).
+  // nothing in the shared layers directory), and the receiver with a throwaway disk (it
+  // never runs, and stays off the parent's locked overlay).
   const next = engine.layers.pathFor(`${parent.id}-${randomBytes(4).toString("hex")}`);
   await createOverlay(next, frozen, "qcow2");
   if (creds) {
     await chown(next, creds.uid, creds.gid);
     await chmod(next, 0o600);
   }
+  // Its backing file is the template's disk, which every VM uid may read: the parent's
+  // overlay is still the parent's alone until it is frozen, and the receiver starts now.
   const receiverDisk = join(dir, "receiver.qcow2");
-  await createOverlay(receiverDisk, frozen, "qcow2");
+  await createOverlay(receiverDisk, parent.disk.base, "qcow2");
   const receiver = await engine.spawnReceiver(dir, parent.shape, receiverDisk, join(dir, "mem"));
   let snapshotted = false;
   const started = performance.now();
