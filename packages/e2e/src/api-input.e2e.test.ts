@@ -445,7 +445,7 @@ describe("malformed API input", () => {
    * Answers whose body is not the contract's: Fastify answers some framework-level errors
    * itself (an id over its 100-character route parameter limit, a malformed %-escape in
    * the URL, an unparsable request line) with its own `code`s or none. Collected by the
-   * first test, asserted by the todo test below until api/server.ts maps them.
+   * first test, asserted by the test below.
    */
   const nonConforming: string[] = [];
 
@@ -497,15 +497,11 @@ describe("malformed API input", () => {
     assert.ok(grownMiB < 128, `RSS grew by ${grownMiB.toFixed(0)} MiB`);
   });
 
-  it("answers framework-level errors with the contract's codes too", {
-    todo: "api/server.ts: Fastify's own FST_ERR_* answers (maxParamLength, bad %-escapes)",
-  }, () => {
+  it("answers framework-level errors with the contract's codes too", () => {
     assert.deepEqual(nonConforming, []);
   });
 
-  it("answers a download of a file that is not a regular file with a 4xx", {
-    todo: 'sandboxes/service.ts maps the agent\'s io_error ("not a regular file") to 500',
-  }, async () => {
+  it("answers a download of a file that is not a regular file with a 4xx", async () => {
     const answers: string[] = [];
     for (const p of ["/dev/null", "/dev/zero", "/run"]) {
       const a = await send(d.url, {

@@ -4,13 +4,13 @@
  */
 import { Readable } from "node:stream";
 import type { TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
-import Fastify, { LogController } from "fastify";
+import Fastify, { type FastifyReply, LogController } from "fastify";
 import type { Authenticator } from "../auth/authenticator.js";
 import type { ExecEvent } from "../guest/agent-client.js";
 import { PodflareError } from "../sandboxes/errors.js";
 import type { Caller, SandboxService } from "../sandboxes/service.js";
 import type { Logger } from "../util/logger.js";
-import { toHttpError } from "./errors.js";
+import { type ErrorBody, toHttpError } from "./errors.js";
 import {
   CreateBody,
   ExecBody,
@@ -39,6 +39,26 @@ export function buildServer(deps: ServerDeps) {
     // On shutdown every sandbox is destroyed anyway: do not wait out clients' keep-alive.
     forceCloseConnections: true,
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, allErrors: false } },
+    // Long ids reach the schema (which says what is wrong) instead of falling to "no route".
+    routerOptions: { maxParamLength: 1024 },
+    // Errors Fastify meets before routing (a malformed %-escape) get the contract's body.
+    frameworkErrors: (err, _request, reply) => {
+      const body: ErrorBody = { error: `invalid request: ${err.message}`, code: "bad_request" };
+      void (reply as unknown as FastifyReply).code(400).send(body);
+    },
+    // A request Node cannot parse at all: answer in the contract's shape, then hang up.
+    clientErrorHandler: (err, socket) => {
+      if (!socket.writable) return socket.destroy();
+      const tooLarge = (err as { code?: string }).code === "HPE_HEADER_OVERFLOW";
+      const body = JSON.stringify(
+        tooLarge
+          ? { error: "the request headers are too large", code: "too_large" }
+          : { error: "the request could not be parsed as HTTP/1.1", code: "bad_request" },
+      );
+      socket.end(
+        `HTTP/1.1 ${tooLarge ? "431 Request Header Fields Too Large" : "400 Bad Request"}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
+      );
+    },
   }).withTypeProvider<TypeBoxTypeProvider>();
 
   if (deps.onRoute) {

@@ -551,6 +551,12 @@ function mapAgentError(err: unknown, id: string, path?: string): Error {
       case "too_large":
         return new TooLargeError(err.message);
       case "io_error":
+        if (/is not a regular file/.test(err.message))
+          return new BadRequestError(`${err.message}; give the path of a regular file`);
+        if (/No space left on device/i.test(err.message))
+          return new TooLargeError(
+            `the sandbox's disk is full (${err.message}); delete files in it or upload less`,
+          );
         return new PodflareError(
           "internal",
           `the sandbox could not complete the file operation: ${err.message}`,
