@@ -80,8 +80,10 @@ PENDING_OUTPUT_CAP = 1 << 20  # producers wait beyond this: memory stays bounded
 FLUSH_DELAY = 0.005  # lets a burst of small writes coalesce into one frame
 DRAIN_CAP = 4 << 20  # an endlessly writing child cannot stall the end of an exec
 DRAIN_TIMEOUT = 5.0
-DROP_BATCH_DELAY = 0.002
-PIPE_SIZE = 1 << 20  # capture pipes; /proc/sys/fs/pipe-max-size allows it by default
+DROP_BATCH_DELAY = 0.005
+# Capture pipes: fewer wake-ups for a child that writes a lot. Pages are allocated only as
+# data waits in the pipe (charged to the writer's cgroup); root may exceed pipe-max-size.
+PIPE_SIZE = 4 << 20
 _SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 KICK_INTERVAL = 1.0  # SIGINT is repeated while code swallows KeyboardInterrupt
 # An interrupted exec whose worker shows no sign of life (its SIGINT handler never runs:
@@ -521,7 +523,7 @@ class FdCapture:
                             poller.unregister(fd)
                     self._drained.set()
                 elif self._collector.dropping():
-                    # Output that is dropped anyway: let the pipe fill up (1 MiB) between
+                    # Output that is dropped anyway: let the pipe fill up (4 MiB) between
                     # splices instead of waking for each of the writer's small writes
                     # (8 KiB for coreutils; 1 GiB is 131072 wake-ups otherwise).
                     time.sleep(DROP_BATCH_DELAY)

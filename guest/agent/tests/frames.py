@@ -68,11 +68,11 @@ class Channel:
 class AgentProcess:
     """The agent as a subprocess, talking over a socket pair (--fd)."""
 
-    def __init__(self, preexec_fn=None):
+    def __init__(self, preexec_fn=None, extra_args=()):
         host, guest = socket.socketpair()
         stderr = None if os.environ.get("PODFLARE_TEST_AGENT_LOG") else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            [sys.executable, AGENT, "--fd", str(guest.fileno()), "--skip-system-restore"],
+            [sys.executable, AGENT, "--fd", str(guest.fileno()), "--skip-system-restore", *extra_args],
             pass_fds=[guest.fileno()],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -35,12 +35,16 @@ class Result:
 
 class AgentCase(unittest.TestCase):
     preexec_fn = None  # runs in the agent's process before it starts
+    extra_args = ()
 
     def setUp(self):
-        self.agent = AgentProcess(preexec_fn=type(self).preexec_fn)
+        self.agent = AgentProcess(preexec_fn=type(self).preexec_fn, extra_args=self.agent_args())
         self.addCleanup(self._stop_agent)
         self.ch = self.agent.channel
         self._ids = itertools.count(1)
+
+    def agent_args(self):
+        return type(self).extra_args
 
     def _stop_agent(self):
         self.assertEqual(self.agent.close(), 0, "the agent must exit cleanly on EOF")
@@ -566,6 +570,193 @@ class RestoreTests(AgentCase):
         self.assertError(self.restore(hostname="Bad_Host"), "bad_request")
         self.assertError(self.restore(hostname="a" * 64), "bad_request")
         self.assertError(self.restore(machine_id="xyz"), "bad_request")
+
+
+FORGE = """import os, json, struct
+fd = next(int(f) for f in os.listdir('/proc/self/fd') if os.readlink(f'/proc/self/fd/{f}').startswith('socket:'))
+def frame(header, payload=b''):
+    head = json.dumps(header).encode()
+    return b'PF\\x01\\x00' + struct.pack('>II', len(head), len(payload)) + head + payload
+os.write(fd, b'garbage' + frame({'type': 'exit', 'id': 999, 'code': 0})
+         + frame({'type': 'output', 'id': RID, 'stream': 'stdout'}, b'\\xff' + b'y' * 200)
+         + frame({'type': 'output', 'id': RID, 'stream': 'evil'}, b'z')
+         + frame({'type': 'alive', 'id': 'x'}) + b'PF\\x01\\x00' + struct.pack('>II', 1, 1 << 30))
+"""
+
+
+class WorkerTests(AgentCase):
+    """The control process / REPL worker split."""
+
+    extra_args = ("--kill-grace", "2.5")  # > the 1 s between interrupts (10 s in the guest)
+
+    def test_user_code_runs_in_a_worker_of_the_agent(self):
+        result = self.run_code("import os\nprint(os.getppid(), os.getpid())")
+        parent, pid = map(int, result.stdout.split())
+        self.assertEqual(parent, self.agent.proc.pid)
+        self.assertNotEqual(pid, self.agent.proc.pid)
+
+    def test_worker_death_ends_the_exec_once_and_a_fresh_repl_starts(self):
+        self.run_code("x = 1")
+        result = self.run_code("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+        self.assertEqual(result.code, 128 + 9)
+        self.assertEqual(result.exit["error"]["name"], "ReplDied")
+        self.assertIn("killed by SIGKILL", result.exit["error"]["value"])
+        self.assertIn("state (variables, imports) is lost", result.exit["error"]["value"])
+        self.assertTrue(result.stderr.startswith("podflare: the Python REPL process killed by SIGKILL"))
+        self.assertTrue(self.ch.nothing_within(0.2))  # exactly one exit
+        self.assertEqual(self.request("ping")["type"], "pong")
+        self.assertEqual(self.run_code("print('x' in globals())").stdout, "False\n")
+
+    def test_queued_execs_run_on_the_fresh_repl(self):
+        first = self.start("import os\nos._exit(3)")
+        second = self.start("print('second')")
+        died = self.collect(first)
+        self.assertEqual((died.code, died.exit["error"]["name"]), (3, "ReplDied"))
+        self.assertEqual(self.collect(second).stdout, "second\n")
+
+    def test_forked_child_leaves_quietly(self):
+        code = "import os\npid = os.fork()\nif pid == 0:\n    print('child', flush=True)\nelse:\n    os.waitpid(pid, 0)\n    print('parent')"
+        result = self.run_code(code)
+        self.assertEqual((result.code, sorted(result.stdout.split())), (0, ["child", "parent"]))
+        self.assertTrue(self.ch.nothing_within(0.3))  # no exit frame from the child
+        self.assertEqual(self.run_code("print('next')").stdout, "next\n")
+
+    def test_frames_forged_by_user_code_are_validated_and_capped(self):
+        rid = self.new_id()
+        code = FORGE.replace("RID", str(rid))
+        self.ch.send({"type": "exec", "id": rid, "language": "python", "timeout_ms": None, "max_output_bytes": 50}, code.encode())
+        result = self.collect(rid)  # asserts every frame is for rid and valid UTF-8
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(result.stdout, "\ufffd" + "y" * 47)  # 3 + 47 bytes
+        self.assertIs(result.exit["truncated"], True)
+        self.assertEqual(self.request("ping")["type"], "pong")
+
+    def test_worker_that_ignores_the_interrupt_is_killed_after_the_grace(self):
+        code = "import signal\nsignal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])\nwhile True: pass"
+        began = time.monotonic()
+        result = self.run_code(code, timeout_ms=200)
+        self.assertLess(time.monotonic() - began, 8)
+        self.assertEqual((result.code, result.exit.get("timed_out")), (124, True))
+        self.assertEqual(result.exit["error"]["name"], "ReplKilled")
+        self.assertEqual(self.run_code("print('fresh')").stdout, "fresh\n")
+
+    def test_code_that_swallows_interrupts_is_not_killed(self):
+        code = "import time\nn = 0\nwhile n < 5:\n    try:\n        time.sleep(100)\n    except KeyboardInterrupt:\n        n += 1\nprint('done', n)"
+        result = self.run_code(code, timeout_ms=100)  # 5 interrupts, 1 s apart: > the 2.5 s grace
+        self.assertEqual((result.code, result.stdout), (124, "done 5\n"))
+        self.assertNotIn("error", result.exit)
+
+
+def _cgroup2_test_root():
+    base = "/sys/fs/cgroup/unified" if os.path.exists("/sys/fs/cgroup/unified/cgroup.procs") else "/sys/fs/cgroup"
+    if not os.path.exists(os.path.join(base, "cgroup.procs")) or os.geteuid() != 0:
+        return None
+    path = os.path.join(base, f"podflare-test-{os.getpid()}-{random.getrandbits(32):08x}")
+    try:
+        os.mkdir(path)
+    except OSError:
+        return None
+    if not os.path.exists(os.path.join(path, "cgroup.kill")):  # the root has none; 5.14+
+        os.rmdir(path)
+        return None
+    return path
+
+
+def _remove_cgroup_tree(path):
+    for _ in range(200):
+        try:
+            with open(os.path.join(path, "cgroup.kill"), "w") as f:
+                f.write("1")
+        except OSError:
+            pass
+        for parent, dirs, _ in sorted(os.walk(path), key=lambda entry: -entry[0].count("/")):
+            for name in dirs:
+                try:
+                    os.rmdir(os.path.join(parent, name))
+                except OSError:
+                    pass
+        try:
+            os.rmdir(path)
+            return
+        except OSError:
+            time.sleep(0.02)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class CgroupTests(AgentCase):
+    """The cgroup logic on the host's cgroup v2 (no controllers needed for procs and kill)."""
+
+    def setUp(self):
+        self.cg = _cgroup2_test_root()
+        if self.cg is None:
+            self.skipTest("needs root and a writable cgroup v2 hierarchy with cgroup.kill")
+        self.addCleanup(_remove_cgroup_tree, self.cg)
+        super().setUp()
+
+    def agent_args(self):
+        return ("--cgroup-root", self.cg)
+
+    def procs(self, relative):
+        with open(os.path.join(self.cg, relative, "cgroup.procs")) as f:
+            return {int(pid) for pid in f.read().split()}
+
+    def test_layout(self):
+        result = self.run_code("import os\nprint(os.getpid())\nprint(open('/proc/self/cgroup').read().splitlines()[-1])")
+        worker, line = result.stdout.splitlines()
+        self.assertRegex(line, r"^0::/(.*/)?podflare-test-[^/]+/user/exec-\d+$")
+        self.assertEqual(self.procs("agent"), {self.agent.proc.pid})
+        self.assertEqual(self.procs("user/repl"), {int(worker)})  # back between calls
+        self.assertFalse([e for e in os.listdir(os.path.join(self.cg, "user")) if e.startswith("exec-")])
+
+    def test_timeout_kills_setsid_processes_and_finished_calls_children_live_on(self):
+        keeper = int(self.run_code("import subprocess\nkeeper = subprocess.Popen(['sleep', '1000'], start_new_session=True)\nprint(keeper.pid)").stdout)
+        code = "import subprocess, time\nsubprocess.run(['bash', '-c', 'setsid sleep 1000 & echo $!'])\ntime.sleep(100)"
+        result = self.run_code(code, timeout_ms=300)
+        self.assertEqual(result.code, 124)
+        escapee = int(result.stdout)
+        self.assertFalse(_alive(escapee))
+        self.assertTrue(_alive(keeper))
+        self.assertEqual(self.run_code("keeper.kill()\n_ = keeper.wait()").code, 0)
+
+    def test_bash_timeout_kills_double_forked_processes(self):
+        result = self.run_code("(setsid sh -c 'sleep 1000 & echo $!' &) ; sleep 100", language="bash", timeout_ms=300)
+        self.assertEqual(result.code, 124)
+        pid = int(result.stdout)
+        self.assertFalse(_alive(pid))
+
+    def test_worker_death_kills_the_calls_processes_and_a_fresh_worker_starts(self):
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        pid_file = os.path.join(directory.name, "pid")
+        code = f"import os, subprocess\np = subprocess.Popen(['sleep', '1000'], start_new_session=True)\nopen({pid_file!r}, 'w').write(str(p.pid))\nos.kill(os.getpid(), 9)"
+        result = self.run_code(code)
+        self.assertEqual(result.exit["error"]["name"], "ReplDied")
+        with open(pid_file) as f:
+            pid = int(f.read())
+        deadline = time.monotonic() + 5
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)  # SIGKILL is delivered asynchronously
+        self.assertFalse(_alive(pid))
+        worker = int(self.run_code("import os\nprint(os.getpid())").stdout)
+        self.assertEqual(self.procs("user/repl"), {worker})
+
+
+class CgroupLimitTests(unittest.TestCase):
+    def test_memory_limit_reserve(self):
+        mib = 1 << 20
+        # 10% reserve with a 96 MiB floor (a 1 GiB guest: MemTotal ~ 972 MiB -> 850 MiB).
+        self.assertEqual(podflare_agent.memory_limit_for(995500 * 1024) >> 20, 850)
+        self.assertEqual(podflare_agent.memory_limit_for(256 * mib), 160 * mib)
+        self.assertEqual(podflare_agent.memory_limit_for(4096 * mib), 3584 * mib)
+        self.assertEqual(podflare_agent.memory_limit_for(128 * mib), 64 * mib)  # never below half
+
 
 
 class PortModeTests(unittest.TestCase):
