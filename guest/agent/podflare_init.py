@@ -2,9 +2,9 @@
 """PID 1 of a podflare guest.
 
 The initramfs switch_root's into `/usr/bin/python3 -I -S /opt/podflare/podflare_init.py`
-with /dev already mounted. This mounts the API file systems (cgroup2 included), brings up lo, then runs the
-guest agent and reaps every process of the guest (orphans are reparented to PID 1),
-respawning the agent whenever it exits. PID 1 exiting panics the kernel, so every setup
+with /dev already mounted. This mounts the API file systems (cgroup2 included), brings up
+lo, then runs the guest agent and reaps every process of the guest (orphans are
+reparented to PID 1), respawning the agent whenever it exits. PID 1 exiting panics the kernel, so every setup
 step is best-effort and logged, and the supervisor loop survives any exception.
 Standard library only; ctypes' mount(2) avoids forking util-linux for each mount.
 """
