@@ -122,7 +122,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   const admission = new Admission({
     maxSandboxes: config.maxSandboxes,
     memoryBudgetMib: config.memoryBudgetMib,
-    vmOverheadMib: config.vmOverheadMib,
+    vmOverheadMib: config.vmMemOverheadMib,
     tenantMaxSandboxes: config.tenantMaxSandboxes,
     tenantMaxMemMib: config.tenantMaxMemMib,
   });
@@ -165,7 +165,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
           budget_mib: config.memoryBudgetMib,
           sandboxes_mib: host.chargedMib,
           pool_mib: pool.chargedMib(),
-          vm_overhead_mib: config.vmOverheadMib,
+          vm_overhead_mib: config.vmMemOverheadMib,
         },
         tenant: {
           sandboxes: mine.sandboxes,

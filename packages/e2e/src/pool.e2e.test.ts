@@ -19,7 +19,7 @@ describe("templates and the warm pool", () => {
     // 50 idle sandboxes at once touch about 50 MiB each, far below the guest memory the
     // budget charges them: this suite tests the pool's hand-out, so the budget is lifted
     // (overcommitting on purpose, as PODFLARE_MEMORY_BUDGET_MIB allows an operator to).
-    d = await startTestDaemon({ poolSize: 2, maxSandboxes: 64, memoryBudgetMib: 64 * 1088 });
+    d = await startTestDaemon({ poolSize: 2, maxSandboxes: 64, memoryBudgetMib: 64 * 1280 });
   });
   after(async () => {
     await d?.close();

@@ -12,7 +12,7 @@ import { createLogger, KeyStore, loadConfig, repoRoot, Store, startDaemon } from
 import { startTestDaemon, type TestDaemon } from "./harness.js";
 
 const execFileP = promisify(execFile);
-const CHARGE = 1024 + 64; // default shape + the default per-VM overhead
+const CHARGE = 1024 + 256; // default shape + the default per-VM overhead (its cgroup limit)
 
 interface Reply {
   status: number;

@@ -53,10 +53,11 @@ export interface Config {
   readonly defaultSandboxTimeoutMs: number;
   readonly maxSandboxTimeoutMs: number;
   readonly maxSandboxes: number;
-  /** Host memory (MiB) sandboxes and the warm pool may hold: guest memory + overhead. */
+  /**
+   * Host memory (MiB) sandboxes and the warm pool may hold, each VM charged its cgroup
+   * memory limit (guest memory + vmMemOverheadMib).
+   */
   readonly memoryBudgetMib: number;
-  /** Host memory charged per VM beyond its guest memory (QEMU, TCG code buffer). */
-  readonly vmOverheadMib: number;
   /** Per-key limits for keys that set none of their own. */
   readonly tenantMaxSandboxes: number;
   readonly tenantMaxMemMib: number;
@@ -147,7 +148,6 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     maxSandboxTimeoutMs: envInt("PODFLARE_MAX_SANDBOX_TIMEOUT_MS", 24 * 3600_000),
     maxSandboxes,
     memoryBudgetMib,
-    vmOverheadMib: envInt("PODFLARE_VM_OVERHEAD_MIB", 64),
     tenantMaxSandboxes: envInt("PODFLARE_TENANT_MAX_SANDBOXES", maxSandboxes),
     tenantMaxMemMib: envInt("PODFLARE_TENANT_MAX_MEM_MIB", memoryBudgetMib),
     minFreeDiskMib: envInt("PODFLARE_MIN_FREE_DISK_MIB", 512),
