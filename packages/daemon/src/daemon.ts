@@ -198,6 +198,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
         await app.close();
         await pool.close();
         await service.destroyAll("the daemon stopped");
+        await (await engine.cgroups())?.close();
         disk.close();
         store.close();
       })();

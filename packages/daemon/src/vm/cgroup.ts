@@ -302,6 +302,11 @@ export class CgroupManager {
     return group;
   }
 
+  /** Shutdown: remove this daemon's (by then empty) parent groups; best effort. */
+  async close(): Promise<void> {
+    for (const parent of this.parents) await rmdir(parent).catch(() => {});
+  }
+
   /** Start-up: kill whatever a previous run left in our groups and remove them. */
   async removeStale(): Promise<{ groups: number; killed: number }> {
     let groups = 0;
