@@ -1,0 +1,238 @@
+/**
+ * podflare soak: N create -> exec -> destroy cycles through the TypeScript SDK, P at a
+ * time, against a daemon running as its own process. Prints the errors (must be 0), the
+ * rate, the daemon's open file descriptors and RSS over the run, and what is left
+ * afterwards: files in the daemon's vms/, layers/ and shm directories and QEMU processes.
+ *
+ *   node bench/dist/soak.js [--cycles 1000] [--parallel 8]
+ */
+import { type ChildProcess, spawn } from "node:child_process";
+import { mkdtemp, readdir, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { parseArgs } from "node:util";
+import { loadConfig, repoRoot } from "@podflare/daemon";
+import { Sandbox } from "podflare";
+
+const { values: argv } = parseArgs({
+  options: {
+    cycles: { type: "string", default: "1000" },
+    parallel: { type: "string", default: "8" },
+    "sample-every": { type: "string", default: "100" },
+  },
+});
+const CYCLES = Number(argv.cycles);
+const PARALLEL = Number(argv.parallel);
+const EVERY = Number(argv["sample-every"]);
+if (!(CYCLES > 0 && PARALLEL > 0 && EVERY > 0)) {
+  console.error("usage: soak [--cycles N] [--parallel P] [--sample-every K]");
+  process.exit(2);
+}
+
+interface Daemon {
+  child: ChildProcess;
+  url: string;
+  stop(): Promise<void>;
+}
+
+async function startDaemon(env: Record<string, string>): Promise<Daemon> {
+  const child = spawn(process.execPath, [join(repoRoot, "packages/cli/dist/main.js"), "serve"], {
+    env: { ...process.env, PODFLARE_PORT: "0", PODFLARE_LOG_LEVEL: "info", ...env },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  const url = await new Promise<string>((resolve, reject) => {
+    let log = "";
+    child.stderr?.setEncoding("utf8");
+    child.stderr?.on("data", (c: string) => {
+      log = (log + c).slice(-20_000);
+      const m = /"address":"(http:\/\/[^"]+)".*podflared listening/.exec(log);
+      if (m?.[1]) resolve(m[1]);
+    });
+    child.once("exit", (code) =>
+      reject(new Error(`daemon exited (${code}):\n${log.slice(-3000)}`)),
+    );
+  });
+  return {
+    child,
+    url,
+    stop: async () => {
+      const exited = new Promise((r) => child.once("exit", r));
+      child.kill("SIGTERM");
+      await exited;
+    },
+  };
+}
+
+async function poolFull(url: string): Promise<void> {
+  for (;;) {
+    const cap = (await (await fetch(`${url}/v1/capacity`)).json()) as {
+      pool: { target: number; ready: number; refilling: number };
+    };
+    if (cap.pool.ready >= cap.pool.target && cap.pool.refilling === 0) return;
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+interface Sample {
+  at: string;
+  cycles: number;
+  fds: number;
+  rssMiB: number;
+  vms: number;
+}
+
+async function count(dir: string): Promise<number> {
+  return (await readdir(dir).catch(() => [])).length;
+}
+
+async function filesUnder(dir: string): Promise<string[]> {
+  const out: string[] = [];
+  for (const e of await readdir(dir, { withFileTypes: true, recursive: true }).catch(() => []))
+    if (!e.isDirectory())
+      out.push(join(e.parentPath ?? (e as { path?: string }).path ?? "", e.name));
+  return out;
+}
+
+async function sample(pid: number, at: string, cycles: number, vmsDir: string): Promise<Sample> {
+  const status = await readFile(`/proc/${pid}/status`, "utf8");
+  return {
+    at,
+    cycles,
+    fds: await count(`/proc/${pid}/fd`),
+    rssMiB: Number(/^VmRSS:\s+(\d+)/m.exec(status)?.[1] ?? 0) / 1024,
+    vms: await count(vmsDir),
+  };
+}
+
+async function qemuPidsUnder(dir: string): Promise<number[]> {
+  const pids: number[] = [];
+  for (const e of await readdir("/proc")) {
+    if (!/^\d+$/.test(e)) continue;
+    const cmd = await readFile(`/proc/${e}/cmdline`, "utf8").catch(() => "");
+    if (cmd.includes("qemu-system") && cmd.includes(dir)) pids.push(Number(e));
+  }
+  return pids;
+}
+
+async function main(): Promise<void> {
+  const state = await mkdtemp(join(tmpdir(), "podflare-soak-"));
+  const shm = join("/dev/shm", `podflare-soak-${state.slice(-6)}`);
+  const env = {
+    PODFLARE_STATE_DIR: state,
+    PODFLARE_SHM_DIR: shm,
+    PODFLARE_IMAGES_DIR: loadConfig().imagesDir,
+    // Templates are keyed by content and built under a lock: share the tests' ones.
+    PODFLARE_TEMPLATES_DIR:
+      process.env.PODFLARE_TEMPLATES_DIR || "/dev/shm/podflare-test-templates",
+  };
+  const vmsDir = join(state, "vms");
+  console.log(`podflare soak: ${CYCLES} create -> exec -> destroy cycles, ${PARALLEL} in parallel`);
+  const d = await startDaemon(env);
+  const pid = d.child.pid as number;
+  const samples: Sample[] = [];
+  const errors: string[] = [];
+  const print = (s: Sample) =>
+    console.log(
+      `  ${s.at.padEnd(8)} cycles ${String(s.cycles).padStart(5)}  fds ${String(s.fds).padStart(4)}  rss ${s.rssMiB.toFixed(1).padStart(6)} MiB  vm dirs ${s.vms}`,
+    );
+  let left: { vms: string[]; layers: string[]; shm: string[]; qemu: number[] } | null = null;
+  let elapsed = 0;
+  try {
+    // Warm-up, not counted: one cycle per worker opens the HTTP keep-alive connections the
+    // run then reuses, so the start's fd count already includes them.
+    await Promise.all(
+      Array.from({ length: PARALLEL }, async () => {
+        const s = await Sandbox.create({ host: d.url });
+        await s.runCode("1");
+        await s.close();
+      }),
+    );
+    await poolFull(d.url);
+    samples.push(await sample(pid, "start", 0, vmsDir));
+    print(samples[0] as Sample);
+
+    let started = 0;
+    let done = 0;
+    let nextSample = EVERY;
+    const t0 = performance.now();
+    const worker = async () => {
+      for (;;) {
+        const k = started++;
+        if (k >= CYCLES) return;
+        try {
+          const s = await Sandbox.create({ host: d.url });
+          try {
+            const r = await s.runCode(`print(${k} * 2)`);
+            if (r.exitCode !== 0 || r.stdout !== `${k * 2}\n`)
+              throw new Error(
+                `exec: code ${r.exitCode}, stdout ${JSON.stringify(r.stdout).slice(0, 100)}, stderr ${r.stderr.slice(0, 200)}`,
+              );
+          } finally {
+            await s.close();
+          }
+        } catch (err) {
+          errors.push(`cycle ${k}: ${(err as Error).message}`);
+        }
+        done++;
+        if (done >= nextSample && done < CYCLES) {
+          nextSample += EVERY;
+          const s = await sample(pid, "during", done, vmsDir);
+          samples.push(s);
+          print(s);
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: PARALLEL }, worker));
+    elapsed = (performance.now() - t0) / 1000;
+    // Comparable with the start: every sandbox destroyed and its cleanup finished, the
+    // pool refilled.
+    await poolFull(d.url);
+    const running = (await Sandbox.list({ host: d.url })).length;
+    if (running !== 0) errors.push(`${running} sandboxes still listed after the run`);
+    const end = await sample(pid, "end", done, vmsDir);
+    samples.push(end);
+    print(end);
+  } finally {
+    await d.stop();
+    left = {
+      vms: await filesUnder(vmsDir),
+      layers: await filesUnder(join(state, "layers")),
+      shm: (await filesUnder(shm)).filter((f) => !f.startsWith(env.PODFLARE_TEMPLATES_DIR)),
+      qemu: await qemuPidsUnder(state),
+    };
+    await rm(state, { recursive: true, force: true });
+    await rm(shm, { recursive: true, force: true });
+  }
+
+  const first = samples[0] as Sample;
+  const last = samples.at(-1) as Sample;
+  const maxRss = Math.max(...samples.map((s) => s.rssMiB));
+  console.log("");
+  console.log(`errors: ${errors.length}`);
+  for (const e of errors.slice(0, 20)) console.log(`  ${e}`);
+  console.log(
+    `cycles/s: ${(CYCLES / elapsed).toFixed(2)} (${CYCLES} cycles in ${elapsed.toFixed(1)} s)`,
+  );
+  console.log(
+    `daemon fds: start ${first.fds}, end ${last.fds} (max ${Math.max(...samples.map((s) => s.fds))})`,
+  );
+  console.log(
+    `daemon RSS: start ${first.rssMiB.toFixed(1)} MiB, end ${last.rssMiB.toFixed(1)} MiB (max ${maxRss.toFixed(1)})`,
+  );
+  console.log(`VM directories with the pool refilled: start ${first.vms}, end ${last.vms}`);
+  console.log(
+    `left after the daemon stopped: vms/ ${left.vms.length} files, layers/ ${left.layers.length} files, shm ${left.shm.length} files, QEMU processes ${left.qemu.length}`,
+  );
+  for (const f of [...left.vms, ...left.layers, ...left.shm].slice(0, 20))
+    console.log(`  left: ${f}`);
+  if (
+    errors.length > 0 ||
+    left.vms.length + left.layers.length + left.shm.length + left.qemu.length > 0
+  )
+    process.exitCode = 1;
+}
+
+main().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});
