@@ -6,7 +6,7 @@
  *
  *   node bench/dist/bench.js [--rounds N] [--hold N] [--json]
  */
-import { type ChildProcess, spawn } from "node:child_process";
+import { spawn } from "node:child_process";
 import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -14,6 +14,7 @@ import { createInterface } from "node:readline";
 import { parseArgs } from "node:util";
 import { createLogger, loadConfig, prepareEngine, repoRoot } from "@podflare/daemon";
 import { Sandbox } from "podflare";
+import { fmt, pct, poolFull, procStats, qemuPidsUnder, startDaemon } from "./daemon.js";
 
 const { values: argv } = parseArgs({
   options: {
@@ -35,11 +36,7 @@ type Row = {
 };
 const rows: Row[] = [];
 
-function pct(samples: number[], p: number): number {
-  const s = [...samples].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] ?? Number.NaN;
-}
-const f = (ms: number) => (ms >= 100 ? ms.toFixed(0) : ms.toFixed(1));
+const f = fmt;
 function record(what: string, samples: number[], reference: string, target: string): void {
   rows.push({ what, p50: pct(samples, 50), p99: pct(samples, 99), reference, target });
   if (!argv.json)
@@ -51,70 +48,6 @@ async function time<T>(fn: () => Promise<T>): Promise<[number, T]> {
   const t0 = performance.now();
   const value = await fn();
   return [performance.now() - t0, value];
-}
-
-interface Daemon {
-  child: ChildProcess;
-  url: string;
-  stop(): Promise<void>;
-}
-
-async function startDaemon(env: Record<string, string>): Promise<Daemon> {
-  const child = spawn(process.execPath, [join(repoRoot, "packages/cli/dist/main.js"), "serve"], {
-    env: { ...process.env, PODFLARE_PORT: "0", PODFLARE_LOG_LEVEL: "info", ...env },
-    stdio: ["ignore", "ignore", "pipe"],
-  });
-  const url = await new Promise<string>((resolve, reject) => {
-    let log = "";
-    child.stderr?.setEncoding("utf8");
-    child.stderr?.on("data", (c: string) => {
-      log = (log + c).slice(-20_000);
-      const m = /"address":"(http:\/\/[^"]+)".*podflared listening/.exec(log);
-      if (m?.[1]) resolve(m[1]);
-    });
-    child.once("exit", (code) =>
-      reject(new Error(`daemon exited (${code}):\n${log.slice(-3000)}`)),
-    );
-  });
-  return {
-    child,
-    url,
-    stop: async () => {
-      child.kill("SIGTERM");
-      await new Promise((r) => child.once("exit", r));
-    },
-  };
-}
-
-async function poolFull(url: string): Promise<void> {
-  for (;;) {
-    const cap = (await (await fetch(`${url}/v1/capacity`)).json()) as {
-      pool: { target: number; ready: number };
-    };
-    if (cap.pool.ready >= cap.pool.target) return;
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
-
-/** PSS (KiB) and CPU ticks of a process. */
-async function procStats(pid: number): Promise<{ pssKiB: number; ticks: number }> {
-  const rollup = await readFile(`/proc/${pid}/smaps_rollup`, "utf8");
-  const stat = (await readFile(`/proc/${pid}/stat`, "utf8")).split(") ")[1]?.split(" ") ?? [];
-  return {
-    pssKiB: Number(/^Pss:\s+(\d+)/m.exec(rollup)?.[1] ?? 0),
-    ticks: Number(stat[11]) + Number(stat[12]),
-  };
-}
-
-async function qemuPidsUnder(dir: string): Promise<number[]> {
-  const { readdir } = await import("node:fs/promises");
-  const pids: number[] = [];
-  for (const e of await readdir("/proc")) {
-    if (!/^\d+$/.test(e)) continue;
-    const cmd = await readFile(`/proc/${e}/cmdline`, "utf8").catch(() => "");
-    if (cmd.includes("qemu-system") && cmd.includes(dir)) pids.push(Number(e));
-  }
-  return pids;
 }
 
 async function main(): Promise<void> {
@@ -299,6 +232,9 @@ async function main(): Promise<void> {
     PODFLARE_POOL_SIZE: "0",
     PODFLARE_STATE_DIR: `${state}-miss`,
     PODFLARE_MAX_SANDBOXES: String(HOLD + 16),
+    // Density is measured past the memory budget on purpose: idle sandboxes touch about
+    // 50 MiB each, while the budget charges each its whole guest memory (docs/security.md).
+    PODFLARE_MEMORY_BUDGET_MIB: String((HOLD + 16) * 1280),
   });
   try {
     const misses: number[] = [];
