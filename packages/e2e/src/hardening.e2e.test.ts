@@ -118,7 +118,7 @@ describe("hardening", () => {
           if (controller === "memory")
             assert.equal(
               Number(await read("memory.limit_in_bytes")),
-              (512 + D().config.vmMemOverheadMib) * mib,
+              (2 * 512 + D().config.vmMemOverheadMib) * mib,
             );
           if (controller === "pids") {
             assert.equal(await read("pids.max"), String(96 + 2));
@@ -132,7 +132,7 @@ describe("hardening", () => {
           if (controller === "") {
             assert.equal(
               await read("memory.max"),
-              String((512 + D().config.vmMemOverheadMib) * mib),
+              String((2 * 512 + D().config.vmMemOverheadMib) * mib),
             );
             assert.equal(await read("cpu.max"), "200000 100000");
             assert.equal(await read("pids.max"), "98");

@@ -41,9 +41,18 @@ export interface CgroupLimits {
   cpuWeight: number;
 }
 
+/**
+ * Memory: a clone maps its template's memory copy-on-write, and a page the template never
+ * touched is a hole in that (shmem) file. The first clone to fault such a page in makes
+ * the kernel allocate it in the shared file, charged to that clone's group, and then
+ * copies it into the clone's private memory, charged again. So a clone that touches all
+ * its guest RAM is charged up to twice it (measured: an OOM kill at guest + overhead,
+ * with 600 MiB of shmem charged beside 680 MiB of private memory), though only the
+ * private half is its own; the shared pages serve every later clone of the template.
+ */
 export function vmCgroupLimits(shape: VmShape, overheadMib = QEMU_OVERHEAD_MIB): CgroupLimits {
   return {
-    memoryBytes: (shape.memSizeMib + overheadMib) * MiB,
+    memoryBytes: (2 * shape.memSizeMib + overheadMib) * MiB,
     pidsMax: PIDS_BASE + shape.vcpuCount,
     cpuQuotaUs: shape.vcpuCount * CFS_PERIOD_US,
     cpuPeriodUs: CFS_PERIOD_US,

@@ -22,9 +22,9 @@ const SELF_V1 = `9:name=systemd:/
 0::/`;
 
 describe("cgroup limits", () => {
-  it("memory is guest RAM plus QEMU's overhead; pids and CPU follow the vCPUs", () => {
+  it("memory is twice guest RAM (private + template pages) plus QEMU's overhead; pids and CPU follow the vCPUs", () => {
     const l = vmCgroupLimits({ vcpuCount: 2, memSizeMib: 1024 });
-    assert.equal(l.memoryBytes, (1024 + QEMU_OVERHEAD_MIB) * 1024 * 1024);
+    assert.equal(l.memoryBytes, (2 * 1024 + QEMU_OVERHEAD_MIB) * 1024 * 1024);
     assert.equal(l.pidsMax, 98);
     assert.equal(l.cpuQuotaUs, 200_000);
     assert.equal(l.cpuPeriodUs, 100_000);
@@ -32,7 +32,7 @@ describe("cgroup limits", () => {
     assert.equal(l.cpuWeight, 200);
     assert.equal(
       vmCgroupLimits({ vcpuCount: 1, memSizeMib: 256 }, 100).memoryBytes,
-      356 * 1024 * 1024,
+      612 * 1024 * 1024,
     );
   });
 
