@@ -89,7 +89,7 @@ async function main(): Promise<void> {
       await abuse;
       const next = await abuser.runCode("print('next')");
       console.log(
-        `${c.name} | ${outcome}; next call: ${next.stdout.trim() === "next" ? "ok" : JSON.stringify(next)} | ${fmt(pct(lat, 50))} / ${fmt(pct(lat, 99))} (n=${lat.length}) | ${rssMax} | ${fdsMax}`,
+        `${c.name} | ${outcome}; next call: ${next.stdout.trim() === "next" ? "ok" : JSON.stringify(next)} | ${fmt(pct(lat, 50))} / ${fmt(pct(lat, 99))} (n=${lat.length}) | ${Math.round(rssMax)} | ${fdsMax}`,
       );
     }
     await abuser.close();

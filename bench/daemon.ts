@@ -61,19 +61,20 @@ export async function startDaemon(env: Record<string, string>): Promise<BenchDae
     child,
     url,
     stop: async () => {
+      const exited = new Promise((r) => child.once("exit", r));
       child.kill("SIGTERM");
-      await new Promise((r) => child.once("exit", r));
+      await exited;
     },
   };
 }
 
-/** Wait until the warm pool is full. */
+/** Wait until the warm pool is full and no refill is running. */
 export async function poolFull(url: string): Promise<void> {
   for (;;) {
     const cap = (await (await fetch(`${url}/v1/capacity`)).json()) as {
-      pool: { target: number; ready: number };
+      pool: { target: number; ready: number; refilling: number };
     };
-    if (cap.pool.ready >= cap.pool.target) return;
+    if (cap.pool.ready >= cap.pool.target && cap.pool.refilling === 0) return;
     await new Promise((r) => setTimeout(r, 25));
   }
 }
@@ -99,7 +100,7 @@ export async function procStats(pid: number): Promise<{ pssKiB: number; ticks: n
 export async function rssAndFds(pid: number): Promise<{ rssMib: number; fds: number }> {
   const status = await readFile(`/proc/${pid}/status`, "utf8");
   const rssKiB = Number(/^VmRSS:\s+(\d+)/m.exec(status)?.[1] ?? 0);
-  return { rssMib: Math.round(rssKiB / 1024), fds: (await readdir(`/proc/${pid}/fd`)).length };
+  return { rssMib: rssKiB / 1024, fds: (await readdir(`/proc/${pid}/fd`)).length };
 }
 
 export async function qemuPidsUnder(dir: string): Promise<number[]> {

@@ -6,13 +6,13 @@
  *
  *   node bench/dist/soak.js [--cycles 1000] [--parallel 8]
  */
-import { type ChildProcess, spawn } from "node:child_process";
-import { mkdtemp, readdir, readFile, rm } from "node:fs/promises";
+import { mkdtemp, readdir, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { loadConfig, repoRoot } from "@podflare/daemon";
+import { loadConfig } from "@podflare/daemon";
 import { Sandbox } from "podflare";
+import { poolFull, qemuPidsUnder, rssAndFds, startDaemon } from "./daemon.js";
 
 const { values: argv } = parseArgs({
   options: {
@@ -27,50 +27,6 @@ const EVERY = Number(argv["sample-every"]);
 if (!(CYCLES > 0 && PARALLEL > 0 && EVERY > 0)) {
   console.error("usage: soak [--cycles N] [--parallel P] [--sample-every K]");
   process.exit(2);
-}
-
-interface Daemon {
-  child: ChildProcess;
-  url: string;
-  stop(): Promise<void>;
-}
-
-async function startDaemon(env: Record<string, string>): Promise<Daemon> {
-  const child = spawn(process.execPath, [join(repoRoot, "packages/cli/dist/main.js"), "serve"], {
-    env: { ...process.env, PODFLARE_PORT: "0", PODFLARE_LOG_LEVEL: "info", ...env },
-    stdio: ["ignore", "ignore", "pipe"],
-  });
-  const url = await new Promise<string>((resolve, reject) => {
-    let log = "";
-    child.stderr?.setEncoding("utf8");
-    child.stderr?.on("data", (c: string) => {
-      log = (log + c).slice(-20_000);
-      const m = /"address":"(http:\/\/[^"]+)".*podflared listening/.exec(log);
-      if (m?.[1]) resolve(m[1]);
-    });
-    child.once("exit", (code) =>
-      reject(new Error(`daemon exited (${code}):\n${log.slice(-3000)}`)),
-    );
-  });
-  return {
-    child,
-    url,
-    stop: async () => {
-      const exited = new Promise((r) => child.once("exit", r));
-      child.kill("SIGTERM");
-      await exited;
-    },
-  };
-}
-
-async function poolFull(url: string): Promise<void> {
-  for (;;) {
-    const cap = (await (await fetch(`${url}/v1/capacity`)).json()) as {
-      pool: { target: number; ready: number; refilling: number };
-    };
-    if (cap.pool.ready >= cap.pool.target && cap.pool.refilling === 0) return;
-    await new Promise((r) => setTimeout(r, 25));
-  }
 }
 
 interface Sample {
@@ -94,24 +50,8 @@ async function filesUnder(dir: string): Promise<string[]> {
 }
 
 async function sample(pid: number, at: string, cycles: number, vmsDir: string): Promise<Sample> {
-  const status = await readFile(`/proc/${pid}/status`, "utf8");
-  return {
-    at,
-    cycles,
-    fds: await count(`/proc/${pid}/fd`),
-    rssMiB: Number(/^VmRSS:\s+(\d+)/m.exec(status)?.[1] ?? 0) / 1024,
-    vms: await count(vmsDir),
-  };
-}
-
-async function qemuPidsUnder(dir: string): Promise<number[]> {
-  const pids: number[] = [];
-  for (const e of await readdir("/proc")) {
-    if (!/^\d+$/.test(e)) continue;
-    const cmd = await readFile(`/proc/${e}/cmdline`, "utf8").catch(() => "");
-    if (cmd.includes("qemu-system") && cmd.includes(dir)) pids.push(Number(e));
-  }
-  return pids;
+  const { rssMib, fds } = await rssAndFds(pid);
+  return { at, cycles, fds, rssMiB: rssMib, vms: await count(vmsDir) };
 }
 
 async function main(): Promise<void> {

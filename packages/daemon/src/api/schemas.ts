@@ -18,8 +18,11 @@ export const CreateBody = Type.Object({
   mem_size_mib: Type.Optional(Type.Integer({ minimum: 128, maximum: 1024 * 1024 })),
   timeout_ms: Type.Optional(Type.Integer({ minimum: 1 })),
   metadata: Type.Optional(
-    Type.Record(Type.String({ maxLength: 128 }), Type.String({ maxLength: 1024 }), {
+    // A Record's key schema becomes a pattern, which ignores maxLength: propertyNames
+    // bounds the keys.
+    Type.Record(Type.String(), Type.String({ maxLength: 1024 }), {
       maxProperties: 64,
+      propertyNames: { minLength: 1, maxLength: 128 },
     }),
   ),
 });

@@ -594,8 +594,9 @@ export class AgentClient {
   }
 
   /**
-   * A (re)started agent process knows nothing of earlier requests: the OOM killer may have
-   * ended it together with the user code inside it. Fail everything in flight.
+   * A (re)started agent process knows nothing of earlier requests. User code runs in a
+   * worker process of its own (its deaths are reported as exits), so this is the control
+   * agent itself having died and been restarted by init. Fail everything in flight.
    */
   private onAgentStarted(): void {
     if (!this.handshakeDone) return; // the agent's first start, during boot
@@ -610,7 +611,7 @@ export class AgentClient {
     });
     const err = new AgentError(
       "agent_restarted",
-      "the sandbox's Python process restarted (most likely killed for using too much memory); its REPL state is lost",
+      "the sandbox's guest agent restarted (it crashed or was killed inside the guest); its REPL state is lost",
     );
     for (const route of inFlight) route.onClose(err);
   }
