@@ -6,31 +6,19 @@
  */
 import assert from "node:assert/strict";
 import type { ChildProcess } from "node:child_process";
-import { rm } from "node:fs/promises";
 import { join } from "node:path";
 import { after, describe, it } from "node:test";
-import { Store } from "@podflare/daemon";
+import { CRASH_POINTS, Store } from "@podflare/daemon";
 import { Sandbox, SandboxStateError } from "podflare";
 import {
   eventually,
   listDir,
   qemuPids,
   serve,
+  serveEnv,
   startTestDaemon,
   type TestDaemon,
-  testConfig,
 } from "./harness.js";
-
-const CRASH_POINTS = [
-  "create:admitted",
-  "create:vm-started",
-  "create:live",
-  "fork:admitted",
-  "fork:parent-paused",
-  "fork:children-started",
-  "destroy:marked",
-  "destroy:vm-gone",
-] as const;
 
 const exited = (child: ChildProcess) =>
   new Promise<NodeJS.Signals | null>((resolve) => {
@@ -45,21 +33,8 @@ describe("daemon killed at each step of create, fork and destroy", () => {
   });
 
   it("restarts into a consistent state with no orphan process and no stray file", async () => {
-    const config = await testConfig();
-    const env = {
-      ...process.env,
-      PODFLARE_STATE_DIR: config.stateDir,
-      PODFLARE_IMAGES_DIR: config.imagesDir,
-      PODFLARE_SHM_DIR: config.shmDir,
-      PODFLARE_TEMPLATES_DIR: config.templatesDir,
-      PODFLARE_POOL_SIZE: "0",
-      PODFLARE_PORT: "0",
-      PODFLARE_LOG_LEVEL: "info",
-    };
-    cleanup.push(async () => {
-      await rm(config.stateDir, { recursive: true, force: true });
-      await rm(config.shmDir, { recursive: true, force: true });
-    });
+    const { config, env, remove } = await serveEnv({ poolSize: 0 });
+    cleanup.push(remove);
     const shape = { vcpuCount: 1, memSizeMib: 256 };
 
     /** What a freshly started daemon must find after any crash. */

@@ -6,7 +6,7 @@
  */
 import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
-import { createLogger, prepareEngine } from "@podflare/daemon";
+import { createLogger, type ExecEvent, prepareEngine } from "@podflare/daemon";
 import { testConfig } from "./harness.js";
 
 type Engine = Awaited<ReturnType<typeof prepareEngine>>["engine"];
@@ -16,14 +16,7 @@ const MEM_MIB = 1024;
 const PING_BOUND_MS = 1000;
 const PING_GAP_MS = 50;
 
-interface Exit {
-  type: "exit";
-  code: number;
-  error?: { name: string; value: string; traceback: string };
-  timed_out?: boolean;
-  truncated?: boolean;
-  cancelled?: boolean;
-}
+type Exit = Extract<ExecEvent, { type: "exit" }>;
 
 async function run(
   vm: BootedVm,

@@ -90,6 +90,30 @@ export async function eventually<T>(
   }
 }
 
+/** A test configuration as the environment of a `podflare serve` process. */
+export async function serveEnv(overrides: Partial<Config> = {}): Promise<{
+  config: Config;
+  env: NodeJS.ProcessEnv;
+  remove: () => Promise<void>;
+}> {
+  const config = await testConfig(overrides);
+  const env = {
+    ...process.env,
+    PODFLARE_STATE_DIR: config.stateDir,
+    PODFLARE_IMAGES_DIR: config.imagesDir,
+    PODFLARE_SHM_DIR: config.shmDir,
+    PODFLARE_TEMPLATES_DIR: config.templatesDir,
+    PODFLARE_POOL_SIZE: String(config.poolSize),
+    PODFLARE_PORT: "0",
+    PODFLARE_LOG_LEVEL: "info",
+  };
+  const remove = async () => {
+    await rm(config.stateDir, { recursive: true, force: true });
+    await rm(config.shmDir, { recursive: true, force: true });
+  };
+  return { config, env, remove };
+}
+
 /** `podflare serve` as its own process (for kill -9 tests); resolves once it listens. */
 export function serve(env: NodeJS.ProcessEnv): Promise<{ child: ChildProcess; url: string }> {
   const child = spawn(process.execPath, [join(repoRoot, "packages/cli/dist/main.js"), "serve"], {

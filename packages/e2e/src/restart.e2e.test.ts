@@ -3,11 +3,10 @@
  * stray file, and a list that tells the truth.
  */
 import assert from "node:assert/strict";
-import { rm } from "node:fs/promises";
 import { join } from "node:path";
 import { after, describe, it } from "node:test";
 import { Sandbox } from "podflare";
-import { eventually, listDir, qemuPids, serve, testConfig } from "./harness.js";
+import { eventually, listDir, qemuPids, serve, serveEnv } from "./harness.js";
 
 describe("daemon restart after kill -9", () => {
   const cleanup: (() => Promise<void>)[] = [];
@@ -16,21 +15,8 @@ describe("daemon restart after kill -9", () => {
   });
 
   it("ends the old sandboxes, kills their VMs and removes their files", async () => {
-    const config = await testConfig();
-    const env = {
-      ...process.env,
-      PODFLARE_STATE_DIR: config.stateDir,
-      PODFLARE_IMAGES_DIR: config.imagesDir,
-      PODFLARE_SHM_DIR: config.shmDir,
-      PODFLARE_TEMPLATES_DIR: config.templatesDir,
-      PODFLARE_POOL_SIZE: "1",
-      PODFLARE_PORT: "0",
-      PODFLARE_LOG_LEVEL: "info",
-    };
-    cleanup.push(async () => {
-      await rm(config.stateDir, { recursive: true, force: true });
-      await rm(config.shmDir, { recursive: true, force: true });
-    });
+    const { config, env, remove } = await serveEnv({ poolSize: 1 });
+    cleanup.push(remove);
     const vmsDir = join(config.stateDir, "vms");
 
     const first = await serve(env);
