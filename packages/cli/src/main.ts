@@ -26,11 +26,16 @@ program
   .description("run the daemon (HTTP API on 127.0.0.1:7070 by default)")
   .option("--host <address>", "address to listen on (PODFLARE_BIND_HOST)")
   .option("--port <port>", "port to listen on (PODFLARE_PORT)", positiveInt)
-  .action(async (opts: { host?: string; port?: number }) => {
+  .option(
+    "--allow-unauthenticated",
+    "listen beyond loopback with no API key (PODFLARE_ALLOW_UNAUTHENTICATED=1); refused otherwise",
+  )
+  .action(async (opts: { host?: string; port?: number; allowUnauthenticated?: boolean }) => {
     const { createLogger, loadConfig, startDaemon } = await import("@podflare/daemon");
     const overrides: Record<string, unknown> = {};
     if (opts.host) overrides.host = opts.host;
     if (opts.port) overrides.port = opts.port;
+    if (opts.allowUnauthenticated) overrides.allowUnauthenticated = true;
     const config = loadConfig(overrides);
     const log = createLogger(config.logLevel);
     const daemon = await startDaemon(config, log);
