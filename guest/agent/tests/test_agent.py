@@ -690,6 +690,14 @@ def _alive(pid):
         return False
 
 
+def _gone(pid, timeout=5.0):
+    """True once `pid` has died: SIGKILL from cgroup.kill is delivered, not awaited."""
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not _alive(pid)
+
+
 class CgroupTests(AgentCase):
     """The cgroup logic on the host's cgroup v2 (no controllers needed for procs and kill)."""
 
@@ -721,7 +729,7 @@ class CgroupTests(AgentCase):
         result = self.run_code(code, timeout_ms=300)
         self.assertEqual(result.code, 124)
         escapee = int(result.stdout)
-        self.assertFalse(_alive(escapee))
+        self.assertTrue(_gone(escapee))
         self.assertTrue(_alive(keeper))
         self.assertEqual(self.run_code("keeper.kill()\n_ = keeper.wait()").code, 0)
 
@@ -729,7 +737,7 @@ class CgroupTests(AgentCase):
         result = self.run_code("(setsid sh -c 'sleep 1000 & echo $!' &) ; sleep 100", language="bash", timeout_ms=300)
         self.assertEqual(result.code, 124)
         pid = int(result.stdout)
-        self.assertFalse(_alive(pid))
+        self.assertTrue(_gone(pid))
 
     def test_worker_death_kills_the_calls_processes_and_a_fresh_worker_starts(self):
         directory = tempfile.TemporaryDirectory()
@@ -740,10 +748,7 @@ class CgroupTests(AgentCase):
         self.assertEqual(result.exit["error"]["name"], "ReplDied")
         with open(pid_file) as f:
             pid = int(f.read())
-        deadline = time.monotonic() + 5
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)  # SIGKILL is delivered asynchronously
-        self.assertFalse(_alive(pid))
+        self.assertTrue(_gone(pid))
         worker = int(self.run_code("import os\nprint(os.getpid())").stdout)
         self.assertEqual(self.procs("user/repl"), {worker})
 
