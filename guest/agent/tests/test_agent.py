@@ -615,7 +615,9 @@ class WorkerTests(AgentCase):
         self.assertEqual(self.collect(second).stdout, "second\n")
 
     def test_forked_child_leaves_quietly(self):
-        code = "import os\npid = os.fork()\nif pid == 0:\n    print('child', flush=True)\nelse:\n    os.waitpid(pid, 0)\n    print('parent')"
+        # One write in the child: a child's output reaches the host through the fd pump,
+        # the parent's directly, so two writes of one print() may interleave with it.
+        code = "import os, sys\npid = os.fork()\nif pid == 0:\n    sys.stdout.write('child\\n')\nelse:\n    os.waitpid(pid, 0)\n    print('parent')"
         result = self.run_code(code)
         self.assertEqual((result.code, sorted(result.stdout.split())), (0, ["child", "parent"]))
         self.assertTrue(self.ch.nothing_within(0.3))  # no exit frame from the child
@@ -715,13 +717,35 @@ class CgroupTests(AgentCase):
         with open(os.path.join(self.cg, relative, "cgroup.procs")) as f:
             return {int(pid) for pid in f.read().split()}
 
+    def exec_cgroups(self):
+        return {e: self.procs(os.path.join("user", e)) for e in os.listdir(os.path.join(self.cg, "user")) if e.startswith("exec-")}
+
+    def wait_parked(self, worker):
+        """The idle worker waits alone in the next call's cgroup (moved there after the
+        exit frame, so the test waits for it); no other exec cgroup is left."""
+        deadline = time.monotonic() + 5
+        while True:
+            cgroups = self.exec_cgroups()
+            if list(cgroups.values()) == [{worker}] and not self.procs("user/repl"):
+                return next(iter(cgroups))
+            self.assertLess(time.monotonic(), deadline, f"worker {worker} not parked: {cgroups}, repl {self.procs('user/repl')}")
+            time.sleep(0.01)
+
     def test_layout(self):
-        result = self.run_code("import os\nprint(os.getpid())\nprint(open('/proc/self/cgroup').read().splitlines()[-1])")
-        worker, line = result.stdout.splitlines()
+        code = "import os\nprint(os.getpid())\nprint(open('/proc/self/cgroup').read().splitlines()[-1])"
+        worker, line = self.run_code(code).stdout.splitlines()
         self.assertRegex(line, r"^0::/(.*/)?podflare-test-[^/]+/user/exec-\d+$")
         self.assertEqual(self.procs("agent"), {self.agent.proc.pid})
-        self.assertEqual(self.procs("user/repl"), {int(worker)})  # back between calls
-        self.assertFalse([e for e in os.listdir(os.path.join(self.cg, "user")) if e.startswith("exec-")])
+        parked = self.wait_parked(int(worker))
+        self.assertNotEqual(parked, line.rsplit("/", 1)[1])  # the call's cgroup is gone
+        # The next call runs in the cgroup the worker waited in.
+        self.assertEqual(self.run_code(code).stdout.splitlines(), [worker, line.rsplit("/", 1)[0] + "/" + parked])
+        self.wait_parked(int(worker))
+
+    def test_timeout_moves_the_worker_out_and_it_waits_in_a_fresh_cgroup(self):
+        result = self.run_code("import os\nprint(os.getpid(), flush=True)\nimport time\ntime.sleep(100)", timeout_ms=300)
+        self.assertEqual(result.code, 124)
+        self.wait_parked(int(result.stdout))
 
     def test_timeout_kills_setsid_processes_and_finished_calls_children_live_on(self):
         keeper = int(self.run_code("import subprocess\nkeeper = subprocess.Popen(['sleep', '1000'], start_new_session=True)\nprint(keeper.pid)").stdout)
@@ -750,7 +774,7 @@ class CgroupTests(AgentCase):
             pid = int(f.read())
         self.assertTrue(_gone(pid))
         worker = int(self.run_code("import os\nprint(os.getpid())").stdout)
-        self.assertEqual(self.procs("user/repl"), {worker})
+        self.wait_parked(worker)
 
 
 class CgroupLimitTests(unittest.TestCase):
