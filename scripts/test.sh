@@ -15,4 +15,6 @@ echo "==> TypeScript unit tests" >&2
 npm run -s test:unit
 
 echo "==> end-to-end tests (real VMs)" >&2
+# Two files at a time; the guest-abuse file (it asserts a 1 s ping bound) then runs alone,
+# so its figures are not those of a host shared with another test file's VMs.
 npm run -s test:e2e
