@@ -786,6 +786,29 @@ class CgroupLimitTests(unittest.TestCase):
         self.assertEqual(podflare_agent.memory_limit_for(4096 * mib), 3584 * mib)
         self.assertEqual(podflare_agent.memory_limit_for(128 * mib), 64 * mib)  # never below half
 
+    def test_favordynmods_remount_keeps_the_mount_flags(self):
+        mounts = "proc /proc proc rw 0 0\ncgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime,nsdelegate 0 0\n"
+        libc = mock.Mock()
+        libc.mount.return_value = 0
+        cg = podflare_agent.Cgroups("/sys/fs/cgroup")
+        with mock.patch.object(podflare_agent.os.path, "ismount", return_value=True), mock.patch.object(
+            podflare_agent, "_read_text", return_value=mounts
+        ), mock.patch.object(podflare_agent.ctypes, "CDLL", return_value=libc):
+            cg.favor_dynmods()
+        (source, target, fstype, flags, data), _ = libc.mount.call_args
+        self.assertEqual((source, target, fstype, data), (b"cgroup2", b"/sys/fs/cgroup", b"cgroup2", b"favordynmods,nsdelegate"))
+        self.assertEqual(flags.value, 32 | 2 | 4 | 8 | (1 << 21))  # MS_REMOUNT, nosuid, nodev, noexec, relatime
+
+    def test_favordynmods_leaves_other_mounts_alone(self):
+        libc = mock.Mock()
+        with mock.patch.object(podflare_agent.ctypes, "CDLL", return_value=libc):
+            podflare_agent.Cgroups(tempfile.gettempdir()).favor_dynmods()  # not a cgroup2 mount point
+            with mock.patch.object(podflare_agent.os.path, "ismount", return_value=True), mock.patch.object(
+                podflare_agent, "_read_text", return_value="cgroup2 /sys/fs/cgroup cgroup2 rw,favordynmods 0 0\n"
+            ):
+                podflare_agent.Cgroups("/sys/fs/cgroup").favor_dynmods()  # already on
+        libc.mount.assert_not_called()
+
 
 
 class PortModeTests(unittest.TestCase):
