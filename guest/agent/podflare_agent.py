@@ -656,6 +656,17 @@ def _error_info(exc, text):
     }
 
 
+def _close_exec_queue(owner):
+    """Shared by the worker's runner and the control process's scheduler (both hold
+    `_cond`, `_queue`, `_current` and `_closing`)."""
+    with owner._cond:
+        owner._closing = True
+        owner._queue.clear()
+        if owner._current is not None and owner._current.reason is None:
+            owner._current.reason = "cancel"
+        owner._cond.notify_all()
+
+
 class ExecRunner:
     """The REPL: runs execs one at a time on the main thread; owns the queue and timeouts."""
 
@@ -705,12 +716,7 @@ class ExecRunner:
 
     def shutdown(self):
         """The channel is gone for good: drop the queue and interrupt the running exec."""
-        with self._cond:
-            self._closing = True
-            self._queue.clear()
-            if self._current is not None and self._current.reason is None:
-                self._current.reason = "cancel"
-            self._cond.notify_all()
+        _close_exec_queue(self)
 
     def run_forever(self):
         try:
@@ -1498,12 +1504,7 @@ class ExecScheduler:
 
     def shutdown(self):
         """The channel is gone for good: drop the queue and interrupt the running exec."""
-        with self._cond:
-            self._closing = True
-            self._queue.clear()
-            if self._current is not None and self._current.reason is None:
-                self._current.reason = "cancel"
-            self._cond.notify_all()
+        _close_exec_queue(self)
 
     def reseed(self):
         """After a restore: the REPL reseeds `random` before it runs anything else (its
