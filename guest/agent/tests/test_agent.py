@@ -718,7 +718,17 @@ class CgroupTests(AgentCase):
             return {int(pid) for pid in f.read().split()}
 
     def exec_cgroups(self):
-        return {e: self.procs(os.path.join("user", e)) for e in os.listdir(os.path.join(self.cg, "user")) if e.startswith("exec-")}
+        """The exec cgroups and their processes; one removed while being listed is skipped
+        (the agent removes a finished call's cgroup in the background)."""
+        found = {}
+        for e in os.listdir(os.path.join(self.cg, "user")):
+            if not e.startswith("exec-"):
+                continue
+            try:
+                found[e] = self.procs(os.path.join("user", e))
+            except FileNotFoundError:
+                pass
+        return found
 
     def wait_parked(self, worker):
         """The idle worker waits alone in the next call's cgroup (moved there after the
