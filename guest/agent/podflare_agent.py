@@ -2314,6 +2314,21 @@ def _find_port(timeout=30.0):
         time.sleep(0.05)
 
 
+def _lock_memory():
+    """Keeps the control process's pages resident (mlockall, on fault). The interpreter's
+    code is shared with the REPL worker and may be charged to `user`; when user code drives
+    `user` into reclaim or an OOM kill, those pages would otherwise be evicted and the
+    agent stall on re-reading them from disk (a ping took 1.1 s in that case). Locks are
+    not inherited across fork or exec: the worker and user code are unaffected."""
+    mcl_current, mcl_future, mcl_onfault = 1, 2, 4
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mlockall(mcl_current | mcl_future | mcl_onfault) != 0:
+            log(f"mlockall: {os.strerror(ctypes.get_errno())}")
+    except Exception as exc:  # best effort: the agent works without it
+        log(f"mlockall: {exc!r}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="podflare guest agent")
     channel = parser.add_mutually_exclusive_group()
@@ -2368,6 +2383,8 @@ def main(argv=None):
     if args.fd is None and cgroup_root == CGROUP_ROOT:
         cgroups.favor_dynmods()  # the guest's own mount only, never a host's in tests
     cgroups.setup()
+    if args.fd is None and cgroup_root == CGROUP_ROOT:
+        _lock_memory()  # in the guest only: never lock a test host's memory
     cpus = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))
     worker_argv = [sys.executable, "-u", os.path.realpath(__file__), "--worker", "--cpus", cpus]
 
