@@ -656,28 +656,42 @@ def _error_info(exc, text):
     }
 
 
-def _close_exec_queue(owner):
-    """Shared by the worker's runner and the control process's scheduler (both hold
-    `_cond`, `_queue`, `_current` and `_closing`)."""
-    with owner._cond:
-        owner._closing = True
-        owner._queue.clear()
-        if owner._current is not None and owner._current.reason is None:
-            owner._current.reason = "cancel"
-        owner._cond.notify_all()
+class _ExecQueue:
+    """The FIFO of execs both the worker's runner and the control process's scheduler
+    keep: bounded submission, and shutdown when the channel is gone for good."""
 
-
-class ExecRunner:
-    """The REPL: runs execs one at a time on the main thread; owns the queue and timeouts."""
-
-    def __init__(self, writer, collector, capture):
-        self._writer = writer
-        self._collector = collector
-        self._capture = capture
+    def __init__(self):
         self._cond = threading.Condition()
         self._queue = collections.deque()
         self._current = None
         self._closing = False
+
+    def submit(self, job):
+        with self._cond:
+            if self._closing or len(self._queue) >= MAX_QUEUED_EXECS:
+                return False
+            self._queue.append(job)
+            self._cond.notify_all()
+            return True
+
+    def shutdown(self):
+        """The channel is gone for good: drop the queue and interrupt the running exec."""
+        with self._cond:
+            self._closing = True
+            self._queue.clear()
+            if self._current is not None and self._current.reason is None:
+                self._current.reason = "cancel"
+            self._cond.notify_all()
+
+
+class ExecRunner(_ExecQueue):
+    """The REPL: runs execs one at a time on the main thread; owns the queue and timeouts."""
+
+    def __init__(self, writer, collector, capture):
+        super().__init__()
+        self._writer = writer
+        self._collector = collector
+        self._capture = capture
         self._armed = False  # user code is on the main thread's stack right now
         self._raises = 0  # KeyboardInterrupts raised: proof that the interrupted code runs Python
         self._main_ident = threading.get_ident()
@@ -696,14 +710,6 @@ class ExecRunner:
         signal.signal(signal.SIGINT, self._on_sigint)
         threading.Thread(target=self._watch, name="podflare-watchdog", daemon=True).start()
 
-    def submit(self, job):
-        with self._cond:
-            if self._closing or len(self._queue) >= MAX_QUEUED_EXECS:
-                return False
-            self._queue.append(job)
-            self._cond.notify_all()
-            return True
-
     def interrupt(self, target, reason):
         """Interrupts exec `target` (`reason`: "timeout" or "cancel") if it is queued or running."""
         global _interrupt_pending
@@ -713,10 +719,6 @@ class ExecRunner:
                     job.reason = reason
                     _interrupt_pending = job is self._current
                     self._cond.notify_all()
-
-    def shutdown(self):
-        """The channel is gone for good: drop the queue and interrupt the running exec."""
-        _close_exec_queue(self)
 
     def run_forever(self):
         try:
@@ -1456,19 +1458,16 @@ class ControlJob:
         self.killed_stuck = False
 
 
-class ExecScheduler:
+class ExecScheduler(_ExecQueue):
     """Runs execs one at a time on the REPL worker (the dispatcher is the main thread):
     owns the queue, timeouts, cancels, per-exec cgroups and the worker's life."""
 
     def __init__(self, writer, cgroups, worker_argv, kill_grace=KILL_GRACE):
+        super().__init__()
         self._writer = writer
         self._cgroups = cgroups
         self._worker_argv = worker_argv
         self._kill_grace = kill_grace
-        self._cond = threading.Condition()
-        self._queue = collections.deque()
-        self._current = None
-        self._closing = False
         self._worker = None
         self._respawn_at = 0.0
         self._backoff = RESPAWN_BACKOFF_MIN
@@ -1480,14 +1479,6 @@ class ExecScheduler:
         self.stopped = threading.Event()
 
     # -- called from the reader thread --
-
-    def submit(self, job):
-        with self._cond:
-            if self._closing or len(self._queue) >= MAX_QUEUED_EXECS:
-                return False
-            self._queue.append(job)
-            self._cond.notify_all()
-            return True
 
     def cancel(self, target):
         """Removes and returns exec `target` if queued; interrupts it if running."""
@@ -1501,10 +1492,6 @@ class ExecScheduler:
                 job.reason = "cancel"
                 self._cond.notify_all()
         return None
-
-    def shutdown(self):
-        """The channel is gone for good: drop the queue and interrupt the running exec."""
-        _close_exec_queue(self)
 
     def reseed(self):
         """After a restore: the REPL reseeds `random` before it runs anything else (its
