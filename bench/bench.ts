@@ -7,14 +7,13 @@
  *   node bench/dist/bench.js [--rounds N] [--hold N] [--json]
  */
 import { spawn } from "node:child_process";
-import { mkdtemp, readFile, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { readFile, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { parseArgs } from "node:util";
 import { createLogger, loadConfig, prepareEngine, repoRoot } from "@podflare/daemon";
 import { Sandbox } from "podflare";
-import { fmt, pct, poolFull, procStats, qemuPidsUnder, startDaemon } from "./daemon.js";
+import { benchDirs, fmt, pct, poolFull, procStats, qemuPidsUnder, startDaemon } from "./daemon.js";
 
 const { values: argv } = parseArgs({
   options: {
@@ -51,15 +50,9 @@ async function time<T>(fn: () => Promise<T>): Promise<[number, T]> {
 }
 
 async function main(): Promise<void> {
-  const state = await mkdtemp(join(tmpdir(), "podflare-bench-"));
-  const shm = join("/dev/shm", `podflare-bench-${state.slice(-6)}`);
   // The image built by setup (the default images directory), everything else private.
-  const env = {
-    PODFLARE_STATE_DIR: state,
-    PODFLARE_SHM_DIR: shm,
-    PODFLARE_IMAGES_DIR: loadConfig().imagesDir,
-    PODFLARE_TEMPLATES_DIR: join(shm, "templates"),
-  };
+  const dirs = await benchDirs();
+  const { state, shm, env } = dirs;
   const cores = (await import("node:os")).availableParallelism();
   console.log(
     `podflare benchmark: ${cores} cores, ${((await import("node:os")).totalmem() / 2 ** 30) | 0} GiB, rounds=${ROUNDS}`,
@@ -291,8 +284,7 @@ async function main(): Promise<void> {
     console.log(`| ${r.what} | ${p50} | ${p99} | ${r.target ?? ""} | ${r.reference ?? ""} |`);
   }
   if (argv.json) console.log(JSON.stringify(rows));
-  await rm(state, { recursive: true, force: true });
-  await rm(shm, { recursive: true, force: true });
+  await dirs.remove();
 }
 
 main().catch((err) => {

@@ -15,15 +15,21 @@ export interface BenchDaemon {
   stop(): Promise<void>;
 }
 
-/** Private directories for one benchmark run; `remove()` deletes them. */
-export async function benchDirs(): Promise<{
+/**
+ * Private directories for one benchmark run (templates too, unless `templatesDir` names
+ * shared ones); `remove()` deletes them.
+ */
+export async function benchDirs(
+  prefix = "podflare-bench",
+  templatesDir?: string,
+): Promise<{
   env: Record<string, string>;
   state: string;
   shm: string;
   remove(): Promise<void>;
 }> {
-  const state = await mkdtemp(join(tmpdir(), "podflare-bench-"));
-  const shm = join("/dev/shm", `podflare-bench-${state.slice(-6)}`);
+  const state = await mkdtemp(join(tmpdir(), `${prefix}-`));
+  const shm = join("/dev/shm", `${prefix}-${state.slice(-6)}`);
   return {
     state,
     shm,
@@ -31,7 +37,7 @@ export async function benchDirs(): Promise<{
       PODFLARE_STATE_DIR: state,
       PODFLARE_SHM_DIR: shm,
       PODFLARE_IMAGES_DIR: loadConfig().imagesDir,
-      PODFLARE_TEMPLATES_DIR: join(shm, "templates"),
+      PODFLARE_TEMPLATES_DIR: templatesDir ?? join(shm, "templates"),
     },
     remove: async () => {
       await rm(state, { recursive: true, force: true });

@@ -6,13 +6,11 @@
  *
  *   node bench/dist/soak.js [--cycles 1000] [--parallel 8]
  */
-import { mkdtemp, readdir, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { readdir } from "node:fs/promises";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { loadConfig } from "@podflare/daemon";
 import { Sandbox } from "podflare";
-import { poolFull, qemuPidsUnder, rssAndFds, startDaemon } from "./daemon.js";
+import { benchDirs, poolFull, qemuPidsUnder, rssAndFds, startDaemon } from "./daemon.js";
 
 const { values: argv } = parseArgs({
   options: {
@@ -55,16 +53,10 @@ async function sample(pid: number, at: string, cycles: number, vmsDir: string): 
 }
 
 async function main(): Promise<void> {
-  const state = await mkdtemp(join(tmpdir(), "podflare-soak-"));
-  const shm = join("/dev/shm", `podflare-soak-${state.slice(-6)}`);
-  const env = {
-    PODFLARE_STATE_DIR: state,
-    PODFLARE_SHM_DIR: shm,
-    PODFLARE_IMAGES_DIR: loadConfig().imagesDir,
-    // Templates are keyed by content and built under a lock: share the tests' ones.
-    PODFLARE_TEMPLATES_DIR:
-      process.env.PODFLARE_TEMPLATES_DIR || "/dev/shm/podflare-test-templates",
-  };
+  // Templates are keyed by content and built under a lock: share the tests' ones.
+  const templates = process.env.PODFLARE_TEMPLATES_DIR || "/dev/shm/podflare-test-templates";
+  const dirs = await benchDirs("podflare-soak", templates);
+  const { state, shm, env } = dirs;
   const vmsDir = join(state, "vms");
   console.log(`podflare soak: ${CYCLES} create -> exec -> destroy cycles, ${PARALLEL} in parallel`);
   const d = await startDaemon(env);
@@ -137,11 +129,10 @@ async function main(): Promise<void> {
     left = {
       vms: await filesUnder(vmsDir),
       layers: await filesUnder(join(state, "layers")),
-      shm: (await filesUnder(shm)).filter((f) => !f.startsWith(env.PODFLARE_TEMPLATES_DIR)),
+      shm: (await filesUnder(shm)).filter((f) => !f.startsWith(templates)),
       qemu: await qemuPidsUnder(state),
     };
-    await rm(state, { recursive: true, force: true });
-    await rm(shm, { recursive: true, force: true });
+    await dirs.remove();
   }
 
   const first = samples[0] as Sample;

@@ -38,16 +38,17 @@ export class Authenticator {
   }
 
   authenticate(authorization: string | undefined): AuthResult {
-    if (!this.required()) return { ok: true, tenant: ANONYMOUS };
+    // One query per request while keys exist; `required()` only when none is active.
+    const candidates = [
+      ...this.envKeys.map((k) => ({ ...k, quota: NO_QUOTA })),
+      ...(this.store?.active() ?? []),
+    ];
+    if (candidates.length === 0 && !this.required()) return { ok: true, tenant: ANONYMOUS };
     const match = /^Bearer\s+(\S{1,512})$/i.exec(authorization ?? "");
     if (!match?.[1]) {
       return { ok: false, reason: "missing API key: send Authorization: Bearer <key>" };
     }
     const given = hashKey(match[1]);
-    const candidates = [
-      ...this.envKeys.map((k) => ({ ...k, quota: NO_QUOTA })),
-      ...(this.store?.active() ?? []),
-    ];
     let found: Tenant | null = null;
     for (const k of candidates) {
       const equal = timingSafeEqual(k.hash, given);

@@ -46,7 +46,7 @@ export class Metrics {
   });
   readonly sandboxesRunning = new Gauge({
     name: "podflare_sandboxes_running",
-    help: "Sandboxes that hold a VM",
+    help: "Sandboxes running for their users (as /v1/capacity's running)",
     registers: [this.registry],
   });
 

@@ -308,7 +308,7 @@ export class SandboxService {
         crashPoint("destroy:vm-gone");
         this.live.delete(id);
         this.admission.release(id); // its memory is free only once QEMU has exited
-        this.metrics?.sandboxesRunning.set(this.live.size);
+        this.reportRunning();
         this.transition(id, "ended", { endReason: reason });
         this.log.info({ sandbox: id, reason }, "sandbox ended");
       });
@@ -386,7 +386,7 @@ export class SandboxService {
       pid: winnerVm.pid ?? null,
     });
     this.admission.reshape(id, winnerVm.shape);
-    this.metrics?.sandboxesRunning.set(this.live.size);
+    this.reportRunning();
     this.log.info({ sandbox: id, winner: winnerId, vm: winnerVm.id }, "merged");
     try {
       await loserVm.destroy();
@@ -416,6 +416,10 @@ export class SandboxService {
     return this.live.get(id)?.vm.disk.chain.length;
   }
 
+  private reportRunning(): void {
+    this.metrics?.sandboxesRunning.set(this.liveCount);
+  }
+
   /** Sandboxes running for their users (not one being destroyed, not a dead one). */
   get liveCount(): number {
     let n = 0;
@@ -433,7 +437,7 @@ export class SandboxService {
     this.live.set(id, { vm, expiry });
     this.disk?.watch(id, vm);
     vm.exited.then(() => this.onVmExit(vm));
-    this.metrics?.sandboxesRunning.set(this.live.size);
+    this.reportRunning();
   }
 
   private onVmExit(vm: Vm): void {
@@ -444,6 +448,7 @@ export class SandboxService {
     if (row?.state !== "ready") return; // an ordinary destroy
     this.transition(id, "dead", { endReason: "the VM exited unexpectedly" });
     this.admission.release(id); // nothing runs for it any more
+    this.reportRunning();
     this.log.warn({ sandbox: id, vm: vm.id }, "sandbox VM died");
     void vm.destroy(); // free its files now; the row stays until the user deletes it
   }
