@@ -732,9 +732,10 @@ class ExecRunner(_ExecQueue):
                         _set_affinity(idle_cpus)
                         while not self._queue and not self._closing:
                             self._cond.wait()
-                        # ... and run user code with every CPU: the processes and
-                        # threads it starts inherit this mask.
-                        _set_affinity(all_cpus)
+                    # ... and run user code with every CPU: the processes and threads it
+                    # starts inherit this mask. Also when the next exec was already
+                    # queued: _run pinned this thread for the previous exit frame.
+                    _set_affinity(all_cpus)
                     if self._closing:
                         return
                     job = self._queue.popleft()
