@@ -146,6 +146,14 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     service,
     auth,
     log,
+    hostRule: { bindHost: config.host, allowedHosts: config.allowedHosts },
+    http: {
+      headersTimeoutMs: config.httpHeadersTimeoutMs,
+      requestTimeoutMs: config.httpRequestTimeoutMs,
+      bodyIdleTimeoutMs: config.httpBodyIdleTimeoutMs,
+      keepAliveTimeoutMs: config.httpKeepAliveTimeoutMs,
+      maxConnections: config.httpMaxConnections,
+    },
     metrics: () => metrics.render(),
     capacity: async (caller) => {
       const diskFreeMib = await disk.freeMib().catch(() => null);

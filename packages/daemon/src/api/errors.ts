@@ -6,6 +6,7 @@ import { BootError } from "../vm/engine.js";
 export const STATUS_BY_CODE: Readonly<Record<ErrorCode, number>> = {
   bad_request: 400,
   unauthorized: 401,
+  forbidden: 403,
   not_found: 404,
   file_not_found: 404,
   wrong_state: 409,

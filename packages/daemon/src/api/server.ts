@@ -2,15 +2,17 @@
  * The HTTP transport: parse, validate, call one service method, serialize. Errors map to
  * statuses in api/errors.ts only.
  */
-import { Readable } from "node:stream";
+import { pipeline, Readable } from "node:stream";
 import type { TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
-import Fastify, { type FastifyReply, LogController } from "fastify";
-import type { Authenticator } from "../auth/authenticator.js";
+import Fastify, { type FastifyReply, type FastifyRequest, LogController } from "fastify";
+import { ANONYMOUS, type Authenticator, isLoopback } from "../auth/authenticator.js";
+import { type HostRule, hostAllowed, requestHosts } from "../auth/host-rule.js";
 import type { ExecEvent } from "../guest/agent-client.js";
-import { PodflareError } from "../sandboxes/errors.js";
+import { type ErrorCode, PodflareError } from "../sandboxes/errors.js";
 import type { Caller, SandboxService } from "../sandboxes/service.js";
 import type { Logger } from "../util/logger.js";
-import { type ErrorBody, toHttpError } from "./errors.js";
+import { BodyIdleGuard } from "./body-idle.js";
+import { STATUS_BY_CODE, toHttpError } from "./errors.js";
 import {
   CreateBody,
   ExecBody,
@@ -28,35 +30,100 @@ export interface ServerDeps {
   log: Logger;
   /** Told of every route as it is registered (the OpenAPI sync test uses it). */
   onRoute?: (route: { url: string; method: string }) => void;
+  /** Which `Host` a request may carry while no key exists (default: loopback only). */
+  hostRule?: HostRule;
+  /** Timeouts and limits of the HTTP server (defaults: DEFAULT_HTTP_LIMITS). */
+  http?: Partial<HttpLimits>;
 }
+
+declare module "fastify" {
+  interface FastifyContextConfig {
+    /** Served without a key. Only GET /v1/healthz sets it; every other route needs one. */
+    public?: boolean;
+  }
+}
+
+/** Timeouts (ms; 0 turns one off) and limits of the HTTP server; config.ts sets them. */
+export interface HttpLimits {
+  /** Receiving a request's headers (slowloris). */
+  headersTimeoutMs: number;
+  /** Receiving a whole request, body included (not the response: exec streams last). */
+  requestTimeoutMs: number;
+  /** A request body with no byte arriving while the daemon waits for one. */
+  bodyIdleTimeoutMs: number;
+  /** An idle keep-alive connection between requests. */
+  keepAliveTimeoutMs: number;
+  /** Connections open at once; past it, new ones are closed at once. */
+  maxConnections: number;
+}
+
+export const DEFAULT_HTTP_LIMITS: HttpLimits = {
+  headersTimeoutMs: 20_000,
+  requestTimeoutMs: 3_600_000,
+  bodyIdleTimeoutMs: 60_000,
+  keepAliveTimeoutMs: 10_000,
+  maxConnections: 1024,
+};
 
 export function buildServer(deps: ServerDeps) {
   const { service } = deps;
+  const limits: HttpLimits = { ...DEFAULT_HTTP_LIMITS, ...deps.http };
+  const hostRule: HostRule = deps.hostRule ?? { bindHost: "127.0.0.1", allowedHosts: [] };
   const app = Fastify({
     loggerInstance: deps.log,
     logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: 2 * 1024 * 1024,
     // On shutdown every sandbox is destroyed anyway: do not wait out clients' keep-alive.
     forceCloseConnections: true,
+    // Timeouts for receiving requests only: a response (an exec stream) may last hours, so
+    // there is no idle timeout on the socket (Fastify's connectionTimeout stays 0).
+    requestTimeout: limits.requestTimeoutMs,
+    keepAliveTimeout: Math.max(1, limits.keepAliveTimeoutMs),
+    http: {
+      headersTimeout: limits.headersTimeoutMs,
+      // How often Node checks the two timeouts above (its default, 30 s, would let a
+      // slowloris client hold a connection that much longer than headersTimeout).
+      connectionsCheckingInterval: checkingInterval(limits),
+    },
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, allErrors: false } },
     // Long ids reach the schema (which says what is wrong) instead of falling to "no route".
     routerOptions: { maxParamLength: 1024 },
     // Errors Fastify meets before routing (a malformed %-escape) get the contract's body.
-    frameworkErrors: (err, _request, reply) => {
-      const body: ErrorBody = { error: `invalid request: ${err.message}`, code: "bad_request" };
-      void (reply as unknown as FastifyReply).code(400).send(body);
+    frameworkErrors: (err, request, reply) => {
+      // Even a malformed URL is answered only to a caller who may call (default deny).
+      const refused = gate(request);
+      const body = refused ?? {
+        error: `invalid request: ${err.message}`,
+        code: "bad_request" as const,
+      };
+      void (reply as unknown as FastifyReply).code(STATUS_BY_CODE[body.code]).send(body);
     },
     // A request Node cannot parse at all: answer in the contract's shape, then hang up.
     clientErrorHandler: (err, socket) => {
-      if (!socket.writable) return socket.destroy();
-      const tooLarge = (err as { code?: string }).code === "HPE_HEADER_OVERFLOW";
-      const body = JSON.stringify(
-        tooLarge
-          ? { error: "the request headers are too large", code: "too_large" }
-          : { error: "the request could not be parsed as HTTP/1.1", code: "bad_request" },
-      );
+      const inFlight = (socket as { _httpMessage?: { headersSent?: boolean } })._httpMessage;
+      if (!socket.writable || inFlight?.headersSent) return socket.destroy();
+      const code = (err as { code?: string }).code;
+      const [status, body] =
+        code === "HPE_HEADER_OVERFLOW"
+          ? [
+              "431 Request Header Fields Too Large",
+              { error: "the request headers are too large", code: "too_large" },
+            ]
+          : code === "ERR_HTTP_REQUEST_TIMEOUT"
+            ? [
+                "408 Request Timeout",
+                {
+                  error: `the request did not arrive in time (headers within ${limits.headersTimeoutMs} ms, the whole request within ${limits.requestTimeoutMs} ms: PODFLARE_HTTP_HEADERS_TIMEOUT_MS, PODFLARE_HTTP_REQUEST_TIMEOUT_MS)`,
+                  code: "bad_request",
+                },
+              ]
+            : [
+                "400 Bad Request",
+                { error: "the request could not be parsed as HTTP/1.1", code: "bad_request" },
+              ];
+      const text = JSON.stringify(body);
       socket.end(
-        `HTTP/1.1 ${tooLarge ? "431 Request Header Fields Too Large" : "400 Bad Request"}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
+        `HTTP/1.1 ${status}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(text)}\r\nconnection: close\r\n\r\n${text}`,
       );
     },
   }).withTypeProvider<TypeBoxTypeProvider>();
@@ -93,24 +160,62 @@ export function buildServer(deps: ServerDeps) {
     done();
   });
 
-  // Who calls: resolved once per request, before any body is read.
+  // Cut a request body that stops arriving (a slow-body client holds a connection).
+  if (limits.bodyIdleTimeoutMs > 0) {
+    app.addHook("preParsing", async (request, _reply, payload) => {
+      const h = request.headers;
+      if (!h["transfer-encoding"] && !(Number(h["content-length"]) > 0)) return payload;
+      const guard = new BodyIdleGuard(limits.bodyIdleTimeoutMs, () => {
+        request.log.warn(
+          { url: request.url.split("?")[0], idleMs: limits.bodyIdleTimeoutMs },
+          "request body stalled; connection cut (PODFLARE_HTTP_BODY_IDLE_TIMEOUT_MS)",
+        );
+        request.raw.socket?.destroy();
+      });
+      pipeline(payload, guard, () => {});
+      return guard;
+    });
+  }
+
+  if (limits.maxConnections > 0) app.server.maxConnections = limits.maxConnections;
+
+  // Who calls: decided once per request, before any body is read, from the route Fastify
+  // matched (never from the raw URL, which has many spellings of one route). Default deny.
   const callers = new WeakMap<object, Caller>();
   const caller = (request: object): Caller => callers.get(request) ?? null;
-  app.addHook("onRequest", (request, reply, done) => {
-    const path = request.url.split("?")[0] ?? "";
-    if (path === "/v1/healthz" || !(path.startsWith("/v1/") || path === "/metrics")) return done();
+  /** Why this request may not go on (null: it may). Records the caller when it may. */
+  function gate(request: FastifyRequest): { error: string; code: ErrorCode } | null {
     const auth = deps.auth.authenticate(request.headers.authorization);
+    if (auth.ok && auth.tenant === ANONYMOUS) {
+      const hosts = requestHosts(request.raw.rawHeaders, request.raw.url ?? "");
+      const bad = hosts.find((h) => !hostAllowed(h, hostRule));
+      if (hosts.length > 0 && bad === undefined) return null;
+      return {
+        error:
+          `${bad === undefined ? "refusing a request without a Host header" : `refusing a request for Host ${JSON.stringify(bad).slice(0, 80)}`}: ` +
+          "with no API key configured, this daemon answers only requests addressed to localhost, 127.0.0.1 or [::1] " +
+          "(so no web page can reach it by DNS rebinding). Call it at http://127.0.0.1:<port>, " +
+          `or create a key (podflare keys create --name <name>)${isLoopback(hostRule.bindHost) ? "" : ", or list the name in PODFLARE_ALLOWED_HOSTS"}`,
+        code: "forbidden",
+      };
+    }
+    const isPublic = !request.is404 && request.routeOptions.config?.public === true;
+    if (isPublic) return null;
     if (auth.ok) {
       callers.set(request, auth.tenant);
-      return done();
+      return null;
     }
-    void reply.header("connection", "close").status(401).send({
-      error: auth.reason,
-      code: "unauthorized",
-    });
+    return { error: auth.reason, code: "unauthorized" };
+  }
+  app.addHook("onRequest", (request, reply, done) => {
+    const refused = gate(request);
+    if (!refused) return done();
+    void reply.header("connection", "close").status(STATUS_BY_CODE[refused.code]).send(refused);
   });
 
-  app.get("/v1/healthz", async (_req, reply) => reply.type("text/plain").send("ok"));
+  app.get("/v1/healthz", { config: { public: true } }, async (_req, reply) =>
+    reply.type("text/plain").send("ok"),
+  );
   app.get("/v1/capacity", async (req) => deps.capacity(caller(req)));
   if (deps.metrics) {
     const metrics = deps.metrics;
@@ -200,6 +305,15 @@ async function* ndjson(events: AsyncIterable<ExecEvent>): AsyncGenerator<string>
   for await (const event of events) {
     yield `${JSON.stringify({ ...event, seq: seq++, ts: Date.now() })}\n`;
   }
+}
+
+/** Often enough that a timeout fires within a fraction of itself (Node's default: 30 s). */
+function checkingInterval(l: HttpLimits): number {
+  const shortest = Math.min(
+    ...[l.headersTimeoutMs, l.requestTimeoutMs].filter((ms) => ms > 0),
+    4_000,
+  );
+  return Math.max(50, Math.floor(shortest / 4));
 }
 
 export type PodflareServer = ReturnType<typeof buildServer>;

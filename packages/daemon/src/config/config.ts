@@ -65,6 +65,18 @@ export interface Config {
   readonly minFreeDiskMib: number;
   /** Listen on a non-loopback address with no API key configured (refused otherwise). */
   readonly allowUnauthenticated: boolean;
+  /** Names (besides loopback ones) a request's Host may carry while no key exists. */
+  readonly allowedHosts: readonly string[];
+  /** HTTP: receiving a request's headers (ms; slowloris). */
+  readonly httpHeadersTimeoutMs: number;
+  /** HTTP: receiving a whole request, body included (ms; 0: no limit). Not the response. */
+  readonly httpRequestTimeoutMs: number;
+  /** HTTP: a request body with no byte arriving while the daemon waits for one (ms; 0: off). */
+  readonly httpBodyIdleTimeoutMs: number;
+  /** HTTP: an idle keep-alive connection between requests (ms). */
+  readonly httpKeepAliveTimeoutMs: number;
+  /** HTTP: connections open at once (0: no cap). */
+  readonly httpMaxConnections: number;
   readonly logLevel: string;
 }
 
@@ -152,8 +164,25 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     tenantMaxMemMib: envInt("PODFLARE_TENANT_MAX_MEM_MIB", memoryBudgetMib),
     minFreeDiskMib: envInt("PODFLARE_MIN_FREE_DISK_MIB", 512),
     allowUnauthenticated: envBool("PODFLARE_ALLOW_UNAUTHENTICATED"),
+    allowedHosts: (env.PODFLARE_ALLOWED_HOSTS ?? "")
+      .split(",")
+      .map((h) => h.trim().toLowerCase())
+      .filter(Boolean),
+    httpHeadersTimeoutMs: envInt("PODFLARE_HTTP_HEADERS_TIMEOUT_MS", 20_000),
+    httpRequestTimeoutMs: envInt("PODFLARE_HTTP_REQUEST_TIMEOUT_MS", 3_600_000),
+    httpBodyIdleTimeoutMs: envInt("PODFLARE_HTTP_BODY_IDLE_TIMEOUT_MS", 60_000),
+    httpKeepAliveTimeoutMs: envInt("PODFLARE_HTTP_KEEP_ALIVE_TIMEOUT_MS", 10_000),
+    httpMaxConnections: envInt("PODFLARE_HTTP_MAX_CONNECTIONS", 1024),
     logLevel: env.PODFLARE_LOG_LEVEL || "info",
     ...overrides,
   };
+  if (
+    config.httpRequestTimeoutMs > 0 &&
+    config.httpHeadersTimeoutMs > config.httpRequestTimeoutMs
+  ) {
+    throw new Error(
+      `PODFLARE_HTTP_HEADERS_TIMEOUT_MS (${config.httpHeadersTimeoutMs}) exceeds PODFLARE_HTTP_REQUEST_TIMEOUT_MS (${config.httpRequestTimeoutMs}); the headers are part of the request: lower the first or raise the second`,
+    );
+  }
   return Object.freeze(config);
 }

@@ -16,6 +16,7 @@ export class PodflareError extends Error {
 export type ErrorCode =
   | "bad_request"
   | "unauthorized"
+  | "forbidden"
   | "not_found"
   | "file_not_found"
   | "wrong_state"
