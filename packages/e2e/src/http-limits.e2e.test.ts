@@ -184,6 +184,24 @@ describe("HTTP timeouts (set low)", () => {
     assert.equal(u.status, 204, await u.text());
     const back = await fetch(`${d.url}/v1/sandboxes/${id}/files?path=/tmp/slow`);
     assert.equal((await back.arrayBuffer()).byteLength, 8 * piece.length);
+
+    // An upload that stalls halfway is cut, leaves no file, and the sandbox goes on.
+    const stalled = await openSocket(port);
+    stalled.socket.write(
+      `PUT /v1/sandboxes/${id}/files?path=/tmp/stalled HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/octet-stream\r\ncontent-length: ${1 << 20}\r\n\r\n`,
+    );
+    stalled.socket.write(Buffer.alloc(256 * 1024, 0x63));
+    const t1 = Date.now();
+    assert.notEqual(await within(stalled.closed, 30_000), null, "a stalled upload was never cut");
+    console.log(`# stalled upload: cut after ${Date.now() - t1} ms`);
+    const gone = await fetch(`${d.url}/v1/sandboxes/${id}/files?path=/tmp/stalled`);
+    assert.equal(gone.status, 404, await gone.text());
+    const again = await fetch(`${d.url}/v1/sandboxes/${id}/exec`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ code: "print(6 * 7)" }),
+    });
+    assert.match(await again.text(), /"data":"42\\n"/);
   });
 });
 

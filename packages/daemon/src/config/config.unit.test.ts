@@ -1,0 +1,35 @@
+import assert from "node:assert/strict";
+import { describe, it } from "node:test";
+import { loadConfig } from "./config.js";
+
+describe("HTTP settings", () => {
+  it("have generous defaults: uploads get an hour, headers 20 s", () => {
+    const c = loadConfig({ stateDir: "/nonexistent" });
+    assert.equal(c.httpHeadersTimeoutMs, 20_000);
+    assert.equal(c.httpRequestTimeoutMs, 3_600_000);
+    assert.equal(c.httpBodyIdleTimeoutMs, 60_000);
+    assert.equal(c.httpKeepAliveTimeoutMs, 10_000);
+    assert.equal(c.httpMaxConnections, 1024);
+    assert.deepEqual(c.allowedHosts, []);
+  });
+
+  it("read PODFLARE_* and refuse a headers timeout longer than the request timeout", () => {
+    const saved = { ...process.env };
+    try {
+      process.env.PODFLARE_ALLOWED_HOSTS = " Sandbox-Host.internal, ,b.internal";
+      process.env.PODFLARE_HTTP_MAX_CONNECTIONS = "7";
+      const c = loadConfig({ stateDir: "/nonexistent" });
+      assert.deepEqual(c.allowedHosts, ["sandbox-host.internal", "b.internal"]);
+      assert.equal(c.httpMaxConnections, 7);
+      process.env.PODFLARE_HTTP_REQUEST_TIMEOUT_MS = "5000";
+      assert.throws(() => loadConfig({ stateDir: "/nonexistent" }), /HEADERS_TIMEOUT_MS.*lower/);
+      process.env.PODFLARE_HTTP_REQUEST_TIMEOUT_MS = "0"; // no total limit: any headers timeout
+      assert.equal(loadConfig({ stateDir: "/nonexistent" }).httpRequestTimeoutMs, 0);
+      process.env.PODFLARE_HTTP_MAX_CONNECTIONS = "-1";
+      assert.throws(() => loadConfig({ stateDir: "/nonexistent" }), /non-negative integer/);
+    } finally {
+      for (const k of Object.keys(process.env)) if (!(k in saved)) delete process.env[k];
+      Object.assign(process.env, saved);
+    }
+  });
+});
