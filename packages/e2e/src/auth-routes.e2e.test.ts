@@ -135,6 +135,29 @@ describe("authentication on the matched route (a key configured)", () => {
     }
   });
 
+  it("refuses CONNECT, Upgrade, OPTIONS * and a request pipelined after healthz", async () => {
+    const connectReply = await rawRequest(
+      port,
+      "CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n",
+    );
+    assert.equal(connectReply.raw, "", "CONNECT is closed without an answer");
+    const upgrade = await rawRequest(
+      port,
+      requestText("GET", "/%761/sandboxes", { connection: "Upgrade", upgrade: "websocket" }),
+    );
+    assert.ok(upgrade.status === 401 || upgrade.raw === "", upgrade.raw);
+    assert.equal((await rawRequest(port, requestText("OPTIONS", "*", {}))).status, 401);
+    // healthz (public) on a kept-alive connection, then a list in the same write.
+    const pipelined = await rawRequest(
+      port,
+      "GET /v1/healthz HTTP/1.1\r\nHost: localhost\r\n\r\n" +
+        requestText("GET", "/%761/sandboxes", {}),
+    );
+    const statuses = [...pipelined.raw.matchAll(/HTTP\/1\.1 (\d{3})/g)].map((m) => m[1]);
+    assert.deepEqual(statuses, ["200", "401"], pipelined.raw);
+    assert.ok(!pipelined.raw.includes('"sandboxes"'));
+  });
+
   it("with the key, each spelling reaches its route or gets a clear 4xx", async () => {
     for (const [target, getStatus, postStatus] of LIST_SPELLINGS) {
       const g = await send("GET", target, KEY);
