@@ -137,7 +137,14 @@ export function buildServer(deps: ServerDeps) {
 
   app.setErrorHandler((err, request, reply) => {
     const { status, body } = toHttpError(err);
-    if (status === 503) request.log.warn({ url: request.url, error: body.error }, "no capacity");
+    if (request.raw.socket?.destroyed) {
+      // The client left (or was cut: a stalled body) before the reply: nothing failed here.
+      request.log.info(
+        { url: request.url.split("?")[0], status, error: String(err) },
+        "client gone",
+      );
+    } else if (status === 503)
+      request.log.warn({ url: request.url, error: body.error }, "no capacity");
     else if (status >= 500) request.log.error({ err, url: request.url }, "request failed");
     void reply.status(status).send(body);
   });
