@@ -1,0 +1,200 @@
+/**
+ * A guest that sends more or fewer bytes than it declared for a download, on a real VM:
+ * a background process in the sandbox keeps growing (or truncating and rewriting) a file
+ * while it is downloaded. The agent states the size at open, then streams until EOF, so
+ * the bytes it sends differ from the declared size. On one keep-alive connection the file
+ * is downloaded, then the sandbox's info is asked for: the second response must be intact
+ * and correct, and the first either exactly its content-length or cut.
+ */
+import assert from "node:assert/strict";
+import { once } from "node:events";
+import { connect } from "node:net";
+import { after, before, describe, it } from "node:test";
+import { Sandbox } from "podflare";
+import { startTestDaemon, type TestDaemon } from "./harness.js";
+
+let d: TestDaemon | undefined;
+let sbx: Sandbox | undefined;
+const D = () => d as TestDaemon;
+const S = () => sbx as Sandbox;
+
+before(async () => {
+  d = await startTestDaemon({ poolSize: 1 });
+  sbx = await Sandbox.create({ host: D().url });
+});
+after(async () => {
+  await sbx?.close().catch(() => {});
+  await d?.close();
+});
+
+interface RawResponse {
+  status: number;
+  headers: string;
+  length: number;
+  body: Buffer;
+  complete: boolean;
+}
+
+/** Split raw HTTP/1.1 bytes into responses by their content-length; throws on anything else. */
+function parseResponses(bytes: Buffer): RawResponse[] {
+  const out: RawResponse[] = [];
+  let at = 0;
+  while (at < bytes.length) {
+    const end = bytes.indexOf("\r\n\r\n", at);
+    if (end < 0) throw new Error(`bytes that are no HTTP response at ${at}`);
+    const headers = bytes.subarray(at, end).toString("latin1");
+    const status = /^HTTP\/1\.1 (\d{3}) /.exec(headers);
+    if (!status)
+      throw new Error(`not an HTTP status line: ${JSON.stringify(headers.slice(0, 80))}`);
+    const length = Number(/\r\ncontent-length: *(\d+)/i.exec(headers)?.[1] ?? "0");
+    const body = bytes.subarray(end + 4, Math.min(bytes.length, end + 4 + length));
+    out.push({
+      status: Number(status[1]),
+      headers,
+      length,
+      body,
+      complete: body.length === length,
+    });
+    at = end + 4 + length;
+  }
+  return out;
+}
+
+/**
+ * On one connection: download `path`, then (once the download's headers are in, as a
+ * keep-alive client does) ask for the sandbox's info. Returns all bytes received until
+ * the server closes or both responses are complete.
+ */
+async function downloadThenInfo(path: string): Promise<{ bytes: Buffer; closed: boolean }> {
+  const url = new URL(D().url);
+  const sock = connect(Number(url.port), url.hostname);
+  await once(sock, "connect");
+  const host = `host: ${url.host}\r\n`;
+  const chunks: Buffer[] = [];
+  let size = 0;
+  let closed = false;
+  let wake: () => void = () => {};
+  sock.on("data", (c: Buffer) => {
+    chunks.push(c);
+    size += c.length;
+    wake();
+  });
+  sock.on("error", () => {});
+  sock.on("close", () => {
+    closed = true;
+    wake();
+  });
+  const next = () =>
+    new Promise<void>((r) => {
+      wake = r;
+    });
+  const all = () => Buffer.concat(chunks, size);
+  sock.write(
+    `GET /v1/sandboxes/${S().id}/files?path=${encodeURIComponent(path)} HTTP/1.1\r\n${host}\r\n`,
+  );
+  while (!closed && !all().includes("\r\n\r\n")) await next();
+  if (!closed) sock.write(`GET /v1/sandboxes/${S().id} HTTP/1.1\r\n${host}\r\n`);
+  for (;;) {
+    if (closed) break;
+    const rs = parseResponses(all());
+    if (rs.length >= 2 && rs.every((r) => r.complete)) break;
+    await next();
+  }
+  sock.destroy();
+  return { bytes: all(), closed };
+}
+
+/** Check one attempt; returns what happened to the download. */
+function check(raw: { bytes: Buffer; closed: boolean }): string {
+  const responses = parseResponses(raw.bytes); // throws if stray bytes follow a response
+  const [first, second] = responses;
+  assert.ok(first, "the download answered");
+  let outcome: string;
+  if (first.status === 200) {
+    assert.ok(first.complete || raw.closed, "a short body is followed by a cut connection");
+    outcome = first.complete
+      ? `exact ${first.length} bytes`
+      : `cut at ${first.body.length}/${first.length}`;
+  } else {
+    // Failed before a byte of the body went out: a complete error in the contract's shape.
+    assert.ok(first.complete);
+    const err = JSON.parse(first.body.toString()) as { error: string; code: string };
+    assert.match(err.error, /(grew|shrank) while it was downloaded/);
+    assert.match(first.headers, /\r\nconnection: close/i);
+    outcome = `error ${first.status} before the body`;
+  }
+  if (second) {
+    assert.equal(responses.length, 2);
+    assert.equal(second.status, 200, second.headers);
+    assert.ok(second.complete);
+    const info = JSON.parse(second.body.toString()) as { id: string; state: string };
+    assert.equal(info.id, S().id);
+    assert.equal(info.state, "ready");
+  } else {
+    assert.ok(raw.closed, "no second response only because the connection was closed");
+  }
+  return second ? `${outcome}; next response intact` : `${outcome}; connection closed`;
+}
+
+describe("a guest that sends more or fewer bytes than it declared for a download", () => {
+  it("a file grown while downloaded never corrupts the next response on the connection", async () => {
+    // A background process (it outlives the call) appends 64 KiB pieces up to 96 MiB.
+    const started = await S().runCode(
+      [
+        "import subprocess, sys",
+        "open('/root/grow', 'wb').write(b'a' * (2 << 20))",
+        'grow = \'f = open("/root/grow", "ab", buffering=0)\\nfor _ in range(1536):\\n    f.write(b"b" * 65536)\'',
+        "grower = subprocess.Popen([sys.executable, '-c', grow], start_new_session=True)",
+        // Python starts slowly under TCG: return once the file is growing.
+        "import os, time",
+        "deadline = time.monotonic() + 60",
+        "while os.path.getsize('/root/grow') <= (2 << 20) and time.monotonic() < deadline:",
+        "    time.sleep(0.05)",
+        "print(grower.pid, os.path.getsize('/root/grow'))",
+      ].join("\n"),
+    );
+    assert.equal(started.exitCode, 0, started.stderr);
+    assert.ok(Number(started.stdout.split(" ")[1]) > 2 << 20, `not growing: ${started.stdout}`);
+    const outcomes: string[] = [];
+    for (let i = 0; i < 3; i++) outcomes.push(check(await downloadThenInfo("/root/grow")));
+    console.log(`growing file: ${outcomes.join(" | ")}`);
+    const stop = await S().runCode("grower.kill()\n_ = grower.wait()");
+    assert.equal(stop.exitCode, 0, stop.stderr);
+    // The attack took place: at least one download was cut or refused for its size.
+    assert.ok(
+      outcomes.some((o) => !o.startsWith("exact")),
+      `every download matched its size: ${outcomes.join(" | ")}`,
+    );
+    const after = await S().runCode("print(6 * 7)");
+    assert.equal(after.stdout, "42\n");
+  });
+
+  it("a file truncated and rewritten while downloaded never corrupts the next response", async () => {
+    const started = await S().runCode(
+      [
+        "import subprocess, sys",
+        'churn = \'import os\\nwhile True:\\n    with open("/root/churn", "wb", buffering=0) as f:\\n        for _ in range(64):\\n            f.write(b"c" * 65536)\'',
+        "open('/root/churn', 'wb').write(b'c' * (4 << 20))",
+        "churner = subprocess.Popen([sys.executable, '-c', churn], start_new_session=True)",
+        "import os, time",
+        "deadline = time.monotonic() + 60",
+        "while os.path.getsize('/root/churn') == (4 << 20) and time.monotonic() < deadline:",
+        "    time.sleep(0.05)",
+        "print(churner.pid, os.path.getsize('/root/churn'))",
+      ].join("\n"),
+    );
+    assert.equal(started.exitCode, 0, started.stderr);
+    assert.notEqual(
+      Number(started.stdout.split(" ")[1]),
+      4 << 20,
+      `not churning: ${started.stdout}`,
+    );
+    const outcomes: string[] = [];
+    for (let i = 0; i < 3; i++) outcomes.push(check(await downloadThenInfo("/root/churn")));
+    console.log(`truncated file: ${outcomes.join(" | ")}`);
+    const stop = await S().runCode("churner.kill()\n_ = churner.wait()");
+    assert.equal(stop.exitCode, 0, stop.stderr);
+    const after = await S().runCode("print(6 * 7)");
+    assert.equal(after.stdout, "42\n");
+  });
+});
