@@ -1,31 +1,35 @@
 /**
- * A guest that sends more or fewer bytes than it declared for a download, on a real VM:
- * a background process in the sandbox keeps growing (or truncating and rewriting) a file
- * while it is downloaded. The agent states the size at open, then streams until EOF, so
- * the bytes it sends differ from the declared size. On one keep-alive connection the file
- * is downloaded, then the sandbox's info is asked for: the second response must be intact
- * and correct, and the first either exactly its content-length or cut.
+ * Hostile guests on real VMs.
+ *
+ * - Downloads: a background process in the sandbox keeps growing (or truncating and
+ *   rewriting) a file while it is downloaded. The agent states the size at open, then
+ *   streams until EOF, so the bytes it sends differ from the declared size. On one
+ *   keep-alive connection the file is downloaded, then the sandbox's info is asked for:
+ *   the second response must be intact and correct, the first exactly its content-length
+ *   or cut.
+ * - Garbage: root in the guest takes a duplicate of the agent's virtio port descriptor
+ *   (pidfd_getfd) and writes garbage into the channel: the daemon logs a bounded number of
+ *   lines, closes the channel, and the sandbox ends dead with a clear reason.
  */
 import assert from "node:assert/strict";
+import type { ChildProcess } from "node:child_process";
 import { once } from "node:events";
 import { connect } from "node:net";
 import { after, before, describe, it } from "node:test";
 import { Sandbox } from "podflare";
-import { startTestDaemon, type TestDaemon } from "./harness.js";
+import {
+  eventually,
+  qemuPids,
+  serve,
+  serveEnv,
+  startTestDaemon,
+  type TestDaemon,
+} from "./harness.js";
 
 let d: TestDaemon | undefined;
 let sbx: Sandbox | undefined;
 const D = () => d as TestDaemon;
 const S = () => sbx as Sandbox;
-
-before(async () => {
-  d = await startTestDaemon({ poolSize: 1 });
-  sbx = await Sandbox.create({ host: D().url });
-});
-after(async () => {
-  await sbx?.close().catch(() => {});
-  await d?.close();
-});
 
 interface RawResponse {
   status: number;
@@ -137,6 +141,15 @@ function check(raw: { bytes: Buffer; closed: boolean }): string {
 }
 
 describe("a guest that sends more or fewer bytes than it declared for a download", () => {
+  before(async () => {
+    d = await startTestDaemon({ poolSize: 1 });
+    sbx = await Sandbox.create({ host: D().url });
+  });
+  after(async () => {
+    await sbx?.close().catch(() => {});
+    await d?.close();
+  });
+
   it("a file grown while downloaded never corrupts the next response on the connection", async () => {
     // A background process (it outlives the call) appends 64 KiB pieces up to 96 MiB.
     const started = await S().runCode(
@@ -196,5 +209,101 @@ describe("a guest that sends more or fewer bytes than it declared for a download
     assert.equal(stop.exitCode, 0, stop.stderr);
     const after = await S().runCode("print(6 * 7)");
     assert.equal(after.stdout, "42\n");
+  });
+});
+
+/**
+ * Root in the guest duplicates the agent's port descriptor out of the agent process
+ * (pidfd_getfd) and writes garbage into the channel: 8 KiB pieces with no frame magic,
+ * 64 MiB of them unless the channel closes first.
+ */
+const SPEW = `
+import ctypes, os
+port = None
+for pid in os.listdir('/proc'):
+    if not pid.isdigit() or int(pid) == os.getpid():
+        continue
+    try:
+        for fd in os.listdir(f'/proc/{pid}/fd'):
+            if os.readlink(f'/proc/{pid}/fd/{fd}').startswith('/dev/vport'):
+                port = (int(pid), int(fd))
+    except OSError:
+        pass
+libc = ctypes.CDLL(None, use_errno=True)
+pidfd = libc.syscall(434, port[0], 0)  # pidfd_open
+fd = libc.syscall(438, pidfd, port[1], 0)  # pidfd_getfd
+assert fd >= 0, ctypes.get_errno()
+print('spewing into', port, flush=True)
+junk = b'garbage!' * 1024
+n = 0
+while n < (64 << 20):
+    n += os.write(fd, junk)
+print('wrote', n)
+`;
+
+describe("a guest that spews garbage into the agent channel", () => {
+  let child: ChildProcess | undefined;
+  let url = "";
+  let remove: () => Promise<void> = async () => {};
+  /** The daemon's own log (its stderr), one JSON object per line. */
+  const lines: Record<string, unknown>[] = [];
+
+  before(async () => {
+    const env = await serveEnv({ poolSize: 1 });
+    remove = env.remove;
+    const served = await serve(env.env);
+    child = served.child;
+    url = served.url;
+    let partial = "";
+    child.stderr?.on("data", (chunk: string) => {
+      const parts = (partial + chunk).split("\n");
+      partial = parts.pop() ?? "";
+      for (const p of parts) if (p.trim()) lines.push(JSON.parse(p));
+    });
+  });
+  after(async () => {
+    if (child && child.exitCode === null) {
+      child.kill("SIGTERM");
+      await once(child, "exit");
+    }
+    await remove();
+  });
+
+  it("is cut off after a bounded number of log lines and its sandbox ends dead with the reason", async () => {
+    const victim = await Sandbox.create({ host: url });
+    const bystander = await Sandbox.create({ host: url });
+    const before = lines.length;
+    const result = await victim.runCode(SPEW, { timeoutMs: 120_000 });
+    // The call ends in-band: the sandbox stopped under it.
+    assert.equal(result.exitCode, -1);
+    assert.equal(result.error?.name, "SandboxDied");
+    assert.doesNotMatch(result.stdout, /wrote/, "the channel closed before 64 MiB got through");
+    const info = await eventually("the sandbox marked dead", async () => {
+      const i = await victim.getInfo();
+      return i.state === "dead" ? i : undefined;
+    });
+    assert.equal(info.state, "dead");
+    await assert.rejects(victim.runCode("print(1)"), (e: Error) => {
+      assert.match(e.message, /no longer running \(its guest agent broke the protocol: .*garbage/);
+      return true;
+    });
+    // Its QEMU is gone, the daemon and the other sandbox are fine.
+    const died = lines.find((l) => l.msg === "sandbox VM died" && l.sandbox === victim.id);
+    assert.ok(died, "the daemon logged the sandbox's end");
+    await eventually(
+      "the victim's QEMU gone",
+      async () => (await qemuPids(String(died.vm))).length === 0,
+    );
+    assert.equal((await bystander.runCode("print(6 * 7)")).stdout, "42\n");
+    const attack = lines.slice(before);
+    const frameProblems = attack.filter((l) => l.msg === "agent frame problem").length;
+    const fromAgent = attack.filter((l) => l.vm === died.vm).length;
+    console.log(
+      `garbage spewer: ${frameProblems} 'agent frame problem' lines, ${fromAgent} lines about its VM in all; closed with: ${String(attack.find((l) => l.msg === "guest agent channel closed for garbage")?.bytes)} bytes skipped; suppressed: ${String(attack.find((l) => l.msg === "agent warnings suppressed")?.suppressed)}`,
+    );
+    assert.ok(frameProblems <= 20, `${frameProblems} frame-problem lines`);
+    assert.ok(fromAgent <= 30, `${fromAgent} lines about the VM`);
+    await bystander.close();
+    await victim.close();
   });
 });
