@@ -451,10 +451,12 @@ export class SandboxService {
     const row = this.store.getSandbox(id);
     if (row?.state !== "ready") return; // an ordinary destroy
     this.transition(id, "dead", { endReason });
+    // Its memory is free once QEMU has exited: at once after an exit, after destroy's
+    // kill for a VM ended for its agent.
+    if (vm.qemu.hasExited) this.admission.release(id);
     this.reportRunning();
     this.log.warn({ sandbox: id, vm: vm.id, reason: endReason }, "sandbox VM died");
-    // Free its files now; the row stays until the user deletes it. Its memory is free once
-    // QEMU has exited (a VM ended for its agent still runs until destroy kills it).
+    // Free its files now; the row stays until the user deletes it.
     void vm.destroy().finally(() => this.admission.release(id));
   }
 
