@@ -641,7 +641,7 @@ export class AgentClient {
                 // The real agent streams to EOF: a file growing while it is read ends here.
                 fail(
                   new DownloadSizeError(
-                    `${path} grew while it was downloaded: the guest sent more than the ${size} bytes it had when opened; the download was cut (retry once the file stops changing)`,
+                    `${path} grew while it was downloaded: the guest sent more than the ${size} bytes it had when opened; the download was cut (${size === 0 ? "a file whose size is not known in advance, such as one in /proc, cannot be downloaded: read it with exec" : "retry once the file stops changing"})`,
                   ),
                   true,
                 );
