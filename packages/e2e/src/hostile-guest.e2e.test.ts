@@ -151,12 +151,13 @@ describe("a guest that sends more or fewer bytes than it declared for a download
   });
 
   it("a file grown while downloaded never corrupts the next response on the connection", async () => {
-    // A background process (it outlives the call) appends 64 KiB pieces up to 96 MiB.
+    // A background process (it outlives the call) appends 64 KiB pieces (at most one per
+    // 5 ms) up to 48 MiB.
     const started = await S().runCode(
       [
         "import subprocess, sys",
         "open('/root/grow', 'wb').write(b'a' * (2 << 20))",
-        'grow = \'f = open("/root/grow", "ab", buffering=0)\\nfor _ in range(1536):\\n    f.write(b"b" * 65536)\'',
+        'grow = \'import time\\nf = open("/root/grow", "ab", buffering=0)\\nfor _ in range(768):\\n    f.write(b"b" * 65536)\\n    time.sleep(0.005)\'',
         "grower = subprocess.Popen([sys.executable, '-c', grow], start_new_session=True)",
         // Python starts slowly under TCG: return once the file is growing.
         "import os, time",
