@@ -515,6 +515,7 @@ export class AgentClient {
             await this.sendWithBackpressure(
               { type: "write_chunk", id },
               buf.subarray(off, off + UPLOAD_CHUNK),
+              timeoutMs,
             );
           }
         }
@@ -777,17 +778,33 @@ export class AgentClient {
     return this.stream.write(encodeFrame(header, payload));
   }
 
-  private async sendWithBackpressure(header: FrameHeader, payload: Buffer): Promise<void> {
+  /** Send, then wait for the channel to drain: at most `timeoutMs` (a guest that stops reading). */
+  private async sendWithBackpressure(
+    header: FrameHeader,
+    payload: Buffer,
+    timeoutMs: number,
+  ): Promise<void> {
     if (this.send(header, payload)) return;
     await new Promise<void>((resolve, reject) => {
-      const onDrain = () => {
+      const done = () => {
+        clearTimeout(timer);
+        this.stream.off("drain", onDrain);
         this.stream.off("close", onClose);
+      };
+      const onDrain = () => {
+        done();
         resolve();
       };
       const onClose = () => {
-        this.stream.off("drain", onDrain);
+        done();
         reject(this.closedError ?? new AgentClosedError("stream closed"));
       };
+      const timer = setTimeout(() => {
+        done();
+        reject(
+          new AgentError("timeout", `the guest agent read none of the upload for ${timeoutMs} ms`),
+        );
+      }, timeoutMs);
       this.stream.once("drain", onDrain);
       this.stream.once("close", onClose);
     });

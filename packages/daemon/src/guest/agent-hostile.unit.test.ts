@@ -370,6 +370,43 @@ describe("hostile guest agent: requests never answered", () => {
     }
   });
 
+  it("an upload to a guest that stops reading fails after its timeout, route released", async () => {
+    mock.timers.enable({ apis: ["setTimeout"] });
+    try {
+      const sent: Frame[] = [];
+      const hostFrames = new FrameDecoder();
+      let reading = true;
+      const stream = new Duplex({
+        read() {},
+        write(c: Buffer, _e, cb) {
+          sent.push(...hostFrames.push(c));
+          if (reading) cb(); // then never again: the guest stopped reading its port
+        },
+      });
+      const client = new AgentClient(stream);
+      const upload = client.writeFile(
+        "/root/big",
+        (async function* () {
+          for (let i = 0; i < 8; i++) yield Buffer.alloc(1 << 20, i);
+        })(),
+        { maxBytes: 64 << 20, timeoutMs: 30_000 },
+      );
+      upload.catch(() => {});
+      await new Promise((r) => setImmediate(r));
+      const begin = sent.find((f) => f.header.type === "write_begin");
+      reading = false;
+      stream.emit("data", encodeFrame({ type: "ok", id: begin?.header.id as number }));
+      for (let i = 0; i < 5; i++) await new Promise((r) => setImmediate(r));
+      mock.timers.tick(30_000);
+      await assert.rejects(upload, /read none of the upload for 30000 ms/);
+      mock.timers.tick(5_000);
+      assert.equal(client.pendingRequests, 0);
+      client.close();
+    } finally {
+      mock.timers.reset();
+    }
+  });
+
   it("a download whose guest stops sending is failed and its route released", async () => {
     mock.timers.enable({ apis: ["setTimeout"] });
     try {
