@@ -299,6 +299,21 @@ export function buildServer(deps: ServerDeps) {
       { schema: { params: SandboxIdParams, querystring: FileQuery } },
       async (req, reply) => {
         const { size, stream } = await service.download(caller(req), req.params.id, req.query.path);
+        // The stream fails if the guest sends more or fewer than `size` bytes. Once bytes
+        // are out, Fastify destroys the connection (the client sees a truncated response,
+        // never bytes misread as the next one); before, the error is answered in the
+        // contract's shape (without the stream's headers, which Fastify has already put on
+        // the raw response) and the connection closed all the same.
+        if (stream.errored) {
+          void reply.header("connection", "close");
+          throw stream.errored; // failed in the very chunk that opened it
+        }
+        stream.once("error", () => {
+          if (reply.raw.headersSent) return;
+          reply.raw.removeHeader("content-type");
+          reply.raw.removeHeader("content-length");
+          reply.raw.setHeader("connection", "close");
+        });
         return reply.type("application/octet-stream").header("content-length", size).send(stream);
       },
     );

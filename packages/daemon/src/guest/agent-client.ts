@@ -8,8 +8,10 @@
 import { randomInt } from "node:crypto";
 import type { Duplex } from "node:stream";
 import { Readable } from "node:stream";
-import { OverLimitError } from "../sandboxes/errors.js";
+import { OverLimitError, PodflareError } from "../sandboxes/errors.js";
+import { TokenBucket } from "../util/token-bucket.js";
 import {
+  type DecodeProblem,
   encodeFrame,
   type Frame,
   FrameDecoder,
@@ -85,6 +87,16 @@ export const MAX_QUEUED_EXECS = 256;
 export const MAX_QUEUED_EXEC_BYTES = 64 * 1024 * 1024;
 const utf8 = new TextDecoder("utf-8", { fatal: false });
 
+/**
+ * A download's stream carried more or fewer bytes than the size declared at its start
+ * (the file changed while it was read, or a hostile guest). The stream fails with it.
+ */
+export class DownloadSizeError extends PodflareError {
+  constructor(message: string) {
+    super("internal", message);
+  }
+}
+
 /** Too many execs already waiting for one sandbox. */
 export class ExecQueueFullError extends OverLimitError {}
 
@@ -113,6 +125,34 @@ function headerSummary(h: FrameHeader): Record<string, unknown> {
   };
 }
 
+/**
+ * Warnings a guest can trigger are rate-limited per client (per VM): a burst, then one per
+ * WARN_REFILL_MS; the number suppressed rides on the next line logged and on the close.
+ */
+export const WARN_BURST = 20;
+const WARN_REFILL_MS = 10_000;
+/**
+ * Garbage a working agent never sends: bytes skipped to resynchronise (each resync counts
+ * at least GARBAGE_MIN_COST) and frames with undecodable headers (GARBAGE_BAD_FRAME_COST
+ * each). Past GARBAGE_LIMIT (refilled at GARBAGE_PER_SECOND) the channel is closed. The
+ * limit is several maximal frames: a VM forked while its agent was writing may begin with
+ * the tail of a frame.
+ */
+export const GARBAGE_LIMIT = 4 * 1024 * 1024;
+const GARBAGE_PER_SECOND = 64 * 1024;
+const GARBAGE_MIN_COST = 256;
+const GARBAGE_BAD_FRAME_COST = 64 * 1024;
+/** How long a cancel's route waits for the agent's ok before it is dropped. */
+const CANCEL_ROUTE_MS = 30_000;
+/**
+ * How long an abandoned (cancelled) exec keeps its slot in the agent waiting for its exit:
+ * the agent kills a cancelled exec within its KILL_GRACE (10 s); a guest that never
+ * reports it does not keep the slot and the route forever.
+ */
+const ABANDONED_EXEC_MS = 60_000;
+/** A download whose reader waits this long for the guest's next bytes is failed. */
+const DOWNLOAD_STALL_MS = 60_000;
+
 interface QueuedExec {
   id: number;
   header: FrameHeader;
@@ -128,6 +168,18 @@ export class AgentClient {
    */
   private nextId = 1 + randomInt(2 ** 47);
   private closedError: Error | null = null;
+  private readonly warnings = new TokenBucket(WARN_BURST, 1000 / WARN_REFILL_MS);
+  private suppressedWarnings = 0;
+  private readonly garbage = new TokenBucket(GARBAGE_LIMIT, GARBAGE_PER_SECOND);
+  private garbageSeen = { bytes: 0, badFrames: 0 };
+  private violationResolve!: (reason: string) => void;
+  /**
+   * Resolves (never rejects) with the reason when this client closes the channel because
+   * the guest broke the protocol: the VM is no longer usable and should be ended.
+   */
+  readonly violation = new Promise<string>((resolve) => {
+    this.violationResolve = resolve;
+  });
   /** Set by the first answered hello: a `started` frame after it means a restart. */
   private handshakeDone = false;
   /** Ids of execs sent to the agent whose exit (or error) has not arrived yet. */
@@ -140,14 +192,16 @@ export class AgentClient {
     private readonly stream: Duplex,
     private readonly log: (msg: string, extra?: Record<string, unknown>) => void = () => {},
   ) {
-    this.decoder = new FrameDecoder((p) => this.safeLog("agent frame problem", p));
+    this.decoder = new FrameDecoder((p) => this.onDecodeProblem(p));
     stream.on("data", (chunk: Buffer) => {
+      if (this.closedError) return;
       for (const frame of this.decoder.push(chunk)) {
+        if (this.closedError) return; // closed for garbage while decoding this chunk
         // Last line of defence: a throw here would be an uncaught exception in the daemon.
         try {
           this.dispatch(frame);
         } catch (err) {
-          this.safeLog("agent frame handling failed", {
+          this.warn("agent frame handling failed", {
             header: headerSummary(frame.header),
             err: err instanceof Error ? err.message : "non-error thrown",
           });
@@ -162,9 +216,19 @@ export class AgentClient {
     return this.closedError !== null;
   }
 
+  /** Requests waiting for the agent (routes): for tests and metrics. */
+  get pendingRequests(): number {
+    return this.routes.size;
+  }
+
   close(reason = "closed by host"): void {
     if (this.closedError) return;
     this.closedError = new AgentClosedError(reason);
+    this.decoder.reset();
+    if (this.suppressedWarnings > 0) {
+      this.safeLog("agent warnings suppressed", { suppressed: this.suppressedWarnings });
+      this.suppressedWarnings = 0;
+    }
     this.execQueue.length = 0;
     this.execQueueBytes = 0;
     this.agentExecs.clear();
@@ -327,13 +391,23 @@ export class AgentClient {
       return;
     }
     if (!this.agentExecs.has(id)) return; // already ended (an error reply)
-    // Its slot in the agent stays taken until the agent reports its end.
-    this.routes.set(id, {
+    // Its slot in the agent stays taken until the agent reports its end, or at most
+    // ABANDONED_EXEC_MS: a guest that never answers does not hold it (and the route) forever.
+    const grace = setTimeout(() => {
+      if (this.routes.get(id) !== route) return;
+      this.warn("guest never ended a cancelled exec; its slot is released", { exec: id });
+      this.execEnded(id);
+    }, ABANDONED_EXEC_MS);
+    grace.unref();
+    const route: Route = {
       onFrame: ({ header }) => {
-        if (header.type === "exit" || header.type === "error") this.execEnded(id);
+        if (header.type !== "exit" && header.type !== "error") return;
+        clearTimeout(grace);
+        this.execEnded(id);
       },
-      onClose: () => {},
-    });
+      onClose: () => clearTimeout(grace),
+    };
+    this.routes.set(id, route);
     this.cancel(id);
   }
 
@@ -366,7 +440,16 @@ export class AgentClient {
   cancel(target: number): void {
     if (this.closed) return;
     const id = this.allocId();
-    this.routes.set(id, { onFrame: () => this.routes.delete(id), onClose: () => {} });
+    // Dropped at the agent's answer, or after CANCEL_ROUTE_MS if it never answers.
+    const timer = setTimeout(() => this.routes.delete(id), CANCEL_ROUTE_MS);
+    timer.unref();
+    this.routes.set(id, {
+      onFrame: () => {
+        clearTimeout(timer);
+        this.routes.delete(id);
+      },
+      onClose: () => clearTimeout(timer),
+    });
     this.send({ type: "cancel", id, target });
   }
 
@@ -432,6 +515,7 @@ export class AgentClient {
             await this.sendWithBackpressure(
               { type: "write_chunk", id },
               buf.subarray(off, off + UPLOAD_CHUNK),
+              timeoutMs,
             );
           }
         }
@@ -457,14 +541,28 @@ export class AgentClient {
     }
   }
 
-  /** Download: resolves once the agent has opened the file, with its size and a stream. */
+  /**
+   * Download: resolves once the agent has opened the file, with its size and a stream.
+   * The stream carries exactly `size` bytes or fails: bytes past the declared size (the
+   * file grew, or a hostile guest) fail it before any excess is pushed, and a read_end
+   * short of it fails it too, so a consumer that announced `size` (an HTTP content-length)
+   * never sends more or fewer bytes than it announced.
+   */
   readFile(path: string, timeoutMs = 30_000): Promise<{ size: number; stream: Readable }> {
     const id = this.allocId();
     let consumedAcked = 0;
     let received = 0;
+    let size = 0;
     const client = this;
     let finished = false;
     let begun = false;
+    // Armed while the reader waits for bytes (the guest then always has credit): a guest
+    // that stops sending mid-download does not hold the reader and the route forever.
+    let stall: NodeJS.Timeout | null = null;
+    const unstall = () => {
+      if (stall) clearTimeout(stall);
+      stall = null;
+    };
     const stream = new Readable({
       highWaterMark: 1024 * 1024,
       read() {
@@ -473,30 +571,55 @@ export class AgentClient {
           consumedAcked = consumed;
           client.send({ type: "read_ack", id, bytes: consumed });
         }
+        if (!stall && !finished && begun) {
+          stall = setTimeout(() => {
+            stall = null;
+            fail(
+              new AgentError(
+                "timeout",
+                `the guest sent no data for ${path} within ${DOWNLOAD_STALL_MS} ms (${received} of ${size} bytes received)`,
+              ),
+              true,
+            );
+          }, DOWNLOAD_STALL_MS);
+          stall.unref();
+        }
       },
       destroy(err, cb) {
+        unstall();
         if (!finished && !client.closed) client.send({ type: "read_abort", id });
         finished = true;
         client.routes.delete(id);
         cb(err);
       },
     });
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
+    // A failure may come in the same chunk as read_begin, before the caller has attached
+    // its listeners: the error stays on the stream (`errored`, and every consumer gets it)
+    // instead of being emitted to nobody, which would be an uncaught exception.
+    stream.on("error", () => {});
+    let timer: NodeJS.Timeout | undefined;
+    let reject: (err: Error) => void = () => {};
+    /** End the download with `err`; `abortGuest`: tell the agent to stop sending. */
+    const fail = (
+      err: Error,
+      abortGuest = err instanceof AgentError && err.code === "bad_reply",
+    ) => {
+      clearTimeout(timer);
+      unstall();
+      const abort = abortGuest && !finished && !this.closed;
+      finished = true;
+      this.routes.delete(id);
+      if (abort) this.send({ type: "read_abort", id });
+      // Before read_begin the caller holds no stream yet: the rejection is the report.
+      if (begun) stream.destroy(err);
+      else reject(err);
+    };
+    return new Promise((resolve, rejectPromise) => {
+      reject = rejectPromise;
+      timer = setTimeout(() => {
         this.routes.delete(id);
         reject(new AgentError("timeout", `the guest did not open ${path} within ${timeoutMs} ms`));
       }, timeoutMs);
-      const fail = (err: Error) => {
-        clearTimeout(timer);
-        const abort = !finished && !this.closed;
-        finished = true;
-        this.routes.delete(id);
-        if (abort && err instanceof AgentError && err.code === "bad_reply")
-          this.send({ type: "read_abort", id });
-        // Before read_begin the caller holds no stream yet: the rejection is the report.
-        if (begun) stream.destroy(err);
-        else reject(err);
-      };
       this.routes.set(id, {
         onFrame: ({ header, payload }) => {
           switch (header.type) {
@@ -504,9 +627,27 @@ export class AgentClient {
               if (begun) break;
               clearTimeout(timer);
               begun = true;
-              resolve({ size: count(header.size, 0), stream });
+              size = count(header.size, 0);
+              resolve({ size, stream });
               break;
             case "data":
+              if (!begun) {
+                fail(
+                  new AgentError("bad_reply", "the guest sent data for a download it never began"),
+                );
+                break;
+              }
+              unstall();
+              if (received + payload.length > size) {
+                // The real agent streams to EOF: a file growing while it is read ends here.
+                fail(
+                  new DownloadSizeError(
+                    `${path} grew while it was downloaded: the guest sent more than the ${size} bytes it had when opened; the download was cut (${size === 0 ? "a file whose size is not known in advance, such as one in /proc, cannot be downloaded: read it with exec" : "retry once the file stops changing"})`,
+                  ),
+                  true,
+                );
+                break;
+              }
               received += payload.length;
               // The agent may not send past the window; a hostile one must not make the
               // host buffer the whole file.
@@ -521,6 +662,15 @@ export class AgentClient {
                 fail(new AgentError("bad_reply", "the guest ended a download it never began"));
                 break;
               }
+              if (received !== size) {
+                fail(
+                  new DownloadSizeError(
+                    `${path} shrank while it was downloaded: the guest sent ${received} of the ${size} bytes it had when opened; the download was cut (retry once the file stops changing)`,
+                  ),
+                );
+                break;
+              }
+              unstall();
               finished = true;
               this.routes.delete(id);
               stream.push(null);
@@ -532,6 +682,7 @@ export class AgentClient {
         },
         onClose: (err) => {
           clearTimeout(timer);
+          unstall();
           if (begun) stream.destroy(err);
           else reject(err);
         },
@@ -606,7 +757,7 @@ export class AgentClient {
     this.execQueue.length = 0;
     this.execQueueBytes = 0;
     if (inFlight.length === 0) return;
-    this.safeLog("guest agent restarted; failing requests in flight", {
+    this.warn("guest agent restarted; failing requests in flight", {
       requests: inFlight.length,
     });
     const err = new AgentError(
@@ -627,17 +778,33 @@ export class AgentClient {
     return this.stream.write(encodeFrame(header, payload));
   }
 
-  private async sendWithBackpressure(header: FrameHeader, payload: Buffer): Promise<void> {
+  /** Send, then wait for the channel to drain: at most `timeoutMs` (a guest that stops reading). */
+  private async sendWithBackpressure(
+    header: FrameHeader,
+    payload: Buffer,
+    timeoutMs: number,
+  ): Promise<void> {
     if (this.send(header, payload)) return;
     await new Promise<void>((resolve, reject) => {
-      const onDrain = () => {
+      const done = () => {
+        clearTimeout(timer);
+        this.stream.off("drain", onDrain);
         this.stream.off("close", onClose);
+      };
+      const onDrain = () => {
+        done();
         resolve();
       };
       const onClose = () => {
-        this.stream.off("drain", onDrain);
+        done();
         reject(this.closedError ?? new AgentClosedError("stream closed"));
       };
+      const timer = setTimeout(() => {
+        done();
+        reject(
+          new AgentError("timeout", `the guest agent read none of the upload for ${timeoutMs} ms`),
+        );
+      }, timeoutMs);
       this.stream.once("drain", onDrain);
       this.stream.once("close", onClose);
     });
@@ -652,7 +819,41 @@ export class AgentClient {
     const route = typeof id === "number" ? this.routes.get(id) : undefined;
     if (route) route.onFrame(frame);
     else if (frame.header.type === "error")
-      this.safeLog("agent error without a request", { header: headerSummary(frame.header) });
+      this.warn("agent error without a request", { header: headerSummary(frame.header) });
+  }
+
+  /** A decoder problem: logged (rate-limited) and charged; past the bound, the channel closes. */
+  private onDecodeProblem(p: DecodeProblem): void {
+    if (this.closedError) return;
+    let cost: number;
+    if (p.kind === "resync") {
+      this.garbageSeen.bytes += p.skipped;
+      cost = Math.max(p.skipped, GARBAGE_MIN_COST);
+    } else {
+      this.garbageSeen.badFrames++;
+      cost = GARBAGE_BAD_FRAME_COST;
+    }
+    if (this.garbage.take(cost)) {
+      this.warn("agent frame problem", p);
+      return;
+    }
+    const reason = `the guest agent kept sending garbage (${this.garbageSeen.bytes} bytes skipped, ${this.garbageSeen.badFrames} undecodable frames); a working agent sends none`;
+    this.safeLog("guest agent channel closed for garbage", { ...this.garbageSeen });
+    this.close(reason);
+    this.violationResolve(reason);
+  }
+
+  /** A warning the guest can trigger: at most WARN_BURST, then one per WARN_REFILL_MS. */
+  private warn(msg: string, extra?: Record<string, unknown>): void {
+    if (!this.warnings.take()) {
+      this.suppressedWarnings++;
+      return;
+    }
+    if (this.suppressedWarnings > 0) {
+      extra = { ...extra, suppressed: this.suppressedWarnings };
+      this.suppressedWarnings = 0;
+    }
+    this.safeLog(msg, extra);
   }
 
   private safeLog(msg: string, extra?: Record<string, unknown>): void {

@@ -42,24 +42,46 @@ export type DecodeProblem =
 /**
  * Incremental decoder. `push` returns the complete frames in the chunk; problems (skipped
  * garbage, undecodable headers) are reported through `onProblem` and never throw.
+ *
+ * Linear in the bytes pushed, however they are chunked: once a frame's preamble is known,
+ * its buffer is allocated once and each chunk is copied into it (no re-concatenation of
+ * what is already held). Between frames it holds at most a partial preamble.
  */
 export class FrameDecoder {
+  /** Bytes not yet part of a frame in progress: fewer than a preamble between pushes. */
   private buf: Buffer = EMPTY;
+  /** The frame being filled (preamble, header, payload), once its preamble was valid. */
+  private frame: Buffer | null = null;
+  private filled = 0;
 
   constructor(private readonly onProblem: (p: DecodeProblem) => void = () => {}) {}
 
   /** Bytes currently held: never more than one maximal frame. */
   get buffered(): number {
-    return this.buf.length;
+    return this.frame ? this.filled : this.buf.length;
   }
 
   reset(): void {
     this.buf = EMPTY;
+    this.frame = null;
+    this.filled = 0;
   }
 
   push(chunk: Buffer): Frame[] {
-    this.buf = this.buf.length === 0 ? chunk : Buffer.concat([this.buf, chunk]);
     const frames: Frame[] = [];
+    if (this.frame) {
+      const n = Math.min(chunk.length, this.frame.length - this.filled);
+      chunk.copy(this.frame, this.filled, 0, n);
+      this.filled += n;
+      if (this.filled < this.frame.length) return frames;
+      const whole = this.frame;
+      this.frame = null;
+      this.filled = 0;
+      this.emit(whole, frames, false);
+      chunk = chunk.subarray(n);
+    }
+    // Here `buf` is at most a partial preamble: joining it to the chunk is cheap.
+    this.buf = this.buf.length === 0 ? chunk : Buffer.concat([this.buf, chunk]);
     for (;;) {
       if (this.buf.length < MAGIC.length) break;
       if (!this.buf.subarray(0, MAGIC.length).equals(MAGIC)) {
@@ -77,18 +99,30 @@ export class FrameDecoder {
         continue;
       }
       const total = PREAMBLE_BYTES + headerLen + payloadLen;
-      if (this.buf.length < total) break;
-      const headerBytes = this.buf.subarray(PREAMBLE_BYTES, PREAMBLE_BYTES + headerLen);
-      const payload = Buffer.from(this.buf.subarray(PREAMBLE_BYTES + headerLen, total));
+      if (this.buf.length < total) {
+        // Incomplete: copy what there is into the frame's own buffer and fill it later.
+        this.frame = Buffer.allocUnsafe(total);
+        this.filled = this.buf.copy(this.frame, 0);
+        this.buf = EMPTY;
+        break;
+      }
+      const whole = this.buf.subarray(0, total);
       this.buf = this.buf.subarray(total);
-      const header = parseHeader(headerBytes);
-      if (typeof header === "string") this.onProblem({ kind: "bad_header", reason: header });
-      else frames.push({ header, payload });
+      this.emit(whole, frames, true);
     }
-    if (this.buf.length > 0 && this.buf.byteOffset > 0 && this.buf.length < 4096) {
-      this.buf = Buffer.from(this.buf); // release the large chunk a small tail points into
-    }
+    // A partial preamble (under 12 bytes): copied, so no large chunk is kept alive by it.
+    if (this.buf.length > 0) this.buf = Buffer.from(this.buf);
     return frames;
+  }
+
+  /** Decode one complete frame; `shared`: it lies in a caller's chunk (copy the payload). */
+  private emit(whole: Buffer, frames: Frame[], shared: boolean): void {
+    const headerLen = whole.readUInt32BE(4);
+    const headerBytes = whole.subarray(PREAMBLE_BYTES, PREAMBLE_BYTES + headerLen);
+    const rest = whole.subarray(PREAMBLE_BYTES + headerLen);
+    const header = parseHeader(headerBytes);
+    if (typeof header === "string") this.onProblem({ kind: "bad_header", reason: header });
+    else frames.push({ header, payload: shared ? Buffer.from(rest) : rest });
   }
 
   private skipToMagic(from: number, reason: string): void {

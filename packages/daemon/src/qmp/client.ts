@@ -1,12 +1,19 @@
 /**
  * A typed QMP client over any duplex byte stream (here: a socketpair handed to QEMU as a
  * file descriptor, so there is no socket path to wait for). QEMU's replies are treated as
- * untrusted input: lines are bounded and every reply is shape-checked.
+ * hostile input (a compromised QEMU writes what it likes): lines are bounded, every field
+ * is read through a bounded accessor, and nothing thrown while handling a line escapes the
+ * socket's data handler (that would be an uncaught exception in the daemon).
  */
 import { EventEmitter } from "node:events";
 import type { Duplex } from "node:stream";
+import { count, record, str } from "../util/untrusted.js";
 
 export const MAX_QMP_LINE = 1024 * 1024;
+/** Bounds on the text taken from a reply (QEMU's own are far shorter). */
+const MAX_EVENT_NAME = 128;
+const MAX_ERROR_CLASS = 128;
+const MAX_ERROR_DESC = 4096;
 
 export class QmpError extends Error {
   constructor(
@@ -94,7 +101,17 @@ export class QmpClient extends EventEmitter {
     });
     this.greeting.catch(() => {}); // observed through connect()
     stream.setEncoding("utf8");
-    stream.on("data", (chunk: string) => this.onData(chunk));
+    stream.on("data", (chunk: string) => {
+      try {
+        this.onData(chunk);
+      } catch (err) {
+        // Last line of defence: a hostile reply (or a listener tripping over one) must not
+        // become an uncaught exception; the connection is no longer trustworthy.
+        this.close(
+          `handling a QMP message failed: ${err instanceof Error ? err.message.slice(0, 200) : "non-error thrown"}`,
+        );
+      }
+    });
     stream.on("error", (err) => this.close(err.message));
     stream.on("close", () => this.close("stream closed"));
   }
@@ -179,14 +196,30 @@ export class QmpClient extends EventEmitter {
   }
 
   private onData(chunk: string): void {
-    this.buffer += chunk;
-    for (;;) {
-      const newline = this.buffer.indexOf("\n");
-      if (newline < 0) break;
-      const line = this.buffer.slice(0, newline).trim();
-      this.buffer = this.buffer.slice(newline + 1);
-      if (line) this.onLine(line);
-      if (this.closedReason) return;
+    // Only the new chunk is searched for a newline: a long line sent in small pieces costs
+    // linear time, not a rescan of everything held per piece.
+    let newline = chunk.indexOf("\n");
+    if (newline < 0) {
+      this.buffer += chunk;
+    } else {
+      let line = this.buffer + chunk.slice(0, newline);
+      for (;;) {
+        this.buffer = "";
+        if (line.length > MAX_QMP_LINE) {
+          this.close(`QMP line longer than ${MAX_QMP_LINE} bytes`);
+          return;
+        }
+        line = line.trim();
+        if (line) this.onLine(line);
+        if (this.closedReason) return;
+        const start = newline + 1;
+        newline = chunk.indexOf("\n", start);
+        if (newline < 0) {
+          this.buffer = chunk.slice(start);
+          break;
+        }
+        line = chunk.slice(start, newline);
+      }
     }
     if (this.buffer.length > MAX_QMP_LINE) {
       this.close(`QMP line longer than ${MAX_QMP_LINE} bytes`);
@@ -201,19 +234,27 @@ export class QmpClient extends EventEmitter {
       this.close("QMP sent a line that is not JSON");
       return;
     }
-    if (typeof msg !== "object" || msg === null || Array.isArray(msg)) {
+    const m = record(msg);
+    if (!m) {
       this.close("QMP sent a non-object message");
       return;
     }
-    const m = msg as Record<string, unknown>;
     if ("QMP" in m) {
-      this.greetingResolve(m.QMP as QmpGreeting);
+      this.greetingResolve(greetingOf(m.QMP));
       return;
     }
     if (typeof m.event === "string") {
-      const data =
-        typeof m.data === "object" && m.data !== null ? (m.data as Record<string, unknown>) : {};
-      this.emit("event", { event: m.event, data, timestamp: m.timestamp } as QmpEvent);
+      const event: QmpEvent = {
+        event: m.event.slice(0, MAX_EVENT_NAME),
+        data: record(m.data) ?? {},
+      };
+      const ts = record(m.timestamp);
+      if (ts)
+        event.timestamp = {
+          seconds: count(ts.seconds, 0),
+          microseconds: count(ts.microseconds, 0),
+        };
+      this.emit("event", event);
       return;
     }
     const id = typeof m.id === "string" ? m.id : undefined;
@@ -222,11 +263,21 @@ export class QmpClient extends EventEmitter {
     this.pending.delete(id);
     clearTimeout(pending.timer);
     if ("return" in m) {
-      pending.resolve(m.return);
-    } else if (typeof m.error === "object" && m.error !== null) {
-      const e = m.error as Record<string, unknown>;
+      // Every command podflare sends returns an object.
+      const ret = record(m.return);
+      if (ret) pending.resolve(ret);
+      else
+        pending.reject(
+          new QmpError(pending.command, "ProtocolError", "reply's return is not a JSON object"),
+        );
+    } else if (record(m.error)) {
+      const e = record(m.error) ?? {};
       pending.reject(
-        new QmpError(pending.command, String(e.class ?? "GenericError"), String(e.desc ?? "")),
+        new QmpError(
+          pending.command,
+          str(e.class, MAX_ERROR_CLASS, "GenericError"),
+          str(e.desc, MAX_ERROR_DESC, "(QEMU gave no description)"),
+        ),
       );
     } else {
       pending.reject(
@@ -234,4 +285,24 @@ export class QmpClient extends EventEmitter {
       );
     }
   }
+}
+
+/** The greeting's fields that podflare reads, each checked (absent ones read as 0 or empty). */
+function greetingOf(value: unknown): QmpGreeting {
+  const g = record(value) ?? {};
+  const qemu = record(record(g.version)?.qemu) ?? {};
+  const capabilities = Array.isArray(g.capabilities)
+    ? g.capabilities.slice(0, 64).map((c) => str(c, 64))
+    : [];
+  return {
+    version: {
+      qemu: {
+        major: count(qemu.major, 0),
+        minor: count(qemu.minor, 0),
+        micro: count(qemu.micro, 0),
+      },
+      package: str(record(g.version)?.package, 200),
+    },
+    capabilities,
+  };
 }

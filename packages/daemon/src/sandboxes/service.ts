@@ -437,20 +437,27 @@ export class SandboxService {
     this.live.set(id, { vm, expiry });
     this.disk?.watch(id, vm);
     vm.exited.then(() => this.onVmExit(vm));
+    // A guest that breaks the protocol (its agent channel was closed for it) is ended too.
+    void vm.agent.violation.then((reason) =>
+      this.onVmExit(vm, `its guest agent broke the protocol: ${reason}`),
+    );
     this.reportRunning();
   }
 
-  private onVmExit(vm: Vm): void {
+  private onVmExit(vm: Vm, endReason = "the VM exited unexpectedly"): void {
     // Looked up by VM, not by the id it was created for: merge_into moves VMs.
     const id = [...this.live].find(([, l]) => l.vm === vm)?.[0];
     if (!id) return;
     const row = this.store.getSandbox(id);
     if (row?.state !== "ready") return; // an ordinary destroy
-    this.transition(id, "dead", { endReason: "the VM exited unexpectedly" });
-    this.admission.release(id); // nothing runs for it any more
+    this.transition(id, "dead", { endReason });
+    // Its memory is free once QEMU has exited: at once after an exit, after destroy's
+    // kill for a VM ended for its agent.
+    if (vm.qemu.hasExited) this.admission.release(id);
     this.reportRunning();
-    this.log.warn({ sandbox: id, vm: vm.id }, "sandbox VM died");
-    void vm.destroy(); // free its files now; the row stays until the user deletes it
+    this.log.warn({ sandbox: id, vm: vm.id, reason: endReason }, "sandbox VM died");
+    // Free its files now; the row stays until the user deletes it.
+    void vm.destroy().finally(() => this.admission.release(id));
   }
 
   private readyVm(caller: Caller, id: string, operation: string): Vm {
