@@ -1,0 +1,39 @@
+/**
+ * Hand QEMU an open file over its QMP socketpair (SCM_RIGHTS), for QMP's `add-fd`. Node
+ * cannot attach ancillary data to a socket write, so a short Python helper (python3 is a
+ * host dependency, see memfd.ts) inherits a duplicate of our end of the socketpair and
+ * the file, and sends the one command line with the fd attached. The reply comes back to
+ * our QMP client as to any command: the helper never reads.
+ */
+import { spawn } from "node:child_process";
+import type { Socket } from "node:net";
+import { python } from "./memfd.js";
+
+const HELPER = String.raw`
+import socket, sys
+s = socket.socket(fileno=3)
+data = sys.stdin.buffer.read()
+sent = socket.send_fds(s, [data], [4])
+while sent < len(data):
+    sent += s.send(data[sent:])
+s.detach()
+`;
+
+/** Write `line` (one QMP command) to `qmpSocket` with `fd` attached. */
+export function sendWithFd(qmpSocket: Socket, line: string, fd: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(python(), ["-c", HELPER], {
+      stdio: ["pipe", "ignore", "pipe", qmpSocket, fd],
+    });
+    let stderr = "";
+    child.stderr?.on("data", (c: Buffer) => {
+      stderr = (stderr + c.toString()).slice(-2000);
+    });
+    child.once("error", reject);
+    child.once("close", (code) => {
+      if (code === 0) resolve();
+      else reject(new Error(`fd helper exited with ${code}: ${stderr.trim()}`));
+    });
+    child.stdin?.end(line);
+  });
+}
