@@ -19,11 +19,22 @@ while sent < len(data):
 s.detach()
 `;
 
+/**
+ * Our end's descriptor. By number, not as the Socket: a stream handed to spawn's stdio
+ * stops being read by Node (it assumes the child took it over), and the replies would
+ * never reach our QMP client.
+ */
+function socketFd(socket: Socket): number {
+  const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
+  if (typeof fd !== "number" || fd < 0) throw new Error("the QMP socket has no descriptor");
+  return fd;
+}
+
 /** Write `line` (one QMP command) to `qmpSocket` with `fd` attached. */
 export function sendWithFd(qmpSocket: Socket, line: string, fd: number): Promise<void> {
   return new Promise((resolve, reject) => {
     const child = spawn(python(), ["-c", HELPER], {
-      stdio: ["pipe", "ignore", "pipe", qmpSocket, fd],
+      stdio: ["pipe", "ignore", "pipe", socketFd(qmpSocket), fd],
     });
     let stderr = "";
     child.stderr?.on("data", (c: Buffer) => {
