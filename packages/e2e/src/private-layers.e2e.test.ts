@@ -90,7 +90,20 @@ describe("private disk layers", { skip: !isRoot && "needs root (VM uids, setpriv
         assert.equal(r.stdout, `${secret} ${i}\n`);
       }
 
+      // Chains past 3 layers are merged; a merged layer is closed in every QEMU (none keeps
+      // a deleted layer open through a leftover fdset entry or node).
+      await eventually("the chains to be flattened", async () =>
+        boxes.every((s) => (d.daemon.service.diskChainLength(s.id) ?? 0) <= 3),
+      );
       const layersDir = d.daemon.engine.layers.dir;
+      await eventually("merged layers to be closed", async () => {
+        for (const pid of await qemuPids(d.config.stateDir))
+          for (const fd of await readdir(`/proc/${pid}/fd`).catch(() => [] as string[])) {
+            const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => "");
+            if (target.startsWith(layersDir) && target.endsWith("(deleted)")) return false;
+          }
+        return true;
+      });
       const layers = await filesUnder(layersDir);
       // Parent, a, b, a1, a2 and the frozen layers below them (flattened past 3).
       assert.ok(layers.length >= 5, `layers: ${layers.join(" ")}`);
