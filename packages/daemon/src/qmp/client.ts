@@ -154,13 +154,21 @@ export class QmpClient extends EventEmitter {
         this.once("closed", resolve);
       });
     let written: Promise<void> = Promise.resolve();
-    const reply = this.executeVia(command, args, timeoutMs, (line) => {
+    let sentId = "";
+    const reply = this.executeVia(command, args, timeoutMs, (line, id) => {
+      sentId = id;
       written = write(line);
     });
     try {
       await written;
     } catch (err) {
+      // Nothing reached QEMU: no reply will come.
       reply.catch(() => {});
+      const pending = this.pending.get(sentId);
+      if (pending) {
+        clearTimeout(pending.timer);
+        this.pending.delete(sentId);
+      }
       throw err;
     }
     return reply;
@@ -170,7 +178,7 @@ export class QmpClient extends EventEmitter {
     command: K,
     args: QmpCommands[K]["args"],
     timeoutMs: number,
-    write: (line: string) => unknown,
+    write: (line: string, id: string) => unknown,
   ): Promise<QmpCommands[K]["ret"]> {
     if (this.closedReason) return Promise.reject(new QmpClosedError(this.closedReason));
     const id = `pf-${this.nextId++}`;
@@ -182,7 +190,7 @@ export class QmpClient extends EventEmitter {
       this.pending.set(id, { command, resolve: resolve as (v: unknown) => void, reject, timer });
       const message: Record<string, unknown> = { execute: command, id };
       if (Object.keys(args).length > 0) message.arguments = args;
-      write(`${JSON.stringify(message)}\n`);
+      write(`${JSON.stringify(message)}\n`, id);
     });
   }
 
