@@ -33,7 +33,8 @@ function socketFd(socket: Socket): number {
 /** Write `line` (one QMP command) to `qmpSocket` with `fd` attached. */
 export function sendWithFd(qmpSocket: Socket, line: string, fd: number): Promise<void> {
   return new Promise((resolve, reject) => {
-    const child = spawn(python(), ["-c", HELPER], {
+    // -I -S: no environment, no site packages (only the socket module is needed).
+    const child = spawn(python(), ["-I", "-S", "-c", HELPER], {
       stdio: ["pipe", "ignore", "pipe", socketFd(qmpSocket), fd],
     });
     let stderr = "";
