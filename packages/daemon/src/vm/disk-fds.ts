@@ -14,7 +14,7 @@
  */
 import { closeSync, constants, openSync } from "node:fs";
 import type { QmpClient } from "../qmp/client.js";
-import { FD_DISK, TOP_FDSET } from "./qemu-args.js";
+import { FD_DISK, FD_INCOMING, TOP_FDSET } from "./qemu-args.js";
 import type { QemuProcess } from "./qemu-process.js";
 import type { VmDisk } from "./vm.js";
 
@@ -50,10 +50,13 @@ export function closeFds(fds: readonly number[]): void {
   }
 }
 
-/** Where the disk fds go among QEMU's inherited fds (the ones before them: "ignore"). */
+/**
+ * QEMU's inherited fds from FD_INCOMING on: `extra` (device state, memory), padded with
+ * "ignore" up to FD_DISK, then the disk chain's.
+ */
 export function withDiskFds(extra: (number | "ignore")[], disk: readonly number[]) {
   const fds = [...extra];
-  while (fds.length < FD_DISK - 6) fds.push("ignore");
+  while (fds.length < FD_DISK - FD_INCOMING) fds.push("ignore");
   return [...fds, ...disk];
 }
 
