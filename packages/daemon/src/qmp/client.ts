@@ -68,9 +68,27 @@ export interface QmpCommands {
   "query-migrate": { args: Record<string, never>; ret: { status?: string; [k: string]: unknown } };
   getfd: { args: { fdname: string }; ret: Record<string, never> };
   "block-stream": {
-    args: { "job-id": string; device: string; base?: string };
+    args: {
+      "job-id": string;
+      device: string;
+      base?: string;
+      "base-node"?: string;
+      "backing-file"?: string;
+    };
     ret: Record<string, never>;
   };
+  "add-fd": {
+    args: { "fdset-id": number; opaque?: string };
+    ret: { "fdset-id": number; fd: number };
+  };
+  "remove-fd": { args: { "fdset-id": number; fd?: number }; ret: Record<string, never> };
+  "query-fdsets": {
+    args: Record<string, never>;
+    ret: { "fdset-id": number; fds: { fd: number; opaque?: string }[] }[];
+  };
+  "blockdev-add": { args: Record<string, unknown>; ret: Record<string, never> };
+  "blockdev-del": { args: { "node-name": string }; ret: Record<string, never> };
+  "blockdev-snapshot": { args: { node: string; overlay: string }; ret: Record<string, never> };
   "blockdev-snapshot-sync": {
     args: { device?: string; "node-name"?: string; "snapshot-file": string; format?: string };
     ret: Record<string, never>;
@@ -133,6 +151,52 @@ export class QmpClient extends EventEmitter {
     args: QmpCommands[K]["args"],
     timeoutMs = 10_000,
   ): Promise<QmpCommands[K]["ret"]> {
+    return this.executeVia(command, args, timeoutMs, (line) => this.stream.write(line));
+  }
+
+  /**
+   * Run a command whose line is written by `write` (e.g. with a file descriptor attached,
+   * see vm/fd-pass.ts), once none of our own bytes is still queued, so the two writers'
+   * lines cannot interleave. The reply is matched by id like any other.
+   */
+  async executeWith<K extends keyof QmpCommands>(
+    command: K,
+    args: QmpCommands[K]["args"],
+    write: (line: string) => Promise<void>,
+    timeoutMs = 10_000,
+  ): Promise<QmpCommands[K]["ret"]> {
+    if (this.stream.writableLength > 0 && !this.closedReason)
+      await new Promise<void>((resolve) => {
+        this.stream.once("drain", resolve);
+        this.once("closed", resolve);
+      });
+    let written: Promise<void> = Promise.resolve();
+    let sentId = "";
+    const reply = this.executeVia(command, args, timeoutMs, (line, id) => {
+      sentId = id;
+      written = write(line);
+    });
+    try {
+      await written;
+    } catch (err) {
+      // Nothing reached QEMU: no reply will come.
+      reply.catch(() => {});
+      const pending = this.pending.get(sentId);
+      if (pending) {
+        clearTimeout(pending.timer);
+        this.pending.delete(sentId);
+      }
+      throw err;
+    }
+    return reply;
+  }
+
+  private executeVia<K extends keyof QmpCommands>(
+    command: K,
+    args: QmpCommands[K]["args"],
+    timeoutMs: number,
+    write: (line: string, id: string) => unknown,
+  ): Promise<QmpCommands[K]["ret"]> {
     if (this.closedReason) return Promise.reject(new QmpClosedError(this.closedReason));
     const id = `pf-${this.nextId++}`;
     return new Promise((resolve, reject) => {
@@ -143,7 +207,7 @@ export class QmpClient extends EventEmitter {
       this.pending.set(id, { command, resolve: resolve as (v: unknown) => void, reject, timer });
       const message: Record<string, unknown> = { execute: command, id };
       if (Object.keys(args).length > 0) message.arguments = args;
-      this.stream.write(`${JSON.stringify(message)}\n`);
+      write(`${JSON.stringify(message)}\n`, id);
     });
   }
 

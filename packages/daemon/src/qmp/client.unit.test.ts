@@ -35,6 +35,29 @@ const GREETING = {
 const tick = () => new Promise((r) => setImmediate(r));
 
 describe("QMP client", () => {
+  it("lets another writer send a command line (an fd attached) and matches its reply", async () => {
+    const { client, sent, reply } = pair();
+    const lines: string[] = [];
+    const adding = client.executeWith("add-fd", { "fdset-id": 100, opaque: "rw" }, async (line) => {
+      lines.push(line);
+    });
+    await tick();
+    assert.equal(sent.length, 0, "the client itself wrote nothing");
+    const msg = JSON.parse(lines[0] ?? "{}");
+    assert.equal(msg.execute, "add-fd");
+    assert.deepEqual(msg.arguments, { "fdset-id": 100, opaque: "rw" });
+    assert.ok((lines[0] ?? "").endsWith("\n"));
+    reply({ return: { "fdset-id": 100, fd: 9 }, id: msg.id });
+    assert.deepEqual(await adding, { "fdset-id": 100, fd: 9 });
+    // A writer that fails rejects the command at once.
+    await assert.rejects(
+      client.executeWith("add-fd", { "fdset-id": 101 }, async () => {
+        throw new Error("helper died");
+      }),
+      /helper died/,
+    );
+  });
+
   it("negotiates capabilities after the greeting and matches replies by id", async () => {
     const { client, sent, reply } = pair();
     const connecting = client.connect(1000);

@@ -3,7 +3,7 @@
  * acquires registers its undo step at once, so a failed boot leaves nothing behind.
  */
 import { createHash, randomBytes } from "node:crypto";
-import { closeSync, openSync, statSync } from "node:fs";
+import { closeSync, constants, openSync, statSync } from "node:fs";
 import {
   chmod,
   chown,
@@ -21,11 +21,20 @@ import type { GuestImage } from "../image/build.js";
 import { CleanupStack } from "../util/cleanup.js";
 import type { Logger } from "../util/logger.js";
 import { CgroupManager, QEMU_OVERHEAD_MIB, vmCgroupLimits } from "./cgroup.js";
+import {
+  closeFds,
+  deleteMergedNodes,
+  newDiskState,
+  openDiskFds,
+  settleFdsets,
+  withDiskFds,
+} from "./disk-fds.js";
 import { DiskLayers } from "./layers.js";
 import { freshMemFd, type MemFd, sealedCopy } from "./memfd.js";
 import { createOverlay } from "./overlay.js";
 import {
   type Accel,
+  BASE_NODE,
   buildQemuArgs,
   MEMFD_PATH,
   type QemuCredentials,
@@ -152,7 +161,6 @@ export class VmEngine {
       for (const dir of [
         this.opts.stateDir,
         this.vmsDir,
-        this.layers.dir,
         this.opts.shmDir,
         this.vmMemDir,
         this.forksDir,
@@ -160,6 +168,9 @@ export class VmEngine {
         await mkdir(dir, { recursive: true, mode });
         await chmod(dir, mode);
       }
+      // Disk layers hold tenants' data and reach QEMU as fds (disk-fds.ts): root's alone.
+      await mkdir(this.layers.dir, { recursive: true, mode: 0o700 });
+      await chmod(this.layers.dir, 0o700);
     })();
     this.dirsReady.catch(() => {
       this.dirsReady = null;
@@ -293,14 +304,20 @@ export class VmEngine {
         await this.giveTo(memPath, jail.creds, 0o600);
         const overlay = join(dir, "root.qcow2");
         await createOverlay(overlay, this.opts.image.rootfs, "raw");
-        await this.giveTo(overlay, jail.creds, 0o600);
-        const qemu = this.spawn(
-          dir,
-          { ...shape, accel, rootDisk: overlay, memPath, memShared: true },
-          [],
-          0,
-          jail.creds,
-        );
+        // Root's, 0600: QEMU gets it as an fd (disk-fds.ts); the image below is public.
+        const diskFds = openDiskFds(overlay, []);
+        let qemu: QemuProcess;
+        try {
+          qemu = this.spawn(
+            dir,
+            { ...shape, accel, lowerDisks: 0, memPath, memShared: true },
+            withDiskFds([], diskFds),
+            0,
+            jail.creds,
+          );
+        } finally {
+          closeFds(diskFds);
+        }
         cleanup.defer("kill QEMU", async () => void (await qemu.kill()));
         await this.enter(jail, qemu);
         const agent = this.attachAgent(id, qemu, cleanup);
@@ -332,8 +349,10 @@ export class VmEngine {
         this.layers.retain(disk.chain);
         // The chain at destroy time: a fork may have grown it by then.
         cleanup.defer("release disk layers", () => this.layers.release(disk.chain));
-        await copyFile(template.cloneOverlay, overlay);
-        await this.giveTo(overlay, jail.creds, 0o600);
+        disk.nodes = disk.chain.map(() => null);
+        await copyFile(template.cloneOverlay, overlay, constants.COPYFILE_EXCL);
+        // Root's, 0600, like every layer: QEMU gets the chain as fds (disk-fds.ts).
+        await chmod(overlay, 0o600);
         // A VM under its own uid maps the memory from a write-sealed memfd (see memfd.ts).
         let memPath = template.memPath;
         let memFd: number | null = null;
@@ -346,25 +365,29 @@ export class VmEngine {
             memFd = mem.fd;
           }
         }
-        const stateFd = openSync(template.statePath, "r");
+        const lower = [...disk.chain.slice(1), disk.base];
+        const diskFds = openDiskFds(overlay, lower);
+        let stateFd: number | null = null;
         let qemu: QemuProcess;
         try {
+          stateFd = openSync(template.statePath, "r");
           qemu = this.spawn(
             dir,
             {
               ...template.shape,
               accel,
-              rootDisk: overlay,
+              lowerDisks: lower.length,
               memPath,
               memShared: false,
               incoming: true,
             },
-            memFd === null ? [stateFd] : [stateFd, memFd],
+            withDiskFds(memFd === null ? [stateFd] : [stateFd, memFd], diskFds),
             nice,
             jail.creds,
           );
         } finally {
-          closeSync(stateFd);
+          if (stateFd !== null) closeSync(stateFd);
+          closeFds(diskFds);
         }
         cleanup.defer("kill QEMU", async () => void (await qemu.kill()));
         await this.enter(jail, qemu);
@@ -374,6 +397,7 @@ export class VmEngine {
           await qemu.qmp.connect();
           await loadDeviceState(qemu.qmp);
           await qemu.qmp.execute("cont", {});
+          await settleFdsets(qemu.qmp, disk);
         } catch (err) {
           await Promise.race([qemu.exited, new Promise((r) => setTimeout(r, 100))]);
           throw new BootError(`restore failed: ${(err as Error).message}\n${qemu.diagnostics()}`);
@@ -414,7 +438,7 @@ export class VmEngine {
         cleanup.defer("return the VM's files to the daemon", () => chownTree(dir, 0, 0));
       }
       await this.giveTo(dir, jail.creds, 0o700);
-      const disk: VmDisk = { chain: [], base: "", queue: Promise.resolve() };
+      const disk: VmDisk = { chain: [], base: "", queue: Promise.resolve(), ...newDiskState() };
       const { qemu, agent } = await start(cleanup, dir, disk, jail);
       await agent.restore(
         {
@@ -469,12 +493,23 @@ export class VmEngine {
       const qmp = vm.qemu.qmp;
       const done = qmp.waitForEvent("BLOCK_JOB_COMPLETED", timeoutMs, (e) => e.data.device === job);
       done.catch(() => {});
-      await qmp.execute("block-stream", { "job-id": job, device: "root", base: vm.disk.base });
+      // By node (the chain's files are fdsets, not names); the header gets the real path.
+      await qmp.execute("block-stream", {
+        "job-id": job,
+        device: "root",
+        "base-node": BASE_NODE,
+        "backing-file": vm.disk.base,
+      });
       const event = await done;
       if (event.data.error)
         throw new Error(`flattening ${vm.id}'s disk failed: ${String(event.data.error)}`);
       const merged = vm.disk.chain.slice(1);
+      const mergedNodes = vm.disk.nodes.slice(1);
       vm.disk.chain = vm.disk.chain.slice(0, 1);
+      vm.disk.nodes = vm.disk.nodes.slice(0, 1);
+      await deleteMergedNodes(qmp, mergedNodes).catch((err) =>
+        this.opts.log.warn({ vm: vm.id, err: String(err) }, "merged disk nodes not deleted"),
+      );
       await this.layers.release(merged);
       this.opts.log.info({ vm: vm.id, merged: merged.length }, "disk chain flattened");
     });
@@ -491,33 +526,40 @@ export class VmEngine {
     dir: string,
     shape: VmShape,
     rootDisk: string,
+    baseDisk: string,
     memPath: string,
   ): Promise<Receiver> {
     const cleanup = new CleanupStack();
     try {
       const jail = await this.confine(cleanup, `rcv_${randomBytes(6).toString("hex")}`, shape);
       await this.giveTo(dir, jail.creds, 0o711);
-      await this.giveTo(rootDisk, jail.creds, 0o600);
+      await chmod(rootDisk, 0o600);
       let memfd: MemFd | null = null;
       if (jail.creds) {
         const m = await freshMemFd(shape.memSizeMib * 1024 * 1024);
         memfd = m;
         cleanup.defer("close receiver memory", () => m.close());
       }
-      const qemu = this.spawn(
-        dir,
-        {
-          ...shape,
-          accel: this.opts.accel,
-          rootDisk,
-          memPath: memfd ? MEMFD_PATH : memPath,
-          memShared: true,
-          incoming: true,
-        },
-        memfd ? ["ignore", memfd.fd] : [],
-        0,
-        jail.creds,
-      );
+      const diskFds = openDiskFds(rootDisk, [baseDisk]);
+      let qemu: QemuProcess;
+      try {
+        qemu = this.spawn(
+          dir,
+          {
+            ...shape,
+            accel: this.opts.accel,
+            lowerDisks: 1,
+            memPath: memfd ? MEMFD_PATH : memPath,
+            memShared: true,
+            incoming: true,
+          },
+          withDiskFds(memfd ? ["ignore", memfd.fd] : [], diskFds),
+          0,
+          jail.creds,
+        );
+      } finally {
+        closeFds(diskFds);
+      }
       cleanup.defer("kill receiver", async () => void (await qemu.kill()));
       await this.enter(jail, qemu);
       const failures = async () => {
@@ -545,7 +587,7 @@ export class VmEngine {
     dir: string,
     vm: VmShape & {
       accel: Accel;
-      rootDisk: string;
+      lowerDisks: number;
       memPath: string;
       memShared: boolean;
       incoming?: boolean;
@@ -559,7 +601,6 @@ export class VmEngine {
       ...vm,
       kernel: image.kernel,
       initrd: image.initrd,
-      rootDiskFormat: "qcow2",
       tscKhz: this.opts.tscKhz,
       pidFile: join(dir, "qemu.pid"),
     });

@@ -8,9 +8,10 @@
  */
 
 import { randomBytes } from "node:crypto";
-import { chmod, chown, mkdir, rm } from "node:fs/promises";
+import { chmod, mkdir, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { crashPoint } from "../util/crash-points.js";
+import { addOverlayNode, settleFdsets } from "./disk-fds.js";
 import type { Receiver, TemplateFiles, VmEngine } from "./engine.js";
 import { createOverlay } from "./overlay.js";
 import { saveDeviceState, transferState } from "./snapshot.js";
@@ -67,36 +68,44 @@ async function freeze(
   const frozen = parent.disk.chain[0] as string;
   const qmp = parent.qemu.qmp;
   const creds = parent.jail.creds;
-  // Made before the pause: the parent's next overlay (its QEMU, under its own uid, creates
-  // nothing in the shared layers directory), and the receiver with a throwaway disk (it
-  // never runs, and stays off the parent's locked overlay).
+  // Made before the pause: the parent's next overlay (root's, 0600, like every layer:
+  // QEMU gets it as an fd, see disk-fds.ts), and the receiver with a throwaway disk on the
+  // template's (it never runs, and stays off the parent's locked overlay).
   const next = engine.layers.pathFor(`${parent.id}-${randomBytes(4).toString("hex")}`);
   await createOverlay(next, frozen, "qcow2");
-  if (creds) {
-    await chown(next, creds.uid, creds.gid);
-    await chmod(next, 0o600);
-  }
-  // Its backing file is the template's disk, which every VM uid may read: the parent's
-  // overlay is still the parent's alone until it is frozen, and the receiver starts now.
   const receiverDisk = join(dir, "receiver.qcow2");
   await createOverlay(receiverDisk, parent.disk.base, "qcow2");
-  const receiver = await engine.spawnReceiver(dir, parent.shape, receiverDisk, join(dir, "mem"));
+  let receiver: Receiver;
+  try {
+    receiver = await engine.spawnReceiver(
+      dir,
+      parent.shape,
+      receiverDisk,
+      parent.disk.base,
+      join(dir, "mem"),
+    );
+  } catch (err) {
+    await rm(next, { force: true });
+    throw err;
+  }
   let snapshotted = false;
+  let overlay: Awaited<ReturnType<typeof addOverlayNode>> | null = null;
   const started = performance.now();
   try {
+    // The next overlay's node, opened before the pause (sent over QMP as an fd).
+    overlay = await addOverlayNode(parent.qemu, parent.disk, next);
     await qmp.execute("stop", {});
     crashPoint("fork:parent-paused");
     try {
-      // mode "existing": QEMU opens the overlay made above instead of creating one.
-      const snapshot = { device: "root", "snapshot-file": next, format: "qcow2", mode: "existing" };
-      await qmp.execute("blockdev-snapshot-sync", snapshot);
+      await qmp.execute("blockdev-snapshot", { node: "root", overlay: overlay.node });
       snapshotted = true;
       engine.layers.retain([next]);
       parent.disk.chain = [next, ...parent.disk.chain];
-      // The frozen layer is now read-only for everyone: the daemon's, readable by the
-      // children's uids, and no longer writable by the parent's.
-      await chown(frozen, 0, 0).catch(() => {});
-      await chmod(frozen, 0o644);
+      parent.disk.nodes = [overlay.node, ...parent.disk.nodes];
+      parent.disk.topFdset = overlay.fdset;
+      // Frozen now: QEMU reopened it read-only (from its fdset's read-only fd). It stays
+      // root's and 0600: the children get it as an fd like the rest of their chain.
+      await chmod(frozen, 0o600);
 
       await receiver.qemu.qmp.connect();
       await transferState(qmp, receiver.qemu.qmp, join(dir, "transfer.sock"), 120_000, creds);
@@ -109,11 +118,16 @@ async function freeze(
       );
     } finally {
       await qmp.execute("cont", {}); // from paused or post-migration alike
+      // Running again: QEMU drops the fds it no longer needs at once (disk-fds.ts).
+      await settleFdsets(qmp, parent.disk).catch(() => {});
     }
     await receiver.finish(); // killed, and its memory sealed against writes
   } catch (err) {
     await receiver.dispose();
-    if (!snapshotted) await rm(next, { force: true });
+    if (!snapshotted) {
+      await overlay?.undo();
+      await rm(next, { force: true });
+    }
     throw err;
   }
   const pausedMs = performance.now() - started;

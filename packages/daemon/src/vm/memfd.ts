@@ -60,7 +60,7 @@ export interface MemFd {
   close(): void;
 }
 
-function python(): string {
+export function python(): string {
   return process.env.PODFLARE_PYTHON || "python3";
 }
 

@@ -19,6 +19,19 @@ export const FD_INCOMING = 6;
 export const FD_MEMORY = 7;
 export const MEMFD_PATH = `/proc/self/fd/${FD_MEMORY}`;
 /**
+ * The disk chain comes as inherited fds, never paths (the layer files are root's, 0600,
+ * in a directory only root can enter): the top overlay read-write at FD_DISK and
+ * read-only at FD_DISK + 1 (both in fdset TOP_FDSET: QEMU reopens a layer read-only
+ * when a fork freezes it), then each lower layer read-only at FD_DISK + 2 + j, in fdset
+ * TOP_FDSET + 1 + j. QEMU opens `/dev/fdset/N`, and the command line names no file.
+ */
+export const FD_DISK = 8;
+export const TOP_FDSET = 1;
+/** The bottom layer's node (the template's disk): where a flatten streams down to. */
+export const BASE_NODE = "pfbase";
+/** A chain deeper than this is refused (config caps it far lower; see maxDiskChain). */
+export const MAX_LOWER_DISKS = 64;
+/**
  * QEMU's seccomp filter: no obsolete syscalls, no set*uid/set*gid, no fork/exec (which
  * is why snapshots go through fd: and unix:, never exec:), no scheduler/affinity calls.
  */
@@ -40,8 +53,12 @@ export interface QemuArgsInput extends VmShape {
   accel: Accel;
   kernel: string;
   initrd: string;
-  rootDisk: string;
-  rootDiskFormat: "qcow2" | "raw";
+  /**
+   * How many layers lie below the top overlay (their fds follow it, see FD_DISK): fork
+   * layers, then the template's disk. 0: a cold boot, whose overlay's own header names
+   * the guest image (public, opened by path).
+   */
+  lowerDisks: number;
   memPath: string;
   /** In the VM's own directory: it also marks the process as that VM's (reconcile finds strays by it). */
   pidFile: string;
@@ -84,7 +101,13 @@ export function buildQemuArgs(input: QemuArgsInput): string[] {
     throw new RangeError("vcpuCount must be a positive integer");
   if (!Number.isInteger(input.memSizeMib) || input.memSizeMib < 128)
     throw new RangeError("memSizeMib must be an integer >= 128");
-  for (const p of [input.kernel, input.initrd, input.rootDisk, input.memPath, input.pidFile]) {
+  if (
+    !Number.isInteger(input.lowerDisks) ||
+    input.lowerDisks < 0 ||
+    input.lowerDisks > MAX_LOWER_DISKS
+  )
+    throw new RangeError(`lowerDisks must be an integer in [0, ${MAX_LOWER_DISKS}]`);
+  for (const p of [input.kernel, input.initrd, input.memPath, input.pidFile]) {
     // QEMU option values are comma-separated: a comma in a path would inject options.
     if (p.includes(",")) throw new RangeError(`path ${p} contains a comma`);
   }
@@ -129,12 +152,53 @@ export function buildQemuArgs(input: QemuArgsInput): string[] {
     `socket,id=console,fd=${FD_CONSOLE},server=off`,
     "-serial",
     "chardev:console",
-    "-drive",
-    `id=root,file=${input.rootDisk},format=${input.rootDiskFormat},if=none,discard=unmap`,
+    ...diskArgs(input.lowerDisks),
     "-device",
     "virtio-blk-device,drive=root",
   ];
   if (input.incoming) args.push("-incoming", "defer");
+  return args;
+}
+
+/**
+ * The root disk: `-add-fd` for each layer's fds, and one `-drive` spelling the whole
+ * chain (each layer's `backing` is the one below), so QEMU never opens a path from a
+ * qcow2 header except the public guest image's below a cold boot's overlay. The layers
+ * below the top are children of the drive, not monitor-owned nodes: a flatten that
+ * merges them closes them. `auto-read-only=off`: the top is opened read-write at once
+ * (dynamic auto-read-only would open it read-only first, leaving that descriptor's image
+ * locks behind in the fdset).
+ */
+export function diskArgs(lowerDisks: number): string[] {
+  const args = [
+    "-add-fd",
+    `fd=${FD_DISK},set=${TOP_FDSET},opaque=rw`,
+    "-add-fd",
+    `fd=${FD_DISK + 1},set=${TOP_FDSET},opaque=ro`,
+  ];
+  const drive = [
+    "id=root",
+    "if=none",
+    "discard=unmap",
+    "driver=qcow2",
+    "file.driver=file",
+    `file.filename=/dev/fdset/${TOP_FDSET}`,
+    "file.auto-read-only=off",
+  ];
+  let prefix = "";
+  for (let j = 0; j < lowerDisks; j++) {
+    const set = TOP_FDSET + 1 + j;
+    args.push("-add-fd", `fd=${FD_DISK + 2 + j},set=${set},opaque=ro`);
+    prefix += "backing.";
+    drive.push(
+      `${prefix}driver=qcow2`,
+      `${prefix}read-only=on`,
+      `${prefix}file.driver=file`,
+      `${prefix}file.filename=/dev/fdset/${set}`,
+    );
+    if (j === lowerDisks - 1) drive.push(`${prefix}node-name=${BASE_NODE}`);
+  }
+  args.push("-drive", drive.join(","));
   return args;
 }
 

@@ -1,8 +1,10 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import {
+  BASE_NODE,
   buildQemuArgs,
   FD_AGENT,
+  FD_DISK,
   FD_QMP,
   kernelCommandLine,
   MEMFD_PATH,
@@ -17,8 +19,7 @@ const base = {
   accel: "tcg" as const,
   kernel: "/img/vmlinuz",
   initrd: "/img/initrd.img",
-  rootDisk: "/vms/a/root.qcow2",
-  rootDiskFormat: "qcow2" as const,
+  lowerDisks: 0,
   memPath: "/dev/shm/podflare/a.mem",
   tscKhz: 2_096_000,
   pidFile: "/vms/a/qemu.pid",
@@ -42,7 +43,7 @@ describe("QEMU arguments", () => {
       value(args, "-object")[0] ?? "",
       /mem-path=\/dev\/shm\/podflare\/a\.mem,share=on$/,
     );
-    assert.match(value(args, "-drive")[0] ?? "", /file=\/vms\/a\/root\.qcow2,format=qcow2/);
+    assert.match(value(args, "-drive")[0] ?? "", /^id=root,.*file.filename=\/dev\/fdset\/1/);
     assert.deepEqual(value(args, "-accel"), [`tcg,thread=multi,tb-size=${TCG_TB_SIZE_MIB}`]);
     assert.deepEqual(
       value(args, "-pidfile"),
@@ -75,9 +76,40 @@ describe("QEMU arguments", () => {
   });
 
   it("rejects paths that would inject QEMU options and absurd shapes", () => {
-    assert.throws(() => buildQemuArgs({ ...base, rootDisk: "/x,format=raw" }), /comma/);
+    assert.throws(() => buildQemuArgs({ ...base, memPath: "/x,share=on" }), /comma/);
+    assert.throws(() => buildQemuArgs({ ...base, lowerDisks: -1 }), RangeError);
+    assert.throws(() => buildQemuArgs({ ...base, lowerDisks: 1.5 }), RangeError);
     assert.throws(() => buildQemuArgs({ ...base, vcpuCount: 0 }), RangeError);
     assert.throws(() => buildQemuArgs({ ...base, memSizeMib: 64 }), RangeError);
+  });
+});
+
+describe("QEMU disk chain by file descriptor", () => {
+  it("names no file: fdsets for the top (read-write and read-only) and each layer below", () => {
+    const args = buildQemuArgs({ ...base, lowerDisks: 3 });
+    assert.deepEqual(value(args, "-add-fd"), [
+      `fd=${FD_DISK},set=1,opaque=rw`,
+      `fd=${FD_DISK + 1},set=1,opaque=ro`,
+      `fd=${FD_DISK + 2},set=2,opaque=ro`,
+      `fd=${FD_DISK + 3},set=3,opaque=ro`,
+      `fd=${FD_DISK + 4},set=4,opaque=ro`,
+    ]);
+    const drive = (value(args, "-drive")[0] ?? "").split(",");
+    assert.ok(drive.includes("file.filename=/dev/fdset/1"));
+    assert.ok(drive.includes("file.auto-read-only=off"), "the top opens read-write at once");
+    assert.ok(drive.includes("backing.file.filename=/dev/fdset/2"));
+    assert.ok(drive.includes("backing.backing.file.filename=/dev/fdset/3"));
+    assert.ok(drive.includes("backing.backing.backing.file.filename=/dev/fdset/4"));
+    assert.ok(drive.includes(`backing.backing.backing.node-name=${BASE_NODE}`));
+    for (const d of ["backing.", "backing.backing.", "backing.backing.backing."])
+      assert.ok(drive.includes(`${d}read-only=on`), `${d} read-only`);
+    assert.ok(!args.some((a) => a.includes(".qcow2")), "no layer path on the command line");
+  });
+
+  it("leaves a cold boot's overlay to name the public image below it", () => {
+    const drive = value(buildQemuArgs(base), "-drive")[0] ?? "";
+    assert.ok(!drive.includes("backing"));
+    assert.equal(value(buildQemuArgs(base), "-add-fd").length, 2);
   });
 });
 

@@ -5,10 +5,12 @@
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { readdir } from "node:fs/promises";
+import type { Socket } from "node:net";
 import { setPriority } from "node:os";
 import type { Duplex } from "node:stream";
 import { QmpClient } from "../qmp/client.js";
 import { ConsoleLog } from "./console-log.js";
+import { sendWithFd } from "./fd-pass.js";
 import { FD_AGENT, FD_CONSOLE, FD_QMP, type QemuCredentials, qemuCommand } from "./qemu-args.js";
 
 export interface QemuExit {
@@ -24,6 +26,7 @@ export class QemuProcess {
   /** Called by renice (the VM's cgroup follows its priority: nice alone does not cross cgroups). */
   onRenice: ((nice: number) => Promise<void>) | null = null;
   private stderrTail = "";
+  private readonly qmpSocket: Socket;
 
   private constructor(
     private readonly child: ChildProcess,
@@ -36,6 +39,7 @@ export class QemuProcess {
     if (!qmpStream || !agentStream || !consoleStream)
       throw new Error("QEMU channels were not created");
     this.qmp = new QmpClient(qmpStream);
+    this.qmpSocket = qmpStream as Socket;
     this.agentStream = agentStream;
     consoleStream.on("data", (chunk: Buffer) => console.write(chunk));
     consoleStream.on("error", () => {});
@@ -74,6 +78,17 @@ export class QemuProcess {
     const proc = new QemuProcess(child, consoleLog);
     child.on("error", () => {}); // surfaces as an exit with code null
     return proc;
+  }
+
+  /**
+   * Give QEMU an open file in fdset `fdsetId` (QMP add-fd, the fd sent over the QMP
+   * socketpair); returns QEMU's number for it (for remove-fd). `fd` stays ours to close.
+   */
+  async addFd(fdsetId: number, fd: number, opaque: string): Promise<number> {
+    const r = await this.qmp.executeWith("add-fd", { "fdset-id": fdsetId, opaque }, (line) =>
+      sendWithFd(this.qmpSocket, line, fd),
+    );
+    return r.fd;
   }
 
   get pid(): number | undefined {

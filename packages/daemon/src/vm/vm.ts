@@ -15,6 +15,16 @@ export interface VmDisk {
   base: string;
   /** Operations on the chain (fork's freeze, flatten) run one at a time. */
   queue: Promise<void>;
+  /**
+   * QEMU's block nodes of the chain, parallel to `chain`: a name for an overlay a fork
+   * added with blockdev-add (monitor-owned: deleted by name once merged), null for the
+   * layers QEMU was started with. See disk-fds.ts.
+   */
+  nodes: (string | null)[];
+  /** The fdset holding the active overlay's read-only descriptor (kept for its freeze). */
+  topFdset: number;
+  /** The next fdset id free for an overlay added at run time. */
+  nextFdset: number;
 }
 
 /** Run `op` on a VM's disk chain after the operations already queued on it. */
