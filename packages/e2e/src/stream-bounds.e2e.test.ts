@@ -11,6 +11,7 @@
  */
 import assert from "node:assert/strict";
 import { readFile } from "node:fs/promises";
+import { type IncomingMessage, request } from "node:http";
 import { connect, type Socket } from "node:net";
 import { after, describe, it } from "node:test";
 import { eventually, serve, serveEnv } from "./harness.js";
@@ -108,7 +109,7 @@ describe("stream bounds: 300 unread 16 MiB exec streams", () => {
       tenantBytes: before.tenant.max_stream_buffered_bytes,
       ...before.streams,
     };
-    const sandboxesA = [];
+    const sandboxesA: string[] = [];
     for (let i = 0; i < SANDBOXES_A; i++) sandboxesA.push(await create(KEY_A));
     for (const id of sandboxesA) assert.equal((await run(KEY_A, id, "print(1)")).stdout, "1\n");
     const rssStart = await rssMib(pid);
@@ -208,7 +209,9 @@ describe("stream bounds: 300 unread 16 MiB exec streams", () => {
     );
     const held = await capacity(KEY_A);
     assert.ok(
-      held.tenant.stream_buffered_bytes <= limits.tenantBytes,
+      // Checked as output arrives; an event's JSON framing (and the exit line) is charged
+      // as it moves into the response: at most one line a stream beyond the bound.
+      held.tenant.stream_buffered_bytes <= limits.tenantBytes + limits.tenantStreams * 1024,
       `the key holds ${held.tenant.stream_buffered_bytes} bytes`,
     );
     assert.ok((await metric("podflare_streams_truncated_total", '{bound="stream"}')) >= 1);
@@ -269,8 +272,59 @@ describe("stream bounds: 300 unread 16 MiB exec streams", () => {
     );
     assert.ok(rssMax < rssBound, `daemon RSS ${rssMax.toFixed(0)} MiB`);
 
-    // The sandboxes still answer after the attack; then they go.
-    assert.equal((await run(KEY_A, sandboxesA[0] as string, "print(2)")).stdout, "2\n");
+    // The sandboxes still answer after the attack.
+    for (const id of sandboxesA) {
+      const after = await run(KEY_A, id, "print(2)");
+      assert.equal(after.stdout, "2\n", `after the attack: ${JSON.stringify(after.exit)}`);
+    }
+
+    // A reader that stops, then comes back: it gets an unbroken prefix and an exit that
+    // says truncated (not a silently shortened stream).
+    const truncatedBefore = await metric("podflare_streams_truncated_total", '{bound="stream"}');
+    const body = JSON.stringify({ code: PRINT_16_MIB });
+    const res = await new Promise<IncomingMessage>((resolve, reject) => {
+      const r = request(`${daemon.url}/v1/sandboxes/${sandboxesA[1]}/exec`, {
+        method: "POST",
+        headers: {
+          authorization: `Bearer ${KEY_A}`,
+          "content-type": "application/json",
+          "content-length": Buffer.byteLength(body),
+        },
+      });
+      r.on("response", (m) => {
+        m.pause(); // not read until the daemon has dropped output
+        resolve(m);
+      });
+      r.on("error", reject);
+      r.end(body);
+    });
+    assert.equal(res.statusCode, 200);
+    await eventually(
+      "the stopped reader's output to be dropped",
+      async () =>
+        (await metric("podflare_streams_truncated_total", '{bound="stream"}')) > truncatedBefore,
+      120_000,
+    );
+    let late = "";
+    res.setEncoding("utf8");
+    for await (const chunk of res) late += chunk;
+    let lateOut = "";
+    let lateExit: Record<string, unknown> = {};
+    for (const line of late.split("\n").filter(Boolean)) {
+      const e = JSON.parse(line);
+      if (e.type === "stdout") lateOut += e.data;
+      if (e.type === "exit") lateExit = e;
+    }
+    console.log(
+      `stream-bounds: a reader that stopped got ${(lateOut.length / MiB).toFixed(1)} MiB of 16, exit ${JSON.stringify(lateExit)}`,
+    );
+    assert.equal(lateExit.truncated, true);
+    assert.equal(lateExit.code, 0);
+    assert.ok(lateOut.length >= limits.stream_max_buffered_bytes / 2 && lateOut.length < 16 * MiB);
+    assert.match(lateOut, /^x+$/);
+    assert.equal((await capacity(KEY_A)).tenant.streams, 0);
+
+    // Then the sandboxes go.
     for (const id of sandboxesA)
       assert.equal((await api(KEY_A, "DELETE", `/v1/sandboxes/${id}`)).status, 204);
     assert.equal((await api(KEY_B, "DELETE", `/v1/sandboxes/${sandboxB}`)).status, 204);

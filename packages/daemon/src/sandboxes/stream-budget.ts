@@ -9,7 +9,9 @@
  *   plus what the transport holds (set `heldElsewhere`: the response stream's buffer and
  *   the socket's unsent bytes). Output that would take it past its own bound, its
  *   tenant's or the daemon's is refused, and so is all of its later output (the client
- *   gets a prefix and an exit event with `truncated`).
+ *   gets a prefix and an exit event with `truncated`). Bounds are checked as output
+ *   arrives; what an event grows by as it becomes a JSON line in the response (and the
+ *   exit line) is charged when it moves there, so a stream can pass a bound by one line.
  * - A download is charged a fixed reservation (its credit window bounds what it holds).
  *
  * Pure bookkeeping: no I/O, no timers; release is idempotent.
