@@ -125,6 +125,9 @@ describe("stream bounds: 300 unread 16 MiB exec streams", () => {
 
     let rssMax = rssStart;
     let sampling = true;
+    cleanup.push(async () => {
+      sampling = false;
+    });
     const sampler = (async () => {
       while (sampling) {
         rssMax = Math.max(rssMax, await rssMib(pid).catch(() => 0));
@@ -135,6 +138,9 @@ describe("stream bounds: 300 unread 16 MiB exec streams", () => {
     // The attack: raw sockets, the request written, the reply never read beyond its
     // status line (the socket is paused as soon as that has arrived).
     const sockets: Socket[] = [];
+    cleanup.push(async () => {
+      for (const sock of sockets) sock.destroy(); // on a failure too: they hold the loop open
+    });
     const statuses: { status: number; body: string }[] = [];
     const t0 = performance.now();
     for (let i = 0; i < STREAMS; i++) {
@@ -298,6 +304,7 @@ describe("stream bounds: 300 unread 16 MiB exec streams", () => {
       r.on("error", reject);
       r.end(body);
     });
+    cleanup.push(async () => void res.destroy());
     assert.equal(res.statusCode, 200);
     await eventually(
       "the stopped reader's output to be dropped",
