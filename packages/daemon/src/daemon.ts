@@ -16,6 +16,7 @@ import { Admission } from "./sandboxes/admission.js";
 import { DiskGuard } from "./sandboxes/disk-guard.js";
 import { reconcile } from "./sandboxes/reconcile.js";
 import { SandboxService } from "./sandboxes/service.js";
+import { StreamBudget } from "./sandboxes/stream-budget.js";
 import { Store } from "./store/db.js";
 import type { Logger } from "./util/logger.js";
 import { type AccelDecision, chooseAccel, hostProbe, hostTscKhz } from "./vm/accel.js";
@@ -141,7 +142,28 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   );
   await pool.start();
   const disk = new DiskGuard(config.stateDir, config.minFreeDiskMib, log);
-  const service = new SandboxService(store, pool, config, admission, log, metrics, disk);
+  const streams = new StreamBudget(
+    {
+      streamMaxBufferedBytes: config.streamMaxBufferedBytes,
+      tenantMaxStreams: config.tenantMaxStreams,
+      tenantMaxBufferedBytes: config.tenantStreamBufferMib * 2 ** 20,
+      maxStreams: config.maxStreams,
+      maxBufferedBytes: config.streamBufferMib * 2 ** 20,
+    },
+    {
+      onUsage: (u) => {
+        metrics.streamsOpen.set(u.streams);
+        metrics.streamBufferedBytes.set(u.bytes);
+      },
+      onRefused: (bound) => metrics.streamsRefused.inc({ bound }),
+      onTruncated: (bound) => metrics.streamsTruncated.inc({ bound }),
+      onDropped: (bytes) => metrics.streamDroppedBytes.inc(bytes),
+      onClosed: (kind, peak) => {
+        if (kind === "exec") metrics.streamPeakBytes.observe(peak);
+      },
+    },
+  );
+  const service = new SandboxService(store, pool, config, admission, log, metrics, disk, streams);
   const app = buildServer({
     service,
     auth,
@@ -159,6 +181,8 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
       const diskFreeMib = await disk.freeMib().catch(() => null);
       const host = admission.usage();
       const mine = admission.usage(caller?.id ?? null);
+      const streamsHost = streams.usage();
+      const streamsMine = streams.usage(caller?.id ?? null);
       return {
         accelerator: accel.accel,
         accelerator_reason: accel.reason,
@@ -180,6 +204,17 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
           mem_mib: mine.memMib,
           max_sandboxes: caller?.quota.maxSandboxes ?? config.tenantMaxSandboxes,
           max_mem_mib: caller?.quota.maxMemMib ?? config.tenantMaxMemMib,
+          streams: streamsMine.streams,
+          stream_buffered_bytes: streamsMine.bytes,
+          max_streams: config.tenantMaxStreams,
+          max_stream_buffered_bytes: config.tenantStreamBufferMib * 2 ** 20,
+        },
+        streams: {
+          open: streamsHost.streams,
+          buffered_bytes: streamsHost.bytes,
+          max_streams: config.maxStreams,
+          max_buffered_bytes: config.streamBufferMib * 2 ** 20,
+          stream_max_buffered_bytes: config.streamMaxBufferedBytes,
         },
         limits: {
           max_sandboxes: config.maxSandboxes,

@@ -22,6 +22,7 @@ const ERROR_CODES = new Set([
   "sandbox_dead",
   "too_large",
   "over_limit",
+  "too_many_streams",
   "no_capacity",
   "not_implemented",
   "internal",

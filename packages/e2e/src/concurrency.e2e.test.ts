@@ -42,7 +42,9 @@ describe("concurrent execs on one sandbox", () => {
   let onArrival: (() => void) | null = null;
 
   before(async () => {
-    d = await startTestDaemon();
+    // This file tests the per-sandbox exec queue (260 calls at once): the per-key and
+    // per-daemon stream bounds (64 and 256 by default) would refuse them first.
+    d = await startTestDaemon({ tenantMaxStreams: 1024, maxStreams: 1024 });
     sbx = await Sandbox.create({ host: d.url });
     // Observe arrival order where the API hands the call to the service (in-process).
     const service = d.daemon.service as unknown as Record<string, (...a: unknown[]) => unknown>;

@@ -13,6 +13,7 @@ export const STATUS_BY_CODE: Readonly<Record<ErrorCode, number>> = {
   sandbox_dead: 409,
   too_large: 413,
   over_limit: 429,
+  too_many_streams: 429,
   no_capacity: 503,
   not_implemented: 501,
   internal: 500,

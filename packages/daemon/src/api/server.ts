@@ -249,8 +249,18 @@ export function buildServer(deps: ServerDeps) {
     "/v1/sandboxes/:id/exec",
     { schema: { params: SandboxIdParams, body: ExecBody } },
     async (req, reply) => {
-      const events = service.exec(caller(req), req.params.id, req.body);
-      return reply.type("application/x-ndjson").send(Readable.from(ndjson(events)));
+      // What this stream holds unsent here is charged to its caller's budget, and its
+      // exec is dropped as soon as the client goes (sandboxes/stream-budget.ts).
+      const gone = new AbortController();
+      let body: Readable | undefined;
+      const events = service.exec(caller(req), req.params.id, req.body, {
+        signal: gone.signal,
+        heldBytes: () => (body?.readableLength ?? 0) + reply.raw.writableLength,
+      });
+      reply.raw.once("close", () => gone.abort());
+      // Bytes, not objects: readableLength then counts what the buffer holds.
+      body = Readable.from(ndjson(events), { objectMode: false, highWaterMark: 64 * 1024 });
+      return reply.type("application/x-ndjson").send(body);
     },
   );
 

@@ -63,6 +63,17 @@ export interface Config {
   readonly tenantMaxMemMib: number;
   /** Free space (MiB) under the state directory below which creates and forks get 503. */
   readonly minFreeDiskMib: number;
+  /**
+   * Bytes one exec stream may hold unread in the daemon (queued output plus the response's
+   * buffers); past it the stream's further output is dropped and its exit says truncated.
+   */
+  readonly streamMaxBufferedBytes: number;
+  /** Open streams (exec responses and downloads in progress) per key and per daemon. */
+  readonly tenantMaxStreams: number;
+  readonly maxStreams: number;
+  /** Bytes (MiB) one key's open streams, and all streams, may hold unread at once. */
+  readonly tenantStreamBufferMib: number;
+  readonly streamBufferMib: number;
   /** Listen on a non-loopback address with no API key configured (refused otherwise). */
   readonly allowUnauthenticated: boolean;
   /** Names (besides loopback ones) a request's Host may carry while no key exists. */
@@ -163,6 +174,14 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     tenantMaxSandboxes: envInt("PODFLARE_TENANT_MAX_SANDBOXES", maxSandboxes),
     tenantMaxMemMib: envInt("PODFLARE_TENANT_MAX_MEM_MIB", memoryBudgetMib),
     minFreeDiskMib: envInt("PODFLARE_MIN_FREE_DISK_MIB", 512),
+    streamMaxBufferedBytes: Math.max(
+      1024 * 1024,
+      envInt("PODFLARE_STREAM_MAX_BUFFERED_BYTES", 4 * 1024 * 1024),
+    ),
+    tenantMaxStreams: envInt("PODFLARE_TENANT_MAX_STREAMS", 64),
+    maxStreams: envInt("PODFLARE_MAX_STREAMS", 256),
+    tenantStreamBufferMib: envInt("PODFLARE_TENANT_STREAM_BUFFER_MIB", 64),
+    streamBufferMib: envInt("PODFLARE_STREAM_BUFFER_MIB", 256),
     allowUnauthenticated: envBool("PODFLARE_ALLOW_UNAUTHENTICATED"),
     allowedHosts: (env.PODFLARE_ALLOWED_HOSTS ?? "")
       .split(",")

@@ -37,6 +37,20 @@ export interface ExecOptions {
   language?: Language;
   timeoutMs?: number | null;
   maxOutputBytes?: number | null;
+  /** Bounds the output held for a reader that lags (sandboxes/stream-budget.ts). */
+  output?: OutputGate;
+  /** The reader went away: stop (unqueue or cancel the exec) even if never iterated. */
+  signal?: AbortSignal;
+}
+
+/**
+ * Decides whether output arriving for an exec is kept for its reader. Once `admit`
+ * refuses, the exec's later output is dropped too and its exit says `truncated`.
+ */
+export interface OutputGate {
+  admit(bytes: number): boolean;
+  /** `bytes` of admitted output were handed to the reader. */
+  taken(bytes: number): void;
 }
 
 export interface AgentHello {
@@ -308,7 +322,10 @@ export class AgentClient {
       );
     }
     const id = this.allocId();
-    const queue: ExecEvent[] = [];
+    const queue: { event: ExecEvent; bytes: number }[] = [];
+    const gate = opts.output;
+    let aborted = false;
+    let started = false;
     let wake: (() => void) | null = null;
     let failure: Error | null = null;
     let done = false;
@@ -324,17 +341,20 @@ export class AgentClient {
       onFrame: ({ header, payload }) => {
         if (header.type === "output") {
           outputBytes += payload.length;
-          if (outputBytes > outputCap) {
+          if (outputBytes > outputCap || (gate && !gate.admit(payload.length))) {
             truncated = true;
             return;
           }
           const stream = header.stream === "stderr" ? "stderr" : "stdout";
-          queue.push({ type: stream, data: utf8.decode(payload) });
+          queue.push({
+            event: { type: stream, data: utf8.decode(payload) },
+            bytes: payload.length,
+          });
         } else if (header.type === "exit") {
           this.execEnded(id);
           const event = exitEvent(header);
           if (truncated && event.type === "exit") event.truncated = true;
-          queue.push(event);
+          queue.push({ event, bytes: 0 });
         } else if (header.type === "error") {
           this.execEnded(id);
           failure = agentError(header);
@@ -357,12 +377,26 @@ export class AgentClient {
     this.execQueueBytes += codeBytes.length;
     this.pumpExecs();
     const client = this;
+    opts.signal?.addEventListener(
+      "abort",
+      () => {
+        aborted = true;
+        queue.length = 0; // nobody will read it
+        if (!started && !done && !client.closed) client.abandonExec(id);
+        notify();
+      },
+      { once: true },
+    );
     const iterable = {
       id,
       async *[Symbol.asyncIterator](): AsyncGenerator<ExecEvent> {
+        started = true;
         try {
           for (;;) {
-            const event = queue.shift();
+            if (aborted) return;
+            const item = queue.shift();
+            if (item) gate?.taken(item.bytes);
+            const event = item?.event;
             if (event) {
               yield event;
               if (event.type === "exit") {

@@ -49,6 +49,39 @@ export class Metrics {
     help: "Sandboxes running for their users (as /v1/capacity's running)",
     registers: [this.registry],
   });
+  readonly streamsOpen = new Gauge({
+    name: "podflare_streams_open",
+    help: "Exec responses and downloads in progress (sandboxes/stream-budget.ts)",
+    registers: [this.registry],
+  });
+  readonly streamBufferedBytes = new Gauge({
+    name: "podflare_stream_buffered_bytes",
+    help: "Bytes open streams hold unread in the daemon",
+    registers: [this.registry],
+  });
+  readonly streamsRefused = new Counter({
+    name: "podflare_streams_refused_total",
+    help: "Streams refused at open (429 too_many_streams), by the bound that refused them",
+    labelNames: ["bound"] as const,
+    registers: [this.registry],
+  });
+  readonly streamsTruncated = new Counter({
+    name: "podflare_streams_truncated_total",
+    help: "Exec streams whose output was dropped because their reader lagged, by bound",
+    labelNames: ["bound"] as const,
+    registers: [this.registry],
+  });
+  readonly streamDroppedBytes = new Counter({
+    name: "podflare_stream_dropped_bytes_total",
+    help: "Exec output dropped because its reader lagged past a bound",
+    registers: [this.registry],
+  });
+  readonly streamPeakBytes = new Histogram({
+    name: "podflare_stream_peak_buffered_bytes",
+    help: "The most each exec stream held unread in the daemon at once",
+    buckets: [16384, 65536, 262144, 1048576, 2097152, 4194304, 8388608],
+    registers: [this.registry],
+  });
 
   constructor() {
     collectDefaultMetrics({ register: this.registry, prefix: "podflared_" });

@@ -23,6 +23,7 @@ export type ErrorCode =
   | "sandbox_dead"
   | "too_large"
   | "over_limit"
+  | "too_many_streams"
   | "no_capacity"
   | "not_implemented"
   | "internal";
@@ -69,6 +70,13 @@ export class TooLargeError extends PodflareError {
 export class OverLimitError extends PodflareError {
   constructor(message: string) {
     super("over_limit", message);
+  }
+}
+
+/** Too many open streams, or too many bytes they hold unread (sandboxes/stream-budget.ts). */
+export class TooManyStreamsError extends PodflareError {
+  constructor(message: string) {
+    super("too_many_streams", message);
   }
 }
 

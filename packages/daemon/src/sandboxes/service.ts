@@ -3,7 +3,7 @@
  * this module never sees HTTP. State lives in SQLite; the live VMs in `live`.
  */
 import { randomBytes } from "node:crypto";
-import type { Readable } from "node:stream";
+import { finished, type Readable } from "node:stream";
 import type { Tenant } from "../auth/authenticator.js";
 import type { KeyQuota } from "../auth/keys.js";
 import {
@@ -32,6 +32,7 @@ import {
 } from "./errors.js";
 import { canTransition, type SandboxState } from "./lifecycle.js";
 import { validateGuestPath } from "./paths.js";
+import type { StreamBudget, StreamLease } from "./stream-budget.js";
 
 export interface SandboxLimits {
   defaultVcpuCount: number;
@@ -92,6 +93,21 @@ export interface VmSource {
 
 export const MAX_FORK_CHILDREN = 32;
 
+/** What the transport tells exec() about the stream it sends (api/server.ts). */
+export interface ExecTransport {
+  /** Aborted when the client has gone (the response closed): the exec is dropped. */
+  signal?: AbortSignal;
+  /** Bytes of this stream the transport holds unsent (its buffers, the socket's). */
+  heldBytes?: () => number;
+}
+
+/**
+ * Charged to a download while it runs: the most it can hold in the host, its credit
+ * window (guest/agent-client.ts READ_WINDOW, 4 MiB) plus one data frame and the socket's
+ * buffer.
+ */
+export const DOWNLOAD_HELD_BYTES = 4 * 1024 * 1024 + 512 * 1024;
+
 interface Live {
   vm: Vm;
   expiry: NodeJS.Timeout;
@@ -111,6 +127,7 @@ export class SandboxService {
     private readonly log: Logger,
     private readonly metrics?: Metrics,
     private readonly disk?: DiskGuard,
+    private readonly streams?: StreamBudget,
   ) {}
 
   async create(caller: Caller, req: CreateRequest): Promise<SandboxInfo> {
@@ -199,27 +216,40 @@ export class SandboxService {
    * Run code. Checks happen now (so a caller can answer with an error status); the events
    * then stream as they happen and always end with exactly one exit event.
    */
-  exec(caller: Caller, id: string, req: ExecRequest): AsyncIterable<ExecEvent> {
+  exec(
+    caller: Caller,
+    id: string,
+    req: ExecRequest,
+    transport: ExecTransport = {},
+  ): AsyncIterable<ExecEvent> {
     const vm = this.readyVm(caller, id, "exec");
     if (req.timeout_ms !== undefined && (req.timeout_ms < 1 || req.timeout_ms > 24 * 3600_000)) {
       throw new BadRequestError("timeout_ms must be between 1 and 86400000");
     }
+    // Counted from now until the response ends or its client goes (429 past a bound).
+    const lease = this.streams?.open(ownerOf(caller), "exec");
+    if (lease && transport.heldBytes) lease.heldElsewhere = transport.heldBytes;
+    transport.signal?.addEventListener("abort", () => lease?.close(), { once: true });
     let events: AsyncIterable<ExecEvent>;
     try {
       events = vm.agent.exec(req.code, {
         language: req.language ?? "python",
         timeoutMs: req.timeout_ms ?? null,
+        output: lease,
+        signal: transport.signal,
       });
     } catch (err) {
+      lease?.close();
       throw mapAgentError(err, id);
     }
-    return this.guardExecStream(id, vm, events);
+    return this.guardExecStream(id, vm, events, lease);
   }
 
   private async *guardExecStream(
     id: string,
     vm: Vm,
     events: AsyncIterable<ExecEvent>,
+    lease?: StreamLease,
   ): AsyncGenerator<ExecEvent> {
     // Once the stream has started, a failure can only be reported in-band: the stream
     // still ends with exactly one exit event.
@@ -237,7 +267,10 @@ export class SandboxService {
           value: died ? `sandbox ${id} stopped while the code ran` : (err as Error).message,
           traceback: "",
         },
+        ...(lease?.dropped ? { truncated: true } : {}),
       };
+    } finally {
+      lease?.close();
     }
   }
 
@@ -269,9 +302,14 @@ export class SandboxService {
   ): Promise<{ size: number; stream: Readable }> {
     const path = validateGuestPath(rawPath);
     const vm = this.readyVm(caller, id, "download");
+    // A download counts as a stream until it ends or its client goes (429 past a bound).
+    const lease = this.streams?.open(ownerOf(caller), "download", DOWNLOAD_HELD_BYTES);
     try {
-      return await vm.agent.readFile(path);
+      const result = await vm.agent.readFile(path);
+      if (lease) finished(result.stream, () => lease.close());
+      return result;
     } catch (err) {
+      lease?.close();
       throw mapAgentError(err, id, path);
     }
   }
