@@ -238,7 +238,7 @@ export class TemplateManager {
       return Promise.resolve(this.filesOf(key, shape));
     }
     if (!pending) {
-      const entry = known ?? this.admitNew(key, shape, owner);
+      const entry = known ?? this.admitNew(key, shape);
       entry.loading = true;
       const building = !existsSync(join(this.dir, key, "meta.json"));
       const release = building ? this.startBuild(key, shape, owner) : () => {};
@@ -319,7 +319,7 @@ export class TemplateManager {
   }
 
   /** Room for one more template: the cap (evicting one unused) and the budget. */
-  private admitNew(key: string, shape: VmShape, owner: string | null): Entry {
+  private admitNew(key: string, shape: VmShape): Entry {
     const choice = evictionChoice([...this.entries.values()], this.maxTemplates);
     if (choice === "full") {
       throw new NoCapacityError(
