@@ -141,6 +141,23 @@ describe("template bounds", () => {
 
     let next = 0;
     let refusedFull = 0;
+    // The other tenant works in step with the attack (an exec per shape built, a create
+    // every few), so that it is interleaved without adding a restore loop of its own.
+    let attacking = true;
+    let progress = 0;
+    let onProgress: (() => void) | null = null;
+    const shapeDone = () => {
+      progress++;
+      onProgress?.();
+    };
+    const nextShape = (after: number) =>
+      new Promise<void>((resolve) => {
+        if (progress > after || !attacking) return resolve();
+        onProgress = () => {
+          onProgress = null;
+          resolve();
+        };
+      });
     const attackerWorker = async () => {
       for (let i = next++; i < SHAPES; i = next++) {
         const shape = shapeAt(i);
@@ -153,6 +170,7 @@ describe("template bounds", () => {
             } finally {
               await box.close();
             }
+            shapeDone();
             break;
           } catch (err) {
             // Every template busy (the last sandboxes' QEMUs are still exiting): wait for one.
@@ -163,45 +181,56 @@ describe("template bounds", () => {
         }
       }
     };
-    let attacking = true;
     let otherRuns = 0;
+    let otherCreates = 0;
     const otherWorker = async () => {
-      while (attacking) {
-        const t = performance.now();
-        const box = await Sandbox.create(opts(other));
-        try {
-          const r = await box.runCode(`print(${otherRuns} + 1)`);
+      const kept = await Sandbox.create(opts(other));
+      try {
+        while (attacking) {
+          const seen = progress;
+          const t = performance.now();
+          const r = await kept.runCode(`print(${otherRuns} + 1)`);
           assert.equal(r.stdout, `${otherRuns + 1}\n`);
-        } finally {
-          await box.close();
+          otherRuns++;
+          if (otherRuns % 4 === 0) {
+            const box = await Sandbox.create(opts(other));
+            try {
+              assert.equal((await box.runCode("print('fresh')")).stdout, "fresh\n");
+            } finally {
+              await box.close();
+            }
+            otherCreates++;
+          }
+          assert.ok(performance.now() - t < 120_000, "the other tenant's calls were slow");
+          await nextShape(seen);
         }
-        otherRuns++;
-        assert.ok(performance.now() - t < 120_000, "the other tenant's create+exec was slow");
+      } finally {
+        await kept.close();
       }
     };
-    const other_ = otherWorker();
+    const otherDone = otherWorker();
     try {
       await Promise.all([attackerWorker(), attackerWorker()]);
     } finally {
       attacking = false;
-      await other_.catch((err) => {
-        throw err;
-      });
+      (onProgress as (() => void) | null)?.();
       sampling = false;
       await sampler;
+      await otherDone;
     }
     const seconds = (performance.now() - started) / 1000;
     const maxMib = Math.round(maxBytes / 2 ** 20);
     const c = await capacity(attacker);
     console.log(
-      `template bounds: ${SHAPES} shapes in ${seconds.toFixed(0)} s; max templates seen ${maxTemplates} (cap ${MAX_TEMPLATES}); max ${maxMib} MiB in /dev/shm; builds ${d.daemon.templates.builds}, evictions ${d.daemon.templates.evictions}; 503s (all in use) ${refusedFull}; other tenant's create+exec ${otherRuns} ok; templates_mib now ${c.memory.templates_mib}`,
+      `template bounds: ${SHAPES} shapes in ${seconds.toFixed(0)} s; max templates seen ${maxTemplates} (cap ${MAX_TEMPLATES}); max ${maxMib} MiB in /dev/shm; builds ${d.daemon.templates.builds}, evictions ${d.daemon.templates.evictions}; 503s (all in use) ${refusedFull}; other tenant's execs ${otherRuns} and creates ${otherCreates} ok; templates_mib now ${c.memory.templates_mib}`,
     );
     assert.ok(d.daemon.templates.builds >= SHAPES, "every shape was built");
     assert.ok(maxTemplates <= MAX_TEMPLATES, `at most ${MAX_TEMPLATES} templates at once`);
     // Each template's memory file is at most its guest size; one more may be being removed.
     const boundMib = (MAX_TEMPLATES + 1) * (MIN_MEM + 1 + SHAPES + 16);
     assert.ok(maxMib <= boundMib, `${maxMib} MiB in /dev/shm exceeds ${boundMib}`);
-    assert.ok(otherRuns >= 1, "the other tenant got sandboxes during the loop");
+    assert.ok(otherRuns >= SHAPES / 2, "the other tenant's execs ran during the loop");
+    assert.ok(otherCreates >= 1, "the other tenant got new sandboxes during the loop");
     assert.ok(c.templates.count <= MAX_TEMPLATES);
   });
 });

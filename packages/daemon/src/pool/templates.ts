@@ -238,9 +238,10 @@ export class TemplateManager {
       return Promise.resolve(this.filesOf(key, shape));
     }
     if (!pending) {
+      const building = !existsSync(join(this.dir, key, "meta.json"));
+      if (building) this.checkTenantBuilds(owner); // before anything is evicted for it
       const entry = known ?? this.admitNew(key, shape);
       entry.loading = true;
-      const building = !existsSync(join(this.dir, key, "meta.json"));
       const release = building ? this.startBuild(key, shape, owner) : () => {};
       // A build boots a VM: it waits for one of the restore slots (set by the warm pool).
       const loaded = building ? this.buildSlot(() => this.load(key, shape)) : this.load(key, shape);
@@ -343,18 +344,23 @@ export class TemplateManager {
     return entry;
   }
 
-  /** The tenant bound and the building VM's memory; returns their release. */
+  /** 429 when `owner` runs as many template builds as it may. */
+  private checkTenantBuilds(owner: string | null): void {
+    const max = Math.max(1, this.limits.tenantMaxBuilds ?? 1);
+    const running = this.buildsByOwner.get(owner ?? "") ?? 0;
+    if (running >= max) {
+      throw new OverLimitError(
+        `your key is building ${running} VM template(s) for new shapes already (at most ${max} at once); wait for it to finish, or use a shape in use already (the default: omit vcpu_count and mem_size_mib)`,
+      );
+    }
+  }
+
+  /** The tenant's build count and the building VM's memory; returns their release. */
   private startBuild(key: string, shape: VmShape, owner: string | null): () => void {
     const ownerKey = owner ?? "";
-    const max = Math.max(1, this.limits.tenantMaxBuilds ?? 1);
     const running = this.buildsByOwner.get(ownerKey) ?? 0;
     const admission = this.limits.admission;
     try {
-      if (running >= max) {
-        throw new OverLimitError(
-          `your key is building ${running} VM template(s) for new shapes already (at most ${max} at once); wait for it to finish, or use a shape in use already (the default: omit vcpu_count and mem_size_mib)`,
-        );
-      }
       admission?.hold(`template_build:${key}`, "template_build", admission.chargeMib(shape));
     } catch (err) {
       this.forget(key);
