@@ -537,11 +537,19 @@ export class TemplateManager {
   }
 
   /**
-   * Remove templates of another image, QEMU or accelerator. Running clones keep their
+   * Remove templates of another image, QEMU or accelerator, unless another live process
+   * holds a lease on one (it may be about to restore from it). Running clones keep their
    * mappings and open files, so this is safe at any time; only new restores need them.
    */
   private async prune(): Promise<void> {
     for (const entry of await readdir(this.dir).catch(() => [] as string[])) {
+      // Left by a process that died mid-way: a build's or an eviction's files, a lease.
+      const leftover = /^\.(?:build|evict|users)-[0-9a-f]{16}-(\d+)$/.exec(entry);
+      if (leftover) {
+        if (!alive(Number(leftover[1])))
+          await rm(join(this.dir, entry), { recursive: true, force: true });
+        continue;
+      }
       if (entry.startsWith(".")) continue;
       const meta = await readFile(join(this.dir, entry, "meta.json"), "utf8").catch(() => null);
       let stale = meta === null;
