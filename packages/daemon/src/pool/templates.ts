@@ -189,7 +189,9 @@ export class TemplateManager {
     private readonly log: Logger,
     private readonly onBuilt: () => void = () => {},
     private readonly limits: TemplateLimits = {},
-  ) {}
+  ) {
+    limits.admission?.attachReclaimer((mib) => this.reclaim(mib));
+  }
 
   get maxTemplates(): number {
     return Math.max(1, this.limits.maxTemplates ?? 4);
@@ -295,6 +297,20 @@ export class TemplateManager {
     return { files, release: this.releaser(held) };
   }
 
+  /**
+   * Evict unused templates, least recently used first, until about `mib` of their charge
+   * is given back (the memory budget needs it for a sandbox or another template).
+   */
+  reclaim(mib: number): void {
+    let freed = 0;
+    while (freed < mib) {
+      const victim = evictionChoice([...this.entries.values()], 0);
+      if (victim === null || victim === "full") return;
+      freed += this.entries.get(victim.key)?.chargeMib ?? 0;
+      this.evict(victim.key, "the memory budget needs its room");
+    }
+  }
+
   /** Mark the template of a running VM's shape in use until `release` (fork children). */
   retain(shape: VmShape): () => void {
     const entry = this.entries.get(this.keyOf(shape));
@@ -327,7 +343,7 @@ export class TemplateManager {
         `this host keeps at most ${this.maxTemplates} VM templates (one per shape: vcpu_count, mem_size_mib) and all are in use; use a shape already running (the default: omit vcpu_count and mem_size_mib) or retry when sandboxes of other shapes end`,
       );
     }
-    if (choice) this.evict(choice.key);
+    if (choice) this.evict(choice.key, "the template cap is met");
     const sealed = this.engine.uids !== null;
     const chargeMib = templateBoundMib(shape, sealed);
     this.limits.admission?.hold(`template:${key}`, "template", chargeMib);
@@ -388,10 +404,10 @@ export class TemplateManager {
   }
 
   /** Forget a template at once (charge, cap) and delete its files unless another process holds it. */
-  private evict(key: string): void {
+  private evict(key: string, why: string): void {
     this.evictions++;
     this.limits.onEvicted?.();
-    this.log.info({ template: key }, "evicting the least recently used unused template");
+    this.log.info({ template: key, why }, "evicting the least recently used unused template");
     this.forget(key, false);
     const done = withFileLock(join(this.dir, `.lock-${key}`), async () => {
       await rm(this.leasePath(key), { force: true });

@@ -58,12 +58,30 @@ export class Admission {
   private readonly charges = new Map<string, Charge>();
   private readonly holds_ = new Map<string, Hold>();
   private poolMib: () => number = () => 0;
+  /** Frees unused holds (idle templates) worth about `mib`, at once (see attachReclaimer). */
+  private reclaim: (mib: number) => void = () => {};
 
   constructor(readonly limits: AdmissionLimits) {}
 
   /** What a VM of this shape costs the host. */
   chargeMib(shape: VmShape): number {
     return shape.memSizeMib + this.limits.vmOverheadMib;
+  }
+
+  /**
+   * Templates nothing uses give their charge back when sandboxes or a new template need
+   * the room (their files are deleted right after; pool/templates.ts).
+   */
+  attachReclaimer(reclaim: (mib: number) => void): void {
+    this.reclaim = reclaim;
+  }
+
+  /** MiB by which `more` would put sandboxes and holds over the budget, after reclaiming. */
+  private overBy(more: number, replacing = 0): number {
+    const over = () =>
+      this.usage().chargedMib + this.heldMib() - replacing + more - this.limits.memoryBudgetMib;
+    if (over() > 0) this.reclaim(over());
+    return over();
   }
 
   /** The warm pool tells how much it holds (ready and being restored). */
@@ -108,8 +126,8 @@ export class Admission {
       );
     }
     const need = n * this.chargeMib(shape) + extra;
-    const held = this.heldMib();
-    if (host.chargedMib + held + need > this.limits.memoryBudgetMib) {
+    if (this.overBy(need) > 0) {
+      const held = this.heldMib();
       throw new NoCapacityError(
         `the host's memory budget (${this.limits.memoryBudgetMib} MiB) cannot take ${n} more sandbox(es) of ${shape.memSizeMib} MiB now (${host.chargedMib} MiB held by sandboxes, ${held} MiB by templates and forks); retry later or ask for less memory`,
       );
@@ -125,8 +143,8 @@ export class Admission {
    */
   hold(id: string, kind: HoldKind, mib: number, owner: string | null = null): void {
     const before = this.holds_.get(id)?.mib ?? 0;
-    const used = this.usage().chargedMib + this.heldMib() - before;
-    if (used + mib > this.limits.memoryBudgetMib) {
+    if (this.overBy(mib, before) > 0) {
+      const used = this.usage().chargedMib + this.heldMib() - before;
       throw new NoCapacityError(
         `the host's memory budget (${this.limits.memoryBudgetMib} MiB, ${used} MiB held by sandboxes, templates and forks) cannot take ${mib} MiB more for a ${kind.replace("_", " ")} now; retry later or ask for a shape (vcpu_count, mem_size_mib) in use already`,
       );

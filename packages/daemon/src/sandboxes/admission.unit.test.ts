@@ -101,4 +101,23 @@ describe("Admission", () => {
     a.unhold("fork:c");
     assert.equal(a.heldMib(), 0);
   });
+
+  it("asks for idle templates' room back before refusing for the budget", () => {
+    const a = new Admission({ ...limits, memoryBudgetMib: 2000 });
+    a.hold("template:idle", "template", 900);
+    a.hold("template:pinned", "template", 300);
+    const asked: number[] = [];
+    a.attachReclaimer((mib) => {
+      asked.push(mib);
+      a.unhold("template:idle"); // what the template manager does for an unused one
+    });
+    a.admit(["a", "b"], null, none, shape); // 1152 + 1200 > 2000: the idle one goes
+    assert.deepEqual(asked, [1152 + 1200 - 2000]);
+    assert.equal(a.heldMib(), 300);
+    assert.throws(
+      () => a.admit(["c"], null, none, shape),
+      NoCapacityError,
+      "nothing left to reclaim",
+    );
+  });
 });
