@@ -218,8 +218,8 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
       closing ??= (async () => {
         await app.close();
         await pool.close();
+        await templates.close(); // waits for builds in flight, then drops this daemon's leases
         await service.destroyAll("the daemon stopped");
-        await templates.close();
         await (await engine.cgroups())?.close();
         disk.close();
         store.close();

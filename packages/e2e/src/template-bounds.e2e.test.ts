@@ -184,7 +184,7 @@ describe("template bounds", () => {
     let otherRuns = 0;
     let otherCreates = 0;
     const otherWorker = async () => {
-      const kept = await Sandbox.create(opts(other));
+      const kept = await Sandbox.create({ ...opts(other), timeoutMs: 3600_000 });
       try {
         while (attacking) {
           const seen = progress;

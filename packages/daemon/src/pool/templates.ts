@@ -45,6 +45,7 @@ import type { Accel, VmShape } from "../vm/qemu-args.js";
 import { saveDeviceState } from "../vm/snapshot.js";
 import {
   type CachedTemplate,
+  evictable,
   evictionChoice,
   templateBoundMib,
   templateChargeMib,
@@ -223,7 +224,7 @@ export class TemplateManager {
     let inUse = 0;
     let chargedMib = 0;
     for (const e of this.entries.values()) {
-      if (e.users > 0 || e.loading) inUse++;
+      if (!evictable(e)) inUse++; // used, being built, or pinned
       chargedMib += e.chargeMib;
     }
     return { count: this.entries.size, inUse, max: this.maxTemplates, chargedMib };
@@ -331,6 +332,8 @@ export class TemplateManager {
 
   /** Drop every lease this daemon holds (shutdown); the templates stay for the next run. */
   async close(): Promise<void> {
+    // Builds in flight (a create's new shape) finish or fail before their files are left.
+    await Promise.allSettled([...this.building.values()]);
     await Promise.all(this.evicting);
     for (const key of [...this.entries.keys()]) this.forget(key);
   }
