@@ -59,6 +59,8 @@ describe("template bounds", () => {
       poolSize: 1,
       defaultVcpuCount: DEFAULT.vcpuCount,
       defaultMemSizeMib: DEFAULT.memSizeMib,
+      // 52 cold boots on a shared, loaded host: one slow boot must not fail the attack.
+      bootTimeoutMs: 180_000,
     });
     const store = new Store(join(d.config.stateDir, "podflare.db"));
     const keys = new KeyStore(store.db);
