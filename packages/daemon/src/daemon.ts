@@ -112,6 +112,13 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     log,
   );
   const metrics = new Metrics();
+  const admission = new Admission({
+    maxSandboxes: config.maxSandboxes,
+    memoryBudgetMib: config.memoryBudgetMib,
+    vmOverheadMib: config.vmMemOverheadMib,
+    tenantMaxSandboxes: config.tenantMaxSandboxes,
+    tenantMaxMemMib: config.tenantMaxMemMib,
+  });
   const templates = new TemplateManager(
     engine,
     config.templatesDir,
@@ -119,13 +126,18 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     await qemuVersion(config.qemuBinary),
     log,
     () => metrics.templateBuilds.inc(),
+    {
+      maxTemplates: config.maxTemplates,
+      tenantMaxBuilds: config.tenantMaxTemplateBuilds,
+      admission,
+      onEvicted: () => metrics.templateEvictions.inc(),
+    },
   );
-  const admission = new Admission({
-    maxSandboxes: config.maxSandboxes,
-    memoryBudgetMib: config.memoryBudgetMib,
-    vmOverheadMib: config.vmMemOverheadMib,
-    tenantMaxSandboxes: config.tenantMaxSandboxes,
-    tenantMaxMemMib: config.tenantMaxMemMib,
+  metrics.holds = () => ({
+    templates: templates.stats().count,
+    templatesMib:
+      admission.heldMib({ kind: "template" }) + admission.heldMib({ kind: "template_build" }),
+    forksMib: admission.heldMib({ kind: "fork" }),
   });
   const pool = new WarmPool(
     engine,
@@ -197,11 +209,20 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
           budget_mib: config.memoryBudgetMib,
           sandboxes_mib: host.chargedMib,
           pool_mib: pool.chargedMib(),
+          templates_mib:
+            admission.heldMib({ kind: "template" }) + admission.heldMib({ kind: "template_build" }),
+          forks_mib: admission.heldMib({ kind: "fork" }),
           vm_overhead_mib: config.vmMemOverheadMib,
+        },
+        templates: {
+          count: templates.stats().count,
+          in_use: templates.stats().inUse,
+          max: templates.maxTemplates,
         },
         tenant: {
           sandboxes: mine.sandboxes,
           mem_mib: mine.memMib,
+          forks_mib: admission.heldMib({ owner: caller?.id ?? null, kind: "fork" }),
           max_sandboxes: caller?.quota.maxSandboxes ?? config.tenantMaxSandboxes,
           max_mem_mib: caller?.quota.maxMemMib ?? config.tenantMaxMemMib,
           streams: streamsMine.streams,
@@ -240,6 +261,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
       closing ??= (async () => {
         await app.close();
         await pool.close();
+        await templates.close(); // waits for builds in flight, then drops this daemon's leases
         await service.destroyAll("the daemon stopped");
         await (await engine.cgroups())?.close();
         disk.close();

@@ -52,8 +52,9 @@ describe("API keys and tenants", () => {
   }
 
   before(async () => {
-    // Room for exactly three sandboxes of the default shape.
-    d = await startTestDaemon({ memoryBudgetMib: 3 * CHARGE, poolSize: 1 });
+    // Room for exactly three sandboxes of the default shape, and the default template's
+    // memory (charged at most twice its guest size: pool/template-cache.ts).
+    d = await startTestDaemon({ memoryBudgetMib: 3 * CHARGE + 2 * 1024, poolSize: 1 });
   });
   after(async () => {
     await d?.close();
@@ -147,12 +148,18 @@ describe("API keys and tenants", () => {
     assert.deepEqual(cap.tenant, {
       sandboxes: 2,
       mem_mib: 2048,
+      forks_mib: 0,
       max_sandboxes: 2,
       max_mem_mib: cap.tenant.max_mem_mib,
+      streams: 0,
+      stream_buffered_bytes: 0,
+      max_streams: cap.tenant.max_streams,
+      max_stream_buffered_bytes: cap.tenant.max_stream_buffered_bytes,
     });
     assert.equal(cap.memory.sandboxes_mib, 3 * CHARGE);
     assert.ok(
-      cap.memory.sandboxes_mib + cap.memory.pool_mib <= cap.memory.budget_mib,
+      cap.memory.sandboxes_mib + cap.memory.pool_mib + cap.memory.templates_mib <=
+        cap.memory.budget_mib,
       "the pool gave way",
     );
 

@@ -61,6 +61,12 @@ export interface Config {
   /** Per-key limits for keys that set none of their own. */
   readonly tenantMaxSandboxes: number;
   readonly tenantMaxMemMib: number;
+  /** VM templates (one per shape) a daemon holds at once; unused ones go first. */
+  readonly maxTemplates: number;
+  /** Template builds (a new shape's cold boot) one tenant may have running at once. */
+  readonly tenantMaxTemplateBuilds: number;
+  /** Host disk (MiB) one sandbox may hold: its overlay plus the fork layers below it. */
+  readonly maxDiskMib: number;
   /** Free space (MiB) under the state directory below which creates and forks get 503. */
   readonly minFreeDiskMib: number;
   /**
@@ -182,6 +188,9 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     maxStreams: envInt("PODFLARE_MAX_STREAMS", 256),
     tenantStreamBufferMib: envInt("PODFLARE_TENANT_STREAM_BUFFER_MIB", 64),
     streamBufferMib: envInt("PODFLARE_STREAM_BUFFER_MIB", 256),
+    maxTemplates: Math.max(1, envInt("PODFLARE_MAX_TEMPLATES", 4)),
+    tenantMaxTemplateBuilds: Math.max(1, envInt("PODFLARE_TENANT_MAX_TEMPLATE_BUILDS", 1)),
+    maxDiskMib: Math.max(1, envInt("PODFLARE_MAX_DISK_MIB", 4096)),
     allowUnauthenticated: envBool("PODFLARE_ALLOW_UNAUTHENTICATED"),
     allowedHosts: (env.PODFLARE_ALLOWED_HOSTS ?? "")
       .split(",")

@@ -83,6 +83,36 @@ export class Metrics {
     registers: [this.registry],
   });
 
+  /** Read at each scrape: what templates and forks hold (set by the daemon's wiring). */
+  holds: () => { templates: number; templatesMib: number; forksMib: number } = () => ({
+    templates: 0,
+    templatesMib: 0,
+    forksMib: 0,
+  });
+  readonly templates: Gauge = new Gauge({
+    name: "podflare_templates",
+    help: "VM templates this daemon holds (one per shape; capped by PODFLARE_MAX_TEMPLATES)",
+    registers: [this.registry],
+    collect: (): void => this.templates.set(this.holds().templates),
+  });
+  readonly templatesMib: Gauge = new Gauge({
+    name: "podflare_templates_memory_mib",
+    help: "Memory budget (MiB) held by templates' memory files and their builds",
+    registers: [this.registry],
+    collect: (): void => this.templatesMib.set(this.holds().templatesMib),
+  });
+  readonly forksMib: Gauge = new Gauge({
+    name: "podflare_forks_memory_mib",
+    help: "Memory budget (MiB) held by the memory files behind forks until their last child ends",
+    registers: [this.registry],
+    collect: (): void => this.forksMib.set(this.holds().forksMib),
+  });
+  readonly templateEvictions = new Counter({
+    name: "podflare_template_evictions_total",
+    help: "Unused templates evicted to make room for another shape's",
+    registers: [this.registry],
+  });
+
   constructor() {
     collectDefaultMetrics({ register: this.registry, prefix: "podflared_" });
   }

@@ -4,12 +4,38 @@
  * of it. A template is keyed by everything a snapshot depends on (image, QEMU build,
  * accelerator, shape) and built at most once per key: concurrent callers in this process
  * share one build, other processes wait on a lock file.
+ *
+ * Templates are bounded (shapes are the callers' choice): at most `maxTemplates` exist for
+ * this daemon, each charged to the memory budget from its build on (template-cache.ts says
+ * how much), and a build holds the budget of its VM too. A new shape past the cap evicts
+ * the least recently used template that nothing uses (no restore, build or live VM of this
+ * daemon; the pool's shape is pinned); when every one is in use the create gets a 503.
+ * One tenant builds at most `tenantMaxBuilds` templates at a time (429 past it).
+ *
+ * Several daemons may share the directory (tests do). Each keeps a lease file
+ * (`.users-<key>-<pid>`) on every template it holds, made and checked under the key's
+ * lock: eviction deletes a template only when no other live process holds a lease on it
+ * (otherwise it only drops its own lease and charge). The cap and the charges are this
+ * daemon's: they count the templates it holds.
  */
 import { createHash } from "node:crypto";
-import { access, chmod, mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
+import { existsSync, rmSync } from "node:fs";
+import {
+  access,
+  chmod,
+  mkdir,
+  readdir,
+  readFile,
+  rename,
+  rm,
+  stat,
+  writeFile,
+} from "node:fs/promises";
 import { join } from "node:path";
 import type { AgentClient } from "../guest/agent-client.js";
 import type { GuestImage } from "../image/build.js";
+import type { Admission } from "../sandboxes/admission.js";
+import { NoCapacityError, OverLimitError } from "../sandboxes/errors.js";
 import { withFileLock } from "../util/lock.js";
 import type { Logger } from "../util/logger.js";
 import { run } from "../util/run.js";
@@ -17,6 +43,13 @@ import type { TemplateFiles, VmEngine } from "../vm/engine.js";
 import { createOverlay } from "../vm/overlay.js";
 import type { Accel, VmShape } from "../vm/qemu-args.js";
 import { saveDeviceState } from "../vm/snapshot.js";
+import {
+  type CachedTemplate,
+  evictable,
+  evictionChoice,
+  templateBoundMib,
+  templateChargeMib,
+} from "./template-cache.js";
 
 /** Bump when the warm-up or the template layout changes. */
 export const TEMPLATE_VERSION = 3;
@@ -108,9 +141,46 @@ const exists = (path: string) =>
     () => false,
   );
 
+export interface TemplateLimits {
+  /** Templates this daemon holds at once (default 4). */
+  maxTemplates?: number;
+  /** Template builds one tenant may have running at once (default 1). */
+  tenantMaxBuilds?: number;
+  /** Charges templates and their builds to the host's memory budget. */
+  admission?: Admission;
+  onEvicted?: () => void;
+}
+
+/** A template in use: give it back with `release` once the VM made from it is gone. */
+export interface TemplateLease {
+  files: TemplateFiles;
+  release(): void;
+}
+
+interface Entry extends CachedTemplate {
+  shape: VmShape;
+  /** MiB charged to the budget for its memory. */
+  chargeMib: number;
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
 export class TemplateManager {
   private readonly building = new Map<string, Promise<TemplateFiles>>();
+  private readonly entries = new Map<string, Entry>();
+  private readonly buildsByOwner = new Map<string, number>();
+  private readonly evicting = new Set<Promise<void>>();
   builds = 0;
+  evictions = 0;
+  /** Runs a template build in one of the restore slots (the warm pool sets it). */
+  buildSlot: <T>(build: () => Promise<T>) => Promise<T> = (build) => build();
 
   constructor(
     private readonly engine: VmEngine,
@@ -119,7 +189,14 @@ export class TemplateManager {
     private readonly qemu: string,
     private readonly log: Logger,
     private readonly onBuilt: () => void = () => {},
-  ) {}
+    private readonly limits: TemplateLimits = {},
+  ) {
+    limits.admission?.attachReclaimer((mib) => this.reclaim(mib));
+  }
+
+  get maxTemplates(): number {
+    return Math.max(1, this.limits.maxTemplates ?? 4);
+  }
 
   keyOf(shape: VmShape): string {
     return templateKey({
@@ -142,28 +219,247 @@ export class TemplateManager {
     };
   }
 
+  /** Templates held, in use, and the MiB they are charged (capacity and metrics). */
+  stats(): { count: number; inUse: number; max: number; chargedMib: number } {
+    let inUse = 0;
+    let chargedMib = 0;
+    for (const e of this.entries.values()) {
+      if (!evictable(e)) inUse++; // used, being built, or pinned
+      chargedMib += e.chargeMib;
+    }
+    return { count: this.entries.size, inUse, max: this.maxTemplates, chargedMib };
+  }
+
   /** The template for this shape, built first if needed (at most once per key). */
-  ensure(shape: VmShape): Promise<TemplateFiles> {
+  ensure(shape: VmShape, owner: string | null = null): Promise<TemplateFiles> {
     const key = this.keyOf(shape);
     let pending = this.building.get(key);
+    const known = this.entries.get(key);
+    // Held already (our lease keeps other daemons from deleting it): nothing to load.
+    if (!pending && known && existsSync(join(this.dir, key, "meta.json"))) {
+      known.lastUsed = Date.now();
+      return Promise.resolve(this.filesOf(key, shape));
+    }
     if (!pending) {
-      pending = this.load(key, shape).finally(() => this.building.delete(key));
+      const building = !existsSync(join(this.dir, key, "meta.json"));
+      if (building) this.checkTenantBuilds(owner); // before anything is evicted for it
+      const entry = known ?? this.admitNew(key, shape);
+      entry.loading = true;
+      const release = building ? this.startBuild(key, shape, owner) : () => {};
+      // A build boots a VM: it waits for one of the restore slots (set by the warm pool).
+      const loaded = building ? this.buildSlot(() => this.load(key, shape)) : this.load(key, shape);
+      pending = loaded
+        .then(async (files) => {
+          await this.measure(entry, files);
+          return files;
+        })
+        .catch((err) => {
+          this.forget(key); // a failed load leaves neither a charge nor a lease
+          throw err;
+        })
+        .finally(() => {
+          release();
+          entry.loading = false;
+          entry.lastUsed = Date.now();
+          this.building.delete(key);
+        });
       this.building.set(key, pending);
     }
     return pending;
   }
 
+  /** Keep this shape's template whatever happens (the pool's own shape). */
+  async pin(shape: VmShape): Promise<TemplateFiles> {
+    const files = await this.ensure(shape);
+    const entry = this.entries.get(files.key);
+    if (entry) entry.pinned = true;
+    return files;
+  }
+
+  /**
+   * The template for this shape, marked in use until `release` (a restore and the VM it
+   * makes). Throws 503 when the cap is met and every template is in use, or the budget
+   * cannot take a new one; 429 when `owner` has too many builds running.
+   */
+  async acquire(shape: VmShape, owner: string | null = null): Promise<TemplateLease> {
+    const key = this.keyOf(shape);
+    const entry = this.entries.get(key);
+    if (entry) entry.users++;
+    let files: TemplateFiles;
+    try {
+      files = await this.ensure(shape, owner);
+    } catch (err) {
+      if (entry) entry.users--;
+      throw err;
+    }
+    const held = entry ?? this.entries.get(key);
+    if (!held) throw new Error(`template ${key} vanished while it was acquired`);
+    if (!entry) held.users++;
+    return { files, release: this.releaser(held) };
+  }
+
+  /**
+   * Evict unused templates, least recently used first, until about `mib` of their charge
+   * is given back (the memory budget needs it for a sandbox or another template).
+   */
+  reclaim(mib: number): void {
+    let freed = 0;
+    while (freed < mib) {
+      const victim = evictionChoice([...this.entries.values()], 0);
+      if (victim === null || victim === "full") return;
+      freed += this.entries.get(victim.key)?.chargeMib ?? 0;
+      this.evict(victim.key, "the memory budget needs its room");
+    }
+  }
+
+  /** Mark the template of a running VM's shape in use until `release` (fork children). */
+  retain(shape: VmShape): () => void {
+    const entry = this.entries.get(this.keyOf(shape));
+    if (!entry) return () => {};
+    entry.users++;
+    return this.releaser(entry);
+  }
+
+  private releaser(entry: Entry): () => void {
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      entry.users--;
+      entry.lastUsed = Date.now();
+    };
+  }
+
+  /** Drop every lease this daemon holds (shutdown); the templates stay for the next run. */
+  async close(): Promise<void> {
+    // Builds in flight (a create's new shape) finish or fail before their files are left.
+    await Promise.allSettled([...this.building.values()]);
+    await Promise.all(this.evicting);
+    for (const key of [...this.entries.keys()]) this.forget(key);
+  }
+
+  /** Room for one more template: the cap (evicting one unused) and the budget. */
+  private admitNew(key: string, shape: VmShape): Entry {
+    const choice = evictionChoice([...this.entries.values()], this.maxTemplates);
+    if (choice === "full") {
+      throw new NoCapacityError(
+        `this host keeps at most ${this.maxTemplates} VM templates (one per shape: vcpu_count, mem_size_mib) and all are in use; use a shape already running (the default: omit vcpu_count and mem_size_mib) or retry when sandboxes of other shapes end`,
+      );
+    }
+    if (choice) this.evict(choice.key, "the template cap is met");
+    const sealed = this.engine.uids !== null;
+    const chargeMib = templateBoundMib(shape, sealed);
+    this.limits.admission?.hold(`template:${key}`, "template", chargeMib);
+    const entry: Entry = {
+      key,
+      shape,
+      users: 0,
+      loading: true,
+      pinned: false,
+      lastUsed: Date.now(),
+      chargeMib,
+    };
+    this.entries.set(key, entry);
+    return entry;
+  }
+
+  /** 429 when `owner` runs as many template builds as it may. */
+  private checkTenantBuilds(owner: string | null): void {
+    const max = Math.max(1, this.limits.tenantMaxBuilds ?? 1);
+    const running = this.buildsByOwner.get(owner ?? "") ?? 0;
+    if (running >= max) {
+      throw new OverLimitError(
+        `your key is building ${running} VM template(s) for new shapes already (at most ${max} at once); wait for it to finish, or use a shape in use already (the default: omit vcpu_count and mem_size_mib)`,
+      );
+    }
+  }
+
+  /** The tenant's build count and the building VM's memory; returns their release. */
+  private startBuild(key: string, shape: VmShape, owner: string | null): () => void {
+    const ownerKey = owner ?? "";
+    const running = this.buildsByOwner.get(ownerKey) ?? 0;
+    const admission = this.limits.admission;
+    try {
+      admission?.hold(`template_build:${key}`, "template_build", admission.chargeMib(shape));
+    } catch (err) {
+      this.forget(key);
+      throw err;
+    }
+    this.buildsByOwner.set(ownerKey, running + 1);
+    return () => {
+      admission?.unhold(`template_build:${key}`);
+      const n = (this.buildsByOwner.get(ownerKey) ?? 1) - 1;
+      if (n > 0) this.buildsByOwner.set(ownerKey, n);
+      else this.buildsByOwner.delete(ownerKey);
+    };
+  }
+
+  /** Charge a loaded template what its memory file really holds (template-cache.ts). */
+  private async measure(entry: Entry, files: TemplateFiles): Promise<void> {
+    const st = await stat(files.memPath).catch(() => null);
+    const residentMib = st ? (st.blocks * 512) / 2 ** 20 : entry.shape.memSizeMib;
+    const charge = templateChargeMib(entry.shape, residentMib, this.engine.uids !== null);
+    if (!this.entries.has(entry.key)) return;
+    entry.chargeMib = charge;
+    // Smaller than (or equal to) the bound held so far: this never fails for the budget.
+    this.limits.admission?.unhold(`template:${entry.key}`);
+    this.limits.admission?.hold(`template:${entry.key}`, "template", charge);
+  }
+
+  /** Forget a template at once (charge, cap) and delete its files unless another process holds it. */
+  private evict(key: string, why: string): void {
+    this.evictions++;
+    this.limits.onEvicted?.();
+    this.log.info({ template: key, why }, "evicting the least recently used unused template");
+    this.forget(key, false);
+    const done = withFileLock(join(this.dir, `.lock-${key}`), async () => {
+      await rm(this.leasePath(key), { force: true });
+      if (await this.heldElsewhere(key)) return;
+      const doomed = join(this.dir, `.evict-${key}-${process.pid}`);
+      // Renamed first: a reader never sees a half-deleted template.
+      await rename(join(this.dir, key), doomed).catch(() => {});
+      await rm(doomed, { recursive: true, force: true });
+    })
+      .catch((err) =>
+        this.log.error({ template: key, err: String(err) }, "template eviction failed"),
+      )
+      .finally(() => this.evicting.delete(done));
+    this.evicting.add(done);
+  }
+
+  private forget(key: string, dropLease = true): void {
+    this.entries.delete(key);
+    this.limits.admission?.unhold(`template:${key}`);
+    if (dropLease) rmSync(this.leasePath(key), { force: true });
+  }
+
+  private leasePath(key: string, pid = process.pid): string {
+    return join(this.dir, `.users-${key}-${pid}`);
+  }
+
+  /** Whether another live process holds a lease on this template. */
+  private async heldElsewhere(key: string): Promise<boolean> {
+    const prefix = `.users-${key}-`;
+    for (const entry of await readdir(this.dir).catch(() => [] as string[])) {
+      if (!entry.startsWith(prefix)) continue;
+      const pid = Number(entry.slice(prefix.length));
+      if (!Number.isSafeInteger(pid) || pid === process.pid) continue;
+      if (alive(pid)) return true;
+      await rm(join(this.dir, entry), { force: true }); // its holder is gone
+    }
+    return false;
+  }
+
   private async load(key: string, shape: VmShape): Promise<TemplateFiles> {
+    await Promise.all(this.evicting); // an eviction of this key finishes before it is rebuilt
     const files = this.filesOf(key, shape);
     const ready = join(this.dir, key, "meta.json");
-    if (await exists(ready)) {
-      await this.exposeTemplate(key);
-      return files;
-    }
     await mkdir(this.dir, { recursive: true, mode: 0o700 });
     // VMs under their own uids (the template's own, while it is built) pass through it.
     await chmod(this.dir, this.engine.uids ? 0o711 : 0o700);
     return withFileLock(join(this.dir, `.lock-${key}`), async () => {
+      // The lease first, under the lock: another daemon's eviction sees it and keeps the files.
+      await writeFile(this.leasePath(key), "", { mode: 0o600 });
       if (!(await exists(ready))) {
         await this.build(key, shape);
         await this.prune();
@@ -260,11 +556,19 @@ export class TemplateManager {
   }
 
   /**
-   * Remove templates of another image, QEMU or accelerator. Running clones keep their
+   * Remove templates of another image, QEMU or accelerator, unless another live process
+   * holds a lease on one (it may be about to restore from it). Running clones keep their
    * mappings and open files, so this is safe at any time; only new restores need them.
    */
   private async prune(): Promise<void> {
     for (const entry of await readdir(this.dir).catch(() => [] as string[])) {
+      // Left by a process that died mid-way: a build's or an eviction's files, a lease.
+      const leftover = /^\.(?:build|evict|users)-[0-9a-f]{16}-(\d+)$/.exec(entry);
+      if (leftover) {
+        if (!alive(Number(leftover[1])))
+          await rm(join(this.dir, entry), { recursive: true, force: true });
+        continue;
+      }
       if (entry.startsWith(".")) continue;
       const meta = await readFile(join(this.dir, entry, "meta.json"), "utf8").catch(() => null);
       let stale = meta === null;
@@ -273,7 +577,7 @@ export class TemplateManager {
         stale =
           m.image !== this.image.key || m.qemu !== this.qemu || m.accel !== this.engine.opts.accel;
       }
-      if (stale && !this.building.has(entry))
+      if (stale && !this.building.has(entry) && !(await this.heldElsewhere(entry)))
         await rm(join(this.dir, entry), { recursive: true, force: true });
     }
   }

@@ -67,6 +67,15 @@ export class WarmPool implements VmSource {
   ) {
     metrics.poolTarget.set(opts.target);
     admission.attachPool(() => this.chargedMib());
+    // Template builds boot a VM: they share the restore slots, as misses do.
+    templates.buildSlot = async (build) => {
+      await this.takeSlot("miss");
+      try {
+        return await build();
+      } finally {
+        this.releaseSlot();
+      }
+    };
   }
 
   /** Host memory the pool holds: its ready VMs and those being restored for it. */
@@ -76,7 +85,7 @@ export class WarmPool implements VmSource {
 
   /** Build (or find) the default template, then start filling the pool. */
   async start(): Promise<void> {
-    await this.templates.ensure(this.opts.defaultShape);
+    await this.templates.pin(this.opts.defaultShape);
     this.refill();
   }
 
@@ -93,7 +102,11 @@ export class WarmPool implements VmSource {
     return this.ready.flatMap((vm) => (vm.pid ? [vm.pid] : []));
   }
 
-  async acquire(_template: string, shape: VmShape): Promise<AcquiredVm> {
+  async acquire(
+    _template: string,
+    shape: VmShape,
+    owner: string | null = null,
+  ): Promise<AcquiredVm> {
     if (sameShape(shape, this.opts.defaultShape)) {
       // Synchronous from here to the return: no two callers can take the same VM.
       while (this.ready.length > 0) {
@@ -108,7 +121,7 @@ export class WarmPool implements VmSource {
     }
     const takenOver = await this.makeRoom(shape);
     if (takenOver) return { vm: this.handOver(takenOver), pooled: true };
-    const vm = await this.restore(shape, "miss");
+    const vm = await this.restore(shape, "miss", owner);
     this.refill();
     return { vm, pooled: false };
   }
@@ -118,6 +131,11 @@ export class WarmPool implements VmSource {
     const ids = Array.from({ length: n }, newVmId);
     await this.makeRoom(null); // children are restores of the fork: nothing to take over
     const result = await forkVm(this.engine, parent, ids);
+    // The children's disks rest on the template's: it stays while any of them runs.
+    for (const child of result.children) {
+      const release = this.templates.retain(child.shape);
+      void child.exited.then(release);
+    }
     // Every fork adds a layer to these chains; past the bound, merge them in the background.
     for (const vm of [parent, ...result.children]) {
       if (vm.disk.chain.length > this.opts.maxDiskChain) {
@@ -127,6 +145,10 @@ export class WarmPool implements VmSource {
       }
     }
     return result;
+  }
+
+  flatten(vm: Vm): Promise<void> {
+    return this.engine.flatten(vm);
   }
 
   async close(): Promise<void> {
@@ -258,19 +280,37 @@ export class WarmPool implements VmSource {
     this.refill();
   }
 
-  /** Restore a VM of this shape, holding one of the restore slots while doing it. */
-  private async restore(shape: VmShape, why: "miss" | "refill"): Promise<Vm> {
-    const template = await this.templates.ensure(shape);
-    await this.takeSlot(why);
+  /**
+   * Restore a VM of this shape, holding one of the restore slots while doing it (a build
+   * of the shape's template, when there is none yet, takes a slot of its own first). The
+   * VM keeps its template in use until it exits.
+   */
+  private async restore(
+    shape: VmShape,
+    why: "miss" | "refill",
+    owner: string | null = null,
+  ): Promise<Vm> {
+    const template = await this.templates.acquire(shape, owner);
     try {
-      const vm = await this.engine.restore(newVmId(), template, why === "refill" ? REFILL_NICE : 0);
+      this.yieldMemory(); // a new template's charge may need room the pool holds
+      await this.takeSlot(why);
+      let vm: Vm;
+      try {
+        vm = await this.engine.restore(
+          newVmId(),
+          template.files,
+          why === "refill" ? REFILL_NICE : 0,
+        );
+      } finally {
+        this.releaseSlot();
+      }
+      void vm.exited.then(template.release);
       this.metrics.restores.inc({ result: "ok" });
       return vm;
     } catch (err) {
+      template.release();
       this.metrics.restores.inc({ result: "error" });
       throw err;
-    } finally {
-      this.releaseSlot();
     }
   }
 

@@ -12,6 +12,12 @@
  *   summed over sandboxes and the warm pool, never above the budget. The pool yields:
  *   it does not refill into memory sandboxes need, and gives pooled VMs back when a
  *   create needs the room.
+ *
+ * Memory that is not a sandbox's VM but lives because of one is charged too, as holds:
+ * templates' memory files in /dev/shm and the VMs that build them (pool/templates.ts),
+ * and the memory file behind a fork, alive until its last child is gone. A hold counts
+ * against the budget like a sandbox, and against its owner's memory quota when it has
+ * one (a fork's memory is its tenant's), but is no sandbox.
  */
 import type { KeyQuota } from "../auth/keys.js";
 import type { VmShape } from "../vm/qemu-args.js";
@@ -39,15 +45,43 @@ export interface Usage {
   chargedMib: number;
 }
 
+/** What a hold is for (reported apart in /v1/capacity). */
+export type HoldKind = "template" | "template_build" | "fork";
+
+interface Hold {
+  owner: string | null;
+  kind: HoldKind;
+  mib: number;
+}
+
 export class Admission {
   private readonly charges = new Map<string, Charge>();
+  private readonly holds_ = new Map<string, Hold>();
   private poolMib: () => number = () => 0;
+  /** Frees unused holds (idle templates) worth about `mib`, at once (see attachReclaimer). */
+  private reclaim: (mib: number) => void = () => {};
 
   constructor(readonly limits: AdmissionLimits) {}
 
   /** What a VM of this shape costs the host. */
   chargeMib(shape: VmShape): number {
     return shape.memSizeMib + this.limits.vmOverheadMib;
+  }
+
+  /**
+   * Templates nothing uses give their charge back when sandboxes or a new template need
+   * the room (their files are deleted right after; pool/templates.ts).
+   */
+  attachReclaimer(reclaim: (mib: number) => void): void {
+    this.reclaim = reclaim;
+  }
+
+  /** MiB by which `more` would put sandboxes and holds over the budget, after reclaiming. */
+  private overBy(more: number, replacing = 0): number {
+    const over = () =>
+      this.usage().chargedMib + this.heldMib() - replacing + more - this.limits.memoryBudgetMib;
+    if (over() > 0) this.reclaim(over());
+    return over();
   }
 
   /** The warm pool tells how much it holds (ready and being restored). */
@@ -59,8 +93,15 @@ export class Admission {
    * Hold charges for new sandboxes `ids`, all of one shape and owner, or throw saying
    * which limit they would cross. Nothing is held if any limit fails.
    */
-  admit(ids: readonly string[], owner: string | null, quota: KeyQuota, shape: VmShape): void {
+  admit(
+    ids: readonly string[],
+    owner: string | null,
+    quota: KeyQuota,
+    shape: VmShape,
+    hold?: { id: string; kind: HoldKind; mib: number },
+  ): void {
     const n = ids.length;
+    const extra = hold?.mib ?? 0;
     const host = this.usage();
     if (host.sandboxes + n > this.limits.maxSandboxes) {
       throw new OverLimitError(
@@ -75,18 +116,55 @@ export class Admission {
       );
     }
     const maxMem = quota.maxMemMib ?? this.limits.tenantMaxMemMib;
-    if (mine.memMib + n * shape.memSizeMib > maxMem) {
+    const mineHeld = this.heldMib({ owner, kind: "fork" });
+    if (mine.memMib + mineHeld + n * shape.memSizeMib + extra > maxMem) {
+      const forks =
+        mineHeld > 0 ? ` (${mineHeld} MiB of it behind forks until their last child ends)` : "";
+      const more = extra > 0 ? ` plus ${extra} MiB for the fork's memory` : "";
       throw new OverLimitError(
-        `your key may hold ${maxMem} MiB of sandbox memory and holds ${mine.memMib} MiB; ${n} more of ${shape.memSizeMib} MiB would exceed it: destroy some or ask for smaller ones (mem_size_mib)`,
+        `your key may hold ${maxMem} MiB of sandbox memory and holds ${mine.memMib + mineHeld} MiB${forks}; ${n} more of ${shape.memSizeMib} MiB${more} would exceed it: destroy some or ask for smaller ones (mem_size_mib)`,
       );
     }
-    const need = n * this.chargeMib(shape);
-    if (host.chargedMib + need > this.limits.memoryBudgetMib) {
+    const need = n * this.chargeMib(shape) + extra;
+    if (this.overBy(need) > 0) {
+      const held = this.heldMib();
       throw new NoCapacityError(
-        `the host's memory budget (${this.limits.memoryBudgetMib} MiB) cannot take ${n} more sandbox(es) of ${shape.memSizeMib} MiB now (${host.chargedMib} MiB held by sandboxes); retry later or ask for less memory`,
+        `the host's memory budget (${this.limits.memoryBudgetMib} MiB) cannot take ${n} more sandbox(es) of ${shape.memSizeMib} MiB now (${host.chargedMib} MiB held by sandboxes, ${held} MiB by templates and forks); retry later or ask for less memory`,
       );
     }
+    if (hold) this.holds_.set(hold.id, { owner, kind: hold.kind, mib: hold.mib });
     for (const id of ids) this.charges.set(id, { owner, memMib: shape.memSizeMib });
+  }
+
+  /**
+   * Hold `mib` of the budget for something that is no sandbox (a template, its build),
+   * or throw 503 if sandboxes and holds would exceed the budget. `id` replaces a hold of
+   * the same id (its size is then what is checked in addition).
+   */
+  hold(id: string, kind: HoldKind, mib: number, owner: string | null = null): void {
+    const before = this.holds_.get(id)?.mib ?? 0;
+    if (this.overBy(mib, before) > 0) {
+      const used = this.usage().chargedMib + this.heldMib() - before;
+      throw new NoCapacityError(
+        `the host's memory budget (${this.limits.memoryBudgetMib} MiB, ${used} MiB held by sandboxes, templates and forks) cannot take ${mib} MiB more for a ${kind.replace("_", " ")} now; retry later or ask for a shape (vcpu_count, mem_size_mib) in use already`,
+      );
+    }
+    this.holds_.set(id, { owner, kind, mib });
+  }
+
+  unhold(id: string): void {
+    this.holds_.delete(id);
+  }
+
+  /** MiB of holds, over all or those of one owner or kind. */
+  heldMib(filter: { owner?: string | null; kind?: HoldKind } = {}): number {
+    let mib = 0;
+    for (const h of this.holds_.values()) {
+      if (filter.owner !== undefined && h.owner !== filter.owner) continue;
+      if (filter.kind !== undefined && h.kind !== filter.kind) continue;
+      mib += h.mib;
+    }
+    return mib;
   }
 
   release(id: string): void {
@@ -117,11 +195,17 @@ export class Admission {
 
   /** Whether the pool may start restoring one more VM of this charge. */
   poolMayGrow(chargeMib: number): boolean {
-    return this.usage().chargedMib + this.poolMib() + chargeMib <= this.limits.memoryBudgetMib;
+    return (
+      this.usage().chargedMib + this.heldMib() + this.poolMib() + chargeMib <=
+      this.limits.memoryBudgetMib
+    );
   }
 
   /** MiB by which sandboxes plus pool exceed the budget (the pool gives back that much). */
   excessMib(): number {
-    return Math.max(0, this.usage().chargedMib + this.poolMib() - this.limits.memoryBudgetMib);
+    return Math.max(
+      0,
+      this.usage().chargedMib + this.heldMib() + this.poolMib() - this.limits.memoryBudgetMib,
+    );
   }
 }

@@ -73,4 +73,51 @@ describe("Admission", () => {
     a.reshape("a", { vcpuCount: 2, memSizeMib: 1024 });
     assert.equal(a.usage("k").memMib, 1024);
   });
+
+  it("counts holds (templates, forks) against the budget, and a fork's against its tenant", () => {
+    const a = new Admission({ ...limits, memoryBudgetMib: 2000, tenantMaxMemMib: 1500 });
+    a.hold("template:x", "template", 700);
+    assert.equal(a.heldMib(), 700);
+    assert.equal(a.usage().sandboxes, 0, "a hold is no sandbox");
+    a.admit(["a", "b"], "k", none, shape); // 1152 + 700 = 1852
+    assert.throws(() => a.hold("template_build:y", "template_build", 576), NoCapacityError);
+    assert.equal(a.heldMib(), 700, "a refused hold holds nothing");
+    // Re-holding an id replaces it: the new size is what is checked.
+    a.hold("template:x", "template", 800);
+    assert.equal(a.heldMib({ kind: "template" }), 800);
+    a.unhold("template:x");
+    // The fork's memory: the tenant's quota (1500) counts 2 x 512 held + 1 x 512 + 512 held.
+    assert.throws(
+      () => a.admit(["c"], "k", none, shape, { id: "fork:c", kind: "fork", mib: 512 }),
+      (err: Error) => err instanceof OverLimitError && /fork's memory/.test(err.message),
+    );
+    assert.equal(a.usage("k").sandboxes, 2, "nothing held after a refusal");
+    assert.equal(a.heldMib(), 0);
+    a.admit(["c"], "j", none, shape, { id: "fork:c", kind: "fork", mib: 200 });
+    assert.equal(a.heldMib({ owner: "j", kind: "fork" }), 200);
+    assert.equal(a.heldMib({ owner: "k", kind: "fork" }), 0);
+    // Holds count for the pool too.
+    assert.equal(a.excessMib(), Math.max(0, 3 * 576 + 200 - 2000));
+    a.unhold("fork:c");
+    assert.equal(a.heldMib(), 0);
+  });
+
+  it("asks for idle templates' room back before refusing for the budget", () => {
+    const a = new Admission({ ...limits, memoryBudgetMib: 2000 });
+    a.hold("template:idle", "template", 900);
+    a.hold("template:pinned", "template", 300);
+    const asked: number[] = [];
+    a.attachReclaimer((mib) => {
+      asked.push(mib);
+      a.unhold("template:idle"); // what the template manager does for an unused one
+    });
+    a.admit(["a", "b"], null, none, shape); // 1152 + 1200 > 2000: the idle one goes
+    assert.deepEqual(asked, [1152 + 1200 - 2000]);
+    assert.equal(a.heldMib(), 300);
+    assert.throws(
+      () => a.admit(["c"], null, none, shape),
+      NoCapacityError,
+      "nothing left to reclaim",
+    );
+  });
 });

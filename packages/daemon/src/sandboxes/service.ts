@@ -20,10 +20,12 @@ import type { VmShape } from "../vm/qemu-args.js";
 import type { Vm } from "../vm/vm.js";
 import type { Admission } from "./admission.js";
 import type { DiskGuard } from "./disk-guard.js";
+import { chainUsageMib, mayFork } from "./disk-quota.js";
 import {
   BadRequestError,
   FileNotFoundError,
   NoCapacityError,
+  OverLimitError,
   PodflareError,
   SandboxDeadError,
   SandboxNotFoundError,
@@ -42,6 +44,8 @@ export interface SandboxLimits {
   defaultSandboxTimeoutMs: number;
   maxSandboxTimeoutMs: number;
   maxUploadBytes: number;
+  /** Host disk (MiB) one sandbox may hold: its overlay plus its fork layers (disk-quota.ts). */
+  maxDiskMib?: number;
 }
 
 /**
@@ -86,8 +90,11 @@ export interface AcquiredVm {
 
 /** Where VMs come from (the warm pool). */
 export interface VmSource {
-  acquire(template: string, shape: VmShape): Promise<AcquiredVm>;
+  /** `owner`: the tenant asking (a new shape's template build is bounded per tenant). */
+  acquire(template: string, shape: VmShape, owner?: string | null): Promise<AcquiredVm>;
   fork(parent: Vm, n: number): Promise<{ children: Vm[]; pausedMs: number }>;
+  /** Merge a VM's fork layers into its overlay (frees the layers only it held). */
+  flatten?(vm: Vm): Promise<void>;
   templateNames(): readonly string[];
 }
 
@@ -167,7 +174,7 @@ export class SandboxService {
     try {
       this.store.insertSandbox(row);
       crashPoint("create:admitted");
-      ({ vm, pooled } = await this.source.acquire(template, shape));
+      ({ vm, pooled } = await this.source.acquire(template, shape, ownerOf(caller)));
       crashPoint("create:vm-started");
     } catch (err) {
       this.admission.release(id);
@@ -364,9 +371,16 @@ export class SandboxService {
     }
     const parent = this.readyVm(caller, id, "fork");
     await this.disk?.checkRoom("fork");
+    await this.checkDiskLimit(id, parent);
     const row = this.store.getSandbox(id) as SandboxRow;
     const ids = Array.from({ length: n }, newSandboxId);
-    this.admission.admit(ids, row.owner, caller?.quota ?? NO_QUOTA, parent.shape);
+    // The fork's memory file lives until its last child is gone (vm/fork.ts): its tenant's.
+    const forkHold = `fork:${ids[0]}`;
+    this.admission.admit(ids, row.owner, caller?.quota ?? NO_QUOTA, parent.shape, {
+      id: forkHold,
+      kind: "fork",
+      mib: parent.shape.memSizeMib,
+    });
     const now = Date.now();
     for (const childId of ids) {
       this.store.insertSandbox({
@@ -391,10 +405,37 @@ export class SandboxService {
         this.admission.release(childId);
         ignoreFailure(() => this.store.deleteSandbox(childId));
       }
+      this.admission.unhold(forkHold); // the children are destroyed: the memory is gone
       throw hostDiskError(err, "fork");
     }
+    // Each child maps the memory; it is freed once every child's QEMU has exited.
+    void Promise.all(children.map((vm) => vm.exited)).then(() => {
+      this.admission.unhold(forkHold);
+      this.log.info({ sandbox: id, forkHold }, "fork memory released: its last child ended");
+    });
     for (const [i, vm] of children.entries()) this.goLive(ids[i] as string, vm, row.expires_at);
     return ids;
+  }
+
+  /**
+   * A fork freezes the parent's disk into a layer its children share; past the per-sandbox
+   * disk limit the parent's layers are merged first (which frees those only it held), and
+   * if it is still over, the fork is refused: nothing is made.
+   */
+  private async checkDiskLimit(id: string, vm: Vm): Promise<void> {
+    const limit = this.limits.maxDiskMib;
+    if (limit === undefined) return;
+    let usage = await chainUsageMib(vm.disk.chain);
+    if (!mayFork(usage, limit) && vm.disk.chain.length > 1 && this.source.flatten) {
+      await this.source.flatten(vm);
+      usage = await chainUsageMib(vm.disk.chain);
+    }
+    if (!mayFork(usage, limit)) {
+      this.log.warn({ sandbox: id, usageMib: usage, limitMib: limit }, "fork refused: disk limit");
+      throw new OverLimitError(
+        `sandbox ${id} holds ${usage} MiB of host disk (its overlay plus the fork layers it keeps), over the per-sandbox limit of ${limit} MiB: it cannot be forked; write less to its disk, or fork from a sandbox that holds less`,
+      );
+    }
   }
 
   /**
