@@ -95,6 +95,9 @@ export interface QmpCommands {
   };
 }
 
+/** Commands whose reply's `return` is a list, not an object. */
+const LIST_RETURNS: ReadonlySet<string> = new Set<keyof QmpCommands>(["query-fdsets"]);
+
 interface Pending {
   command: string;
   resolve: (value: unknown) => void;
@@ -327,12 +330,18 @@ export class QmpClient extends EventEmitter {
     this.pending.delete(id);
     clearTimeout(pending.timer);
     if ("return" in m) {
-      // Every command podflare sends returns an object.
-      const ret = record(m.return);
+      // Every command podflare sends returns an object, but the few that return a list;
+      // their callers check each element (it is as hostile as the rest).
+      const list = LIST_RETURNS.has(pending.command);
+      const ret = list ? (Array.isArray(m.return) ? m.return : null) : record(m.return);
       if (ret) pending.resolve(ret);
       else
         pending.reject(
-          new QmpError(pending.command, "ProtocolError", "reply's return is not a JSON object"),
+          new QmpError(
+            pending.command,
+            "ProtocolError",
+            `reply's return is not a JSON ${list ? "array" : "object"}`,
+          ),
         );
     } else if (record(m.error)) {
       const e = record(m.error) ?? {};

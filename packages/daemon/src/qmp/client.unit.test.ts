@@ -193,6 +193,24 @@ describe("QMP client against a hostile QEMU", () => {
     assert.deepEqual(uncaught, []);
   });
 
+  it("a list-returning command (query-fdsets) takes only an array; every other one only an object", async () => {
+    const q = await hostileQemu((cmd) =>
+      JSON.stringify(
+        cmd.execute === "query-fdsets"
+          ? { return: [{ "fdset-id": 1, fds: [{ fd: 9, opaque: "ro" }] }], id: cmd.id }
+          : { return: [], id: cmd.id },
+      ),
+    );
+    assert.deepEqual(await q.client.execute("query-fdsets", {}, 2000), [
+      { "fdset-id": 1, fds: [{ fd: 9, opaque: "ro" }] },
+    ]);
+    await assert.rejects(q.client.execute("stop", {}, 2000), /not a JSON object/);
+    await q.close();
+    const r = await hostileQemu((cmd) => JSON.stringify({ return: { x: 1 }, id: cmd.id }));
+    await assert.rejects(r.client.execute("query-fdsets", {}, 2000), /not a JSON array/);
+    await r.close();
+  });
+
   it("hostile events and greetings are sanitised; a listener tripping over one closes QMP, not the daemon", async () => {
     const { client, reply } = pair();
     const events: QmpEvent[] = [];

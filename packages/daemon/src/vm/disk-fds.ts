@@ -71,10 +71,17 @@ export function newDiskState(): Pick<VmDisk, "nodes" | "topFdset" | "nextFdset">
  * closes a removed descriptor at once only then.
  */
 export async function settleFdsets(qmp: QmpClient, disk: VmDisk): Promise<void> {
-  for (const set of await qmp.execute("query-fdsets", {})) {
-    for (const fd of set.fds) {
-      if (set["fdset-id"] === disk.topFdset && fd.opaque === "ro") continue;
-      await qmp.execute("remove-fd", { "fdset-id": set["fdset-id"], fd: fd.fd });
+  // QEMU's reply is hostile like everything it sends: only well-formed entries count.
+  const sets: unknown[] = await qmp.execute("query-fdsets", {});
+  for (const set of sets) {
+    const s = set as { "fdset-id"?: unknown; fds?: unknown } | null;
+    const id = s?.["fdset-id"];
+    if (typeof id !== "number" || !Number.isSafeInteger(id) || !Array.isArray(s?.fds)) continue;
+    for (const entry of s.fds as unknown[]) {
+      const e = entry as { fd?: unknown; opaque?: unknown } | null;
+      if (typeof e?.fd !== "number" || !Number.isSafeInteger(e.fd)) continue;
+      if (id === disk.topFdset && e.opaque === "ro") continue;
+      await qmp.execute("remove-fd", { "fdset-id": id, fd: e.fd });
     }
   }
 }
