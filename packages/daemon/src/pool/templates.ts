@@ -6,7 +6,7 @@
  * share one build, other processes wait on a lock file.
  */
 import { createHash } from "node:crypto";
-import { access, chmod, mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
+import { access, chmod, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { AgentClient } from "../guest/agent-client.js";
 import type { GuestImage } from "../image/build.js";
@@ -156,13 +156,15 @@ export class TemplateManager {
   private async load(key: string, shape: VmShape): Promise<TemplateFiles> {
     const files = this.filesOf(key, shape);
     const ready = join(this.dir, key, "meta.json");
+    // Checked before anything in it is trusted: a template planted in a directory someone
+    // else made would hand every clone their memory and device state.
+    // VMs under their own uids (the template's own, while it is built) pass through it;
+    // refused if it is a link, someone else's or writable by others (util/safe-dir.ts).
+    this.engine.makeDir(this.dir, "the templates directory (PODFLARE_TEMPLATES_DIR)");
     if (await exists(ready)) {
       await this.exposeTemplate(key);
       return files;
     }
-    await mkdir(this.dir, { recursive: true, mode: 0o700 });
-    // VMs under their own uids (the template's own, while it is built) pass through it.
-    await chmod(this.dir, this.engine.uids ? 0o711 : 0o700);
     return withFileLock(join(this.dir, `.lock-${key}`), async () => {
       if (!(await exists(ready))) {
         await this.build(key, shape);

@@ -2,6 +2,7 @@
  * The daemon's durable state in SQLite (better-sqlite3: synchronous, so each statement is
  * atomic with respect to the event loop). Schema migrations are numbered by user_version.
  */
+import { closeSync, constants, fchmodSync, fstatSync, openSync } from "node:fs";
 import Database from "better-sqlite3";
 import type { SandboxState } from "../sandboxes/lifecycle.js";
 
@@ -50,10 +51,40 @@ const MIGRATIONS: string[] = [
    );`,
 ];
 
+/**
+ * The database and its -wal and -shm are the daemon's alone (0600: they hold key hashes
+ * and every tenant's sandboxes). The database is created 0600 before SQLite opens it
+ * (SQLite gives -wal and -shm the database's mode), and files an older run left with a
+ * wider mode are narrowed. No link is followed.
+ */
+function privateFiles(path: string): void {
+  const { O_RDONLY, O_WRONLY, O_CREAT, O_NOFOLLOW } = constants;
+  for (const [file, create] of [
+    [path, true],
+    [`${path}-wal`, false],
+    [`${path}-shm`, false],
+  ] as const) {
+    let fd: number;
+    try {
+      fd = openSync(file, create ? O_WRONLY | O_CREAT | O_NOFOLLOW : O_RDONLY | O_NOFOLLOW, 0o600);
+    } catch (err) {
+      if (!create && (err as NodeJS.ErrnoException).code === "ENOENT") continue;
+      throw new Error(`cannot open the database file ${file}: ${(err as Error).message}`);
+    }
+    try {
+      if (!fstatSync(fd).isFile()) throw new Error(`${file} is not a regular file`);
+      fchmodSync(fd, 0o600);
+    } finally {
+      closeSync(fd);
+    }
+  }
+}
+
 export class Store {
   readonly db: Database.Database;
 
   constructor(path: string) {
+    if (path !== ":memory:" && path !== "") privateFiles(path);
     this.db = new Database(path);
     this.db.pragma("journal_mode = WAL");
     this.db.pragma("synchronous = NORMAL");
