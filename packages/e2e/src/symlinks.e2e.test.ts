@@ -60,7 +60,7 @@ async function attacker(
   argv: string[],
   script: string,
   args: string[],
-): Promise<{ stop(): Promise<Record<string, unknown>> }> {
+): Promise<{ stop(): Promise<Record<string, unknown>>; kill(): void }> {
   const [cmd, ...rest] = argv as [string, ...string[]];
   const child: ChildProcess = spawn(cmd, [...rest, "-c", script, ...args], {
     stdio: ["ignore", "pipe", "pipe"],
@@ -79,6 +79,10 @@ async function attacker(
     return out.startsWith("ready\n");
   });
   return {
+    kill: () => {
+      // SIGTERM: the fork watcher then kills the attacker it runs as a VM uid.
+      if (child.exitCode === null && child.signalCode === null) child.kill("SIGTERM");
+    },
     stop: async () => {
       child.kill("SIGTERM");
       const code = await exited;
@@ -119,12 +123,17 @@ print(json.dumps(stats), flush=True)
  */
 const ATTACK_FORKS = `
 import errno, json, os, signal, sys, time
-forks, canary, canary_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+forks, canary, canary_dir, swap = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "swap"
 stop = False
 def end(*_):
     global stop
     stop = True
-signal.signal(signal.SIGTERM, end)
+current = [None]
+def end_all(*_):
+    end()
+    if current[0]:
+        os.kill(current[0], signal.SIGKILL)
+signal.signal(signal.SIGTERM, end_all)
 print("ready", flush=True)
 def attack(fdir):
     res = {"uid": os.getuid(), "planted": [], "swapped": 0, "errors": {}}
@@ -132,7 +141,8 @@ def attack(fdir):
     def note(e):
         code = errno.errorcode.get(e.errno, str(e.errno))
         res["errors"][code] = res["errors"].get(code, 0) + 1
-    while os.path.lexists(fdir):
+    deadline = time.time() + 600
+    while os.path.lexists(fdir) and time.time() < deadline:
         for name in ("state", "clone.qcow2", "save.sock", "mem", "receiver.qcow2", "console.log", "qemu.pid", "planted"):
             try:
                 os.symlink(canary, os.path.join(fdir, name))
@@ -142,7 +152,7 @@ def attack(fdir):
         sock = os.path.join(rcv, "transfer.sock")
         try:
             st = os.lstat(sock)
-            if (st.st_mode & 0o170000) == 0o140000:
+            if swap and (st.st_mode & 0o170000) == 0o140000:
                 os.unlink(sock)
                 os.symlink(canary, sock)
                 res["swapped"] += 1
@@ -176,12 +186,14 @@ while not stop:
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.close(r)
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
             os.write(w, json.dumps(attack(fdir)).encode())
             os._exit(0)
+        current[0] = pid
         os.close(w)
         data = b""
         while True:
@@ -190,6 +202,7 @@ while not stop:
                 break
             data += chunk
         os.waitpid(pid, 0)
+        current[0] = None
         results.append(json.loads(data or b"{}"))
 print(json.dumps({"forks": results}), flush=True)
 `;
@@ -215,12 +228,10 @@ describe("no root-followed links", { skip: !root && "needs root (per-VM uids)" }
   it("the console log rotates under a VM uid planting links in its directory", async () => {
     const canary = await makeCanary();
     const box = await Sandbox.create({ host: d.url });
+    const attackers: { kill(): void }[] = [];
     try {
       const vm = await vmOf(d, box);
       assert.notEqual(vm.uid, 0, "the VM runs under its own uid");
-      const dirSt = await stat(vm.dir);
-      assert.equal(dirSt.uid, 0, "the VM's directory is the daemon's");
-      assert.equal(dirSt.mode & 0o022, 0);
       const plant = await attacker(
         [
           "setpriv",
@@ -235,6 +246,7 @@ describe("no root-followed links", { skip: !root && "needs root (per-VM uids)" }
         PLANT_IN_VM_DIR,
         [vm.dir, canary.file],
       );
+      attackers.push(plant);
       // Guest output the daemon writes to console.log: 400 KB, a rotation every 4 KiB.
       const r = await box.runCode(
         "with open('/dev/console', 'w') as f:\n    for i in range(2000):\n        f.write(f'spew {i:06d} ' + 'x' * 180 + '\\n'); f.flush()\nprint('done')",
@@ -255,6 +267,10 @@ describe("no root-followed links", { skip: !root && "needs root (per-VM uids)" }
       const stats = await plant.stop();
       console.log(`symlinks: console attacker ${JSON.stringify(stats)}`);
       assert.equal(stats.uid, vm.uid);
+      await canary.check(); // first: what a followed link would have done
+      const dirSt = await stat(vm.dir);
+      assert.equal(dirSt.uid, 0, "the VM's directory is the daemon's");
+      assert.equal(dirSt.mode & 0o022, 0);
       assert.ok((stats.attempts as number) > 1000, "the attacker kept trying");
       assert.deepEqual(stats.planted, [], "the VM's uid could plant no link in its directory");
       assert.ok(((stats.errors as Record<string, number>).EACCES ?? 0) > 0, "refused: EACCES");
@@ -287,51 +303,63 @@ describe("no root-followed links", { skip: !root && "needs root (per-VM uids)" }
       });
       await canary.check();
     } finally {
+      for (const a of attackers) a.kill();
       await box.close().catch(() => {});
       await rm(canary.dir, { recursive: true, force: true });
     }
   });
 
-  it("a fork under a receiver uid planting links and swapping its socket follows none", async () => {
-    const canary = await makeCanary();
-    const parent = await Sandbox.create({ host: d.url });
-    const children: Sandbox[] = [];
-    try {
-      await parent.runCode("x = 'parent'");
-      const forks = d.daemon.engine.forksDir;
-      const watch = await attacker(["/usr/bin/python3"], ATTACK_FORKS, [
-        forks,
-        canary.file,
-        canary.dir,
-      ]);
-      let outcome: string;
+  for (const mode of ["plant", "swap"] as const)
+    it(`a fork under a receiver uid planting links${mode === "swap" ? " and swapping its socket" : ""} follows none`, async () => {
+      const canary = await makeCanary();
+      const parent = await Sandbox.create({ host: d.url });
+      const children: Sandbox[] = [];
+      const attackers: { kill(): void }[] = [];
       try {
-        children.push(...(await parent.fork(1)));
-        outcome = "forked";
-      } catch (err) {
-        assert.ok(err instanceof PodflareError, `a clean API error, not ${String(err)}`);
-        assert.ok(!(err instanceof ConnectionError), "the daemon kept its connection");
-        outcome = `failed cleanly: ${(err as PodflareError).code}: ${(err as Error).message.slice(0, 200)}`;
+        await parent.runCode("x = 'parent'");
+        const forks = d.daemon.engine.forksDir;
+        const watch = await attacker(["/usr/bin/python3"], ATTACK_FORKS, [
+          forks,
+          canary.file,
+          canary.dir,
+          mode,
+        ]);
+        attackers.push(watch);
+        let outcome: string;
+        try {
+          children.push(...(await parent.fork(1)));
+          outcome = "forked";
+        } catch (err) {
+          assert.ok(err instanceof PodflareError, `a clean API error, not ${String(err)}`);
+          assert.ok(!(err instanceof ConnectionError), "the daemon kept its connection");
+          outcome = `failed cleanly: ${(err as PodflareError).code}: ${(err as Error).message.slice(0, 200)}`;
+        }
+        const stats = await watch.stop();
+        console.log(`symlinks: fork (${mode}) ${outcome}; attacker ${JSON.stringify(stats)}`);
+        if (mode === "plant")
+          assert.equal(outcome, "forked", "links it cannot plant do not stop a fork");
+        const results = stats.forks as { uid: number; planted: string[]; swapped: number }[];
+        assert.equal(results.length, 1, "the attacker found the fork and attacked it");
+        const [res] = results;
+        assert.ok(res && res.uid !== 0 && res.uid >= d.config.vmUidBase, "as a VM uid");
+        await canary.check();
+        assert.deepEqual(res.planted, [], "no link could be planted where root writes");
+        await eventually("the fork's directory to be removed", async () => {
+          return (await listDir(forks)).length === 0;
+        });
+        for (const child of children)
+          assert.equal((await child.runCode("print(x)")).stdout, "parent\n");
+        assert.equal(
+          (await parent.runCode("print(x)")).stdout,
+          "parent\n",
+          "the parent still works",
+        );
+      } finally {
+        for (const a of attackers) a.kill();
+        await Promise.all([...children, parent].map((s) => s.close().catch(() => {})));
+        await rm(canary.dir, { recursive: true, force: true });
       }
-      await eventually("the fork's directory to be removed", async () => {
-        return (await listDir(forks)).length === 0;
-      });
-      const stats = await watch.stop();
-      console.log(`symlinks: fork ${outcome}; attacker ${JSON.stringify(stats)}`);
-      const results = stats.forks as { uid: number; planted: string[]; swapped: number }[];
-      assert.equal(results.length, 1, "the attacker found the fork and attacked it");
-      const [res] = results;
-      assert.ok(res && res.uid !== 0 && res.uid >= d.config.vmUidBase, "as a VM uid");
-      assert.deepEqual(res.planted, [], "no link could be planted where root writes");
-      await canary.check();
-      for (const child of children)
-        assert.equal((await child.runCode("print(x)")).stdout, "parent\n");
-      assert.equal((await parent.runCode("print(x)")).stdout, "parent\n", "the parent still works");
-    } finally {
-      await Promise.all([...children, parent].map((s) => s.close().catch(() => {})));
-      await rm(canary.dir, { recursive: true, force: true });
-    }
-  });
+    });
 });
 
 describe("daemon directories are created safely", () => {
