@@ -81,12 +81,12 @@ export async function prepareEngine(
  * else 0700.
  */
 function ensureStateDir(config: Config): void {
-  const perVmUids = process.getuid?.() === 0 && (config.vmUidBase ?? 0) > 0;
-  ensureSafeDir(
-    config.stateDir,
-    perVmUids ? 0o711 : 0o700,
-    "the state directory (PODFLARE_STATE_DIR)",
-  );
+  ensureSafeDir(config.stateDir, daemonDirMode(config), "the state directory (PODFLARE_STATE_DIR)");
+}
+
+/** The mode of the daemon's directories for this configuration (the engine's `dirMode`). */
+export function daemonDirMode(config: Pick<Config, "vmUidBase">): number {
+  return process.getuid?.() === 0 && (config.vmUidBase ?? 0) > 0 ? 0o711 : 0o700;
 }
 
 /** Opens the database; refuses to expose an unauthenticated API beyond this host. */
