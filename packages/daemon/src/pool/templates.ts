@@ -156,10 +156,9 @@ export class TemplateManager {
   private async load(key: string, shape: VmShape): Promise<TemplateFiles> {
     const files = this.filesOf(key, shape);
     const ready = join(this.dir, key, "meta.json");
-    // Checked before anything in it is trusted: a template planted in a directory someone
-    // else made would hand every clone their memory and device state.
-    // VMs under their own uids (the template's own, while it is built) pass through it;
-    // refused if it is a link, someone else's or writable by others (util/safe-dir.ts).
+    // Checked before anything in it is trusted (util/safe-dir.ts): a template planted in a
+    // directory someone else made would hand every clone their memory and device state.
+    // VMs under their own uids (the template's own, while it is built) pass through it.
     this.engine.makeDir(this.dir, "the templates directory (PODFLARE_TEMPLATES_DIR)");
     if (await exists(ready)) {
       await this.exposeTemplate(key);

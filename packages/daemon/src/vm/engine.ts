@@ -8,6 +8,7 @@ import {
   chmod,
   chown,
   copyFile,
+  lchown,
   lstat,
   mkdir,
   readdir,
@@ -659,5 +660,5 @@ async function chownTree(path: string, uid: number, gid: number): Promise<void> 
   if (!st) return;
   if (st.isDirectory())
     for (const entry of await readdir(path)) await chownTree(join(path, entry), uid, gid);
-  if (!st.isSymbolicLink()) await chown(path, uid, gid);
+  if (!st.isSymbolicLink()) await lchown(path, uid, gid);
 }

@@ -31,7 +31,6 @@ export async function forkVm(
     throw new Error(`VM ${parent.id} was cold-booted and cannot be forked`);
   const dir = join(engine.forksDir, `fork_${randomBytes(6).toString("hex")}`);
   engine.makeDir(dir); // the daemon's: the receiver writes only in its socketDir below
-
   let receiver: Receiver | null = null;
   try {
     const template = await withDisk(parent.disk, async () => {
