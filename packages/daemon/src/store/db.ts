@@ -2,7 +2,7 @@
  * The daemon's durable state in SQLite (better-sqlite3: synchronous, so each statement is
  * atomic with respect to the event loop). Schema migrations are numbered by user_version.
  */
-import { closeSync, constants, fchmodSync, fstatSync, openSync } from "node:fs";
+import { chmodSync, closeSync, constants, lstatSync, openSync, type Stats } from "node:fs";
 import Database from "better-sqlite3";
 import type { SandboxState } from "../sandboxes/lifecycle.js";
 
@@ -55,28 +55,35 @@ const MIGRATIONS: string[] = [
  * The database and its -wal and -shm are the daemon's alone (0600: they hold key hashes
  * and every tenant's sandboxes). The database is created 0600 before SQLite opens it
  * (SQLite gives -wal and -shm the database's mode), and files an older run left with a
- * wider mode are narrowed. No link is followed.
+ * wider mode are narrowed; a link in their place is refused. Existing files are changed
+ * by path, never opened: closing any descriptor of a file drops every POSIX lock this
+ * process holds on it, which would break another connection's (SQLite's) locking.
  */
 function privateFiles(path: string): void {
-  const { O_RDONLY, O_WRONLY, O_CREAT, O_NOFOLLOW } = constants;
-  for (const [file, create] of [
-    [path, true],
-    [`${path}-wal`, false],
-    [`${path}-shm`, false],
-  ] as const) {
-    let fd: number;
-    try {
-      fd = openSync(file, create ? O_WRONLY | O_CREAT | O_NOFOLLOW : O_RDONLY | O_NOFOLLOW, 0o600);
-    } catch (err) {
-      if (!create && (err as NodeJS.ErrnoException).code === "ENOENT") continue;
-      throw new Error(`cannot open the database file ${file}: ${(err as Error).message}`);
+  for (const file of [path, `${path}-wal`, `${path}-shm`]) {
+    let st = lstatOrNull(file);
+    if (!st && file === path) {
+      try {
+        const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW } = constants;
+        closeSync(openSync(file, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600));
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+      }
+      st = lstatOrNull(file);
     }
-    try {
-      if (!fstatSync(fd).isFile()) throw new Error(`${file} is not a regular file`);
-      fchmodSync(fd, 0o600);
-    } finally {
-      closeSync(fd);
-    }
+    if (!st) continue;
+    if (!st.isFile())
+      throw new Error(`the database file ${file} is not a regular file (a link?): remove it`);
+    if ((st.mode & 0o7777) !== 0o600) chmodSync(file, 0o600);
+  }
+}
+
+function lstatOrNull(path: string): Stats | null {
+  try {
+    return lstatSync(path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return null;
+    throw err;
   }
 }
 
