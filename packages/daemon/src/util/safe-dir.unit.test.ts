@@ -17,7 +17,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, it } from "node:test";
 import { ensureSafeDir, UnsafeDirError } from "./safe-dir.js";
-import { createExclusive, handSocketTo } from "./safe-file.js";
+import { createExclusive, handSocketTo, seizeTree } from "./safe-file.js";
 
 const root = process.geteuid?.() === 0;
 const OTHER_UID = 2_147_000_123; // no account: stands for "someone else"
@@ -177,5 +177,29 @@ describe("createExclusive and handSocketTo", () => {
     } finally {
       server.close();
     }
+  });
+});
+
+describe("seizeTree", () => {
+  it("takes a directory tree back top-down and follows no link in it", { skip: !root }, () => {
+    const dir = fresh();
+    mkdirSync(join(dir, "rcv", "sub"), { recursive: true });
+    const canaryDir = fresh();
+    mkdirSync(canaryDir, { mode: 0o755 });
+    chmodSync(canaryDir, 0o755);
+    chownSync(canaryDir, OTHER_UID, OTHER_UID);
+    symlinkSync(canaryDir, join(dir, "rcv", "evil"));
+    lchownSync(join(dir, "rcv", "evil"), OTHER_UID, OTHER_UID);
+    for (const p of [join(dir, "rcv"), join(dir, "rcv", "sub")]) {
+      chownSync(p, OTHER_UID, OTHER_UID);
+      chmodSync(p, 0o777);
+    }
+    seizeTree(join(dir, "rcv"));
+    for (const p of [join(dir, "rcv"), join(dir, "rcv", "sub")]) {
+      assert.equal(lstatSync(p).uid, 0, `${p} is root's again`);
+      assert.equal(modeOf(p), 0o700);
+    }
+    assert.equal(lstatSync(canaryDir).uid, OTHER_UID, "the link's target was not touched");
+    assert.equal(modeOf(canaryDir), 0o755);
   });
 });

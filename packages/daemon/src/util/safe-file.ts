@@ -12,8 +12,12 @@ import {
   fchmodSync,
   fchownSync,
   fstatSync,
+  lchownSync,
+  lstatSync,
   openSync,
+  readdirSync,
 } from "node:fs";
+import { join } from "node:path";
 
 /** Linux's O_PATH (not exported by Node): a descriptor that pins an inode without opening it. */
 const O_PATH = 0o10000000;
@@ -67,4 +71,23 @@ export function handSocketTo(
   } finally {
     closeSync(fd);
   }
+}
+
+/**
+ * Take a directory another uid could write back before removing it: owned by the daemon,
+ * mode 0700, top-down, so that nothing can add, rename or swap an entry while `rm -r`
+ * walks it (a live process of that uid would otherwise race the removal). `dir` must sit
+ * in a directory of the daemon's (its entry cannot be swapped); links are never followed.
+ */
+export function seizeTree(dir: string): void {
+  let st: ReturnType<typeof lstatSync>;
+  try {
+    st = lstatSync(dir);
+  } catch {
+    return;
+  }
+  if (!st.isDirectory()) return; // a file or link is unlinked by the removal, not followed
+  lchownSync(dir, process.geteuid?.() ?? 0, process.getegid?.() ?? 0);
+  chmodSync(dir, 0o700); // a real directory whose entry cannot be swapped: nothing followed
+  for (const entry of readdirSync(dir)) seizeTree(join(dir, entry));
 }

@@ -22,7 +22,7 @@ import type { GuestImage } from "../image/build.js";
 import { CleanupStack } from "../util/cleanup.js";
 import type { Logger } from "../util/logger.js";
 import { ensureSafeDir } from "../util/safe-dir.js";
-import { createExclusive } from "../util/safe-file.js";
+import { createExclusive, seizeTree } from "../util/safe-file.js";
 import { CgroupManager, QEMU_OVERHEAD_MIB, vmCgroupLimits } from "./cgroup.js";
 import { DiskLayers } from "./layers.js";
 import { freshMemFd, type MemFd, sealedCopy } from "./memfd.js";
@@ -511,6 +511,8 @@ export class VmEngine {
       const jail = await this.confine(cleanup, `rcv_${randomBytes(6).toString("hex")}`, shape);
       const socketDir = join(dir, "rcv");
       await mkdir(socketDir, { mode: 0o700 });
+      // Taken back (after the kill below) before the fork's directory is removed.
+      cleanup.defer("take back the receiver's directory", () => seizeTree(socketDir));
       await this.giveTo(socketDir, jail.creds, 0o711);
       await this.giveTo(rootDisk, jail.creds, 0o600);
       let memfd: MemFd | null = null;
