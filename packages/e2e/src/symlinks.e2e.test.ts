@@ -132,7 +132,7 @@ current = [None]
 def end_all(*_):
     end()
     if current[0]:
-        os.kill(current[0], signal.SIGKILL)
+        os.kill(current[0], signal.SIGTERM)  # it stops and reports
 signal.signal(signal.SIGTERM, end_all)
 print("ready", flush=True)
 def attack(fdir):
@@ -142,7 +142,7 @@ def attack(fdir):
         code = errno.errorcode.get(e.errno, str(e.errno))
         res["errors"][code] = res["errors"].get(code, 0) + 1
     deadline = time.time() + 600
-    while os.path.lexists(fdir) and time.time() < deadline:
+    while os.path.lexists(fdir) and time.time() < deadline and not stop:
         for name in ("state", "clone.qcow2", "save.sock", "mem", "receiver.qcow2", "console.log", "qemu.pid", "planted"):
             try:
                 os.symlink(canary, os.path.join(fdir, name))
@@ -186,7 +186,7 @@ while not stop:
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, end)
             os.close(r)
             os.setgroups([])
             os.setresgid(uid, uid, uid)
