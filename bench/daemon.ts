@@ -7,7 +7,7 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { mkdtemp, readdir, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { loadConfig, repoRoot } from "@podflare/daemon";
+import { daemonDirMode, ensureSafeDir, loadConfig, repoRoot } from "@podflare/daemon";
 
 export interface BenchDaemon {
   child: ChildProcess;
@@ -30,6 +30,12 @@ export async function benchDirs(
 }> {
   const state = await mkdtemp(join(tmpdir(), `${prefix}-`));
   const shm = join("/dev/shm", `${prefix}-${state.slice(-6)}`);
+  // A name known in advance in world-writable /dev/shm: made here, or refused when someone
+  // else made it first (the daemon checks it again, and the templates directory).
+  const mode = daemonDirMode(loadConfig());
+  ensureSafeDir(state, mode, "the bench state dir");
+  ensureSafeDir(shm, mode, "the bench shm dir");
+  if (templatesDir) ensureSafeDir(templatesDir, mode, "the shared bench templates dir");
   return {
     state,
     shm,

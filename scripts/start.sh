@@ -10,7 +10,13 @@ state=${PODFLARE_STATE_DIR:-/var/lib/podflare}
 port=${PODFLARE_PORT:-7070}
 host=${PODFLARE_BIND_HOST:-127.0.0.1}
 url="http://$host:$port"
-mkdir -p "$state"
+# The log and the pid file are the daemon's alone (the log names sandboxes, tenants and
+# errors): umask 077, and a log an older run left readable is narrowed. The state dir is
+# made 0700; the daemon opens it to 0711 itself when VMs run under uids of their own.
+umask 077
+[ -d "$state" ] || mkdir -p -m 0700 "$state"
+touch "$state/podflared.log"
+chmod 0600 "$state/podflared.log"
 if curl -fsS "$url/v1/healthz" >/dev/null 2>&1; then
   echo "podflared is already running at $url"
   exit 0

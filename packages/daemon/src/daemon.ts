@@ -2,7 +2,6 @@
  * Wiring of podflared: configuration -> image -> accelerator -> engine -> store ->
  * reconciliation -> service -> HTTP. Each part is built here and nowhere else.
  */
-import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
 import { buildServer } from "./api/server.js";
 import { Authenticator, isLoopback } from "./auth/authenticator.js";
@@ -19,6 +18,7 @@ import { SandboxService } from "./sandboxes/service.js";
 import { StreamBudget } from "./sandboxes/stream-budget.js";
 import { Store } from "./store/db.js";
 import type { Logger } from "./util/logger.js";
+import { ensureSafeDir } from "./util/safe-dir.js";
 import { type AccelDecision, chooseAccel, hostProbe, hostTscKhz } from "./vm/accel.js";
 import { VmEngine } from "./vm/engine.js";
 
@@ -37,7 +37,7 @@ export async function prepareEngine(
   config: Config,
   log: Logger,
 ): Promise<{ engine: VmEngine; accel: AccelDecision }> {
-  await mkdir(config.stateDir, { recursive: true, mode: 0o700 });
+  ensureStateDir(config);
   const image = await ensureImage({ imagesDir: config.imagesDir, guestDir: config.guestDir }, (m) =>
     log.info({ image: true }, m),
   );
@@ -76,6 +76,20 @@ export async function prepareEngine(
   return { engine: new VmEngine({ ...base, accel: accel.accel }), accel };
 }
 
+/**
+ * The state directory, the daemon's own (util/safe-dir.ts): 0711 when VMs run under uids
+ * of their own (they reach their disks below it by path, as the engine's directories),
+ * else 0700.
+ */
+function ensureStateDir(config: Config): void {
+  ensureSafeDir(config.stateDir, daemonDirMode(config), "the state directory (PODFLARE_STATE_DIR)");
+}
+
+/** The mode of the daemon's directories for this configuration (the engine's `dirMode`). */
+export function daemonDirMode(config: Pick<Config, "vmUidBase">): number {
+  return process.getuid?.() === 0 && (config.vmUidBase ?? 0) > 0 ? 0o711 : 0o700;
+}
+
 /** Opens the database; refuses to expose an unauthenticated API beyond this host. */
 function openStore(config: Config): { store: Store; auth: Authenticator } {
   const store = new Store(join(config.stateDir, "podflare.db"));
@@ -91,12 +105,19 @@ function openStore(config: Config): { store: Store; auth: Authenticator } {
 }
 
 export async function startDaemon(config: Config, log: Logger): Promise<Daemon> {
-  await mkdir(config.stateDir, { recursive: true, mode: 0o700 });
+  // Nothing the daemon creates is for anyone else unless it says so: the database, its
+  // -wal and -shm, the log (when it is a file), sockets, VM files. What VM uids must read
+  // (directories they pass, template disks, the image) gets its mode explicitly.
+  process.umask(0o077);
+  ensureStateDir(config);
   const { store, auth } = openStore(config);
   let engine: VmEngine;
   let accel: AccelDecision;
   try {
     ({ engine, accel } = await prepareEngine(config, log));
+    // Refuse to start over a planted or foreign shm or templates directory.
+    engine.makeDir(config.shmDir, "the shm directory (PODFLARE_SHM_DIR)");
+    engine.makeDir(config.templatesDir, "the templates directory (PODFLARE_TEMPLATES_DIR)");
   } catch (err) {
     store.close();
     throw err;

@@ -1,10 +1,11 @@
 export { Authenticator, isLoopback } from "./auth/authenticator.js";
 export { type ApiKeyRecord, KeyStore } from "./auth/keys.js";
 export { type Config, loadConfig, repoRoot } from "./config/config.js";
-export { type Daemon, prepareEngine, startDaemon } from "./daemon.js";
+export { type Daemon, daemonDirMode, prepareEngine, startDaemon } from "./daemon.js";
 export type { ExecEvent } from "./guest/agent-client.js";
 export { ensureImage, type GuestImage } from "./image/build.js";
 export { qemuVersion, TemplateManager, templateKey } from "./pool/templates.js";
 export { Store } from "./store/db.js";
 export { CRASH_POINTS } from "./util/crash-points.js";
 export { createLogger, type Logger, silentLogger } from "./util/logger.js";
+export { ensureSafeDir, UnsafeDirError } from "./util/safe-dir.js";

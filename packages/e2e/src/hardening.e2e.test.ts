@@ -149,8 +149,10 @@ describe("hardening", () => {
       assert.equal(await mode(D().daemon.engine.layers.dir), 0o700);
       for (const vmDir of await listDir(D().daemon.engine.vmsDir)) {
         const st = await stat(join(D().daemon.engine.vmsDir, vmDir));
-        assert.equal(st.mode & 0o777, 0o700, `${vmDir} is private`);
-        if (root) assert.notEqual(st.uid, 0, `${vmDir} belongs to its VM`);
+        assert.equal(st.mode & 0o777, traverse, `${vmDir} is traversable at most`);
+        // The daemon's: its VM may reach its files but create, rename or remove none
+        // (packages/e2e/src/symlinks.e2e.test.ts plants links there).
+        assert.equal(st.uid, process.geteuid?.(), `${vmDir} belongs to the daemon`);
       }
       for (const layer of await listDir(D().daemon.engine.layers.dir)) {
         const m = await mode(join(D().daemon.engine.layers.dir, layer));

@@ -10,6 +10,8 @@ import {
   type Config,
   createLogger,
   type Daemon,
+  daemonDirMode,
+  ensureSafeDir,
   loadConfig,
   repoRoot,
   startDaemon,
@@ -22,7 +24,7 @@ export const TEMPLATES_DIR =
 
 export async function testConfig(overrides: Partial<Config> = {}): Promise<Config> {
   const stateDir = overrides.stateDir ?? (await mkdtemp(join(tmpdir(), "podflare-test-")));
-  return loadConfig({
+  const config = loadConfig({
     stateDir,
     imagesDir: IMAGES_DIR,
     shmDir: join("/dev/shm", `podflare-test-${stateDir.slice(-6)}`),
@@ -33,6 +35,12 @@ export async function testConfig(overrides: Partial<Config> = {}): Promise<Confi
     logLevel: process.env.PODFLARE_TEST_LOG ?? "warn",
     ...overrides,
   });
+  // Their names are known in advance in world-writable /dev/shm: made here, or refused
+  // when someone else made them first (a test that plants one passes its own).
+  if (!overrides.shmDir) ensureSafeDir(config.shmDir, daemonDirMode(config), "the test shm dir");
+  if (!overrides.templatesDir)
+    ensureSafeDir(config.templatesDir, daemonDirMode(config), "the shared test templates dir");
+  return config;
 }
 
 export interface TestDaemon {

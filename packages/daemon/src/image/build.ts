@@ -20,6 +20,7 @@ import { join } from "node:path";
 import { CleanupStack } from "../util/cleanup.js";
 import { withFileLock } from "../util/lock.js";
 import { run } from "../util/run.js";
+import { ensureSafeDir } from "../util/safe-dir.js";
 import {
   DEBIAN_SUITE,
   DPKG_EXCLUDES,
@@ -153,9 +154,22 @@ export async function ensureImage(
   const manifest = join(image.dir, "manifest.json");
   if (await exists(manifest)) return image;
 
-  await mkdir(opts.imagesDir, { recursive: true });
+  // VM uids read the kernel, initrd and root disk by path: traversable and readable by all,
+  // writable by the daemon alone (refused if it is a link or someone else's).
+  ensureSafeDir(opts.imagesDir, 0o755, "the images directory (PODFLARE_IMAGES_DIR)");
   return withFileLock(join(opts.imagesDir, `.lock-${key}`), async () => {
     if (await exists(manifest)) return image; // another builder finished while we waited
+    // The daemon runs with umask 077; the image is for every VM uid (and its root tree
+    // keeps the modes a Debian system expects), so it is built with the usual 022.
+    const umask = process.umask(0o022);
+    try {
+      return await build();
+    } finally {
+      process.umask(umask);
+    }
+  });
+
+  async function build(): Promise<GuestImage> {
     await checkTools();
     const started = Date.now();
     progress(`building guest image ${key} (kernel ${kernelPackage.name} ${kernelPackage.version})`);
@@ -180,7 +194,7 @@ export async function ensureImage(
     } finally {
       await cleanup.unwind();
     }
-  });
+  }
 }
 
 /** Remove all but the newest images (running VMs keep their open files). */

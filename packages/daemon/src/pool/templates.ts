@@ -20,17 +20,7 @@
  */
 import { createHash } from "node:crypto";
 import { existsSync, rmSync } from "node:fs";
-import {
-  access,
-  chmod,
-  mkdir,
-  readdir,
-  readFile,
-  rename,
-  rm,
-  stat,
-  writeFile,
-} from "node:fs/promises";
+import { access, chmod, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { AgentClient } from "../guest/agent-client.js";
 import type { GuestImage } from "../image/build.js";
@@ -454,9 +444,10 @@ export class TemplateManager {
     await Promise.all(this.evicting); // an eviction of this key finishes before it is rebuilt
     const files = this.filesOf(key, shape);
     const ready = join(this.dir, key, "meta.json");
-    await mkdir(this.dir, { recursive: true, mode: 0o700 });
+    // Checked before anything in it is trusted (util/safe-dir.ts): a template planted in a
+    // directory someone else made would hand every clone their memory and device state.
     // VMs under their own uids (the template's own, while it is built) pass through it.
-    await chmod(this.dir, this.engine.uids ? 0o711 : 0o700);
+    this.engine.makeDir(this.dir, "the templates directory (PODFLARE_TEMPLATES_DIR)");
     return withFileLock(join(this.dir, `.lock-${key}`), async () => {
       // The lease first, under the lock: another daemon's eviction sees it and keeps the files.
       await writeFile(this.leasePath(key), "", { mode: 0o600 });

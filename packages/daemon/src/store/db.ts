@@ -2,6 +2,7 @@
  * The daemon's durable state in SQLite (better-sqlite3: synchronous, so each statement is
  * atomic with respect to the event loop). Schema migrations are numbered by user_version.
  */
+import { chmodSync, closeSync, constants, lstatSync, openSync, type Stats } from "node:fs";
 import Database from "better-sqlite3";
 import type { SandboxState } from "../sandboxes/lifecycle.js";
 
@@ -50,10 +51,47 @@ const MIGRATIONS: string[] = [
    );`,
 ];
 
+/**
+ * The database and its -wal and -shm are the daemon's alone (0600: they hold key hashes
+ * and every tenant's sandboxes). The database is created 0600 before SQLite opens it
+ * (SQLite gives -wal and -shm the database's mode), and files an older run left with a
+ * wider mode are narrowed; a link in their place is refused. Existing files are changed
+ * by path, never opened: closing any descriptor of a file drops every POSIX lock this
+ * process holds on it, which would break another connection's (SQLite's) locking.
+ */
+function privateFiles(path: string): void {
+  for (const file of [path, `${path}-wal`, `${path}-shm`]) {
+    let st = lstatOrNull(file);
+    if (!st && file === path) {
+      try {
+        const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW } = constants;
+        closeSync(openSync(file, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600));
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+      }
+      st = lstatOrNull(file);
+    }
+    if (!st) continue;
+    if (!st.isFile())
+      throw new Error(`the database file ${file} is not a regular file (a link?): remove it`);
+    if ((st.mode & 0o7777) !== 0o600) chmodSync(file, 0o600);
+  }
+}
+
+function lstatOrNull(path: string): Stats | null {
+  try {
+    return lstatSync(path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return null;
+    throw err;
+  }
+}
+
 export class Store {
   readonly db: Database.Database;
 
   constructor(path: string) {
+    if (path !== ":memory:" && path !== "") privateFiles(path);
     this.db = new Database(path);
     this.db.pragma("journal_mode = WAL");
     this.db.pragma("synchronous = NORMAL");

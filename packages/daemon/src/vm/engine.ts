@@ -3,11 +3,12 @@
  * acquires registers its undo step at once, so a failed boot leaves nothing behind.
  */
 import { createHash, randomBytes } from "node:crypto";
-import { closeSync, constants, openSync, statSync } from "node:fs";
+import { closeSync, constants, openSync, rmSync, statSync } from "node:fs";
 import {
   chmod,
   chown,
   copyFile,
+  lchown,
   lstat,
   mkdir,
   readdir,
@@ -20,6 +21,8 @@ import { AgentClient, AgentError } from "../guest/agent-client.js";
 import type { GuestImage } from "../image/build.js";
 import { CleanupStack } from "../util/cleanup.js";
 import type { Logger } from "../util/logger.js";
+import { ensureSafeDir } from "../util/safe-dir.js";
+import { createExclusive, seizeTree } from "../util/safe-file.js";
 import { CgroupManager, QEMU_OVERHEAD_MIB, vmCgroupLimits } from "./cgroup.js";
 import {
   closeFds,
@@ -152,25 +155,31 @@ export class VmEngine {
   }
 
   /**
-   * Our directories: private (0700), or traversable but not listable (0711) where VMs
-   * under their own uids must reach their files below them. Nothing is world-writable.
+   * The mode of our directories: private (0700), or traversable but not listable (0711)
+   * where VMs under their own uids must reach their files below them.
    */
+  get dirMode(): number {
+    return this.uids ? 0o711 : 0o700;
+  }
+
+  /**
+   * A directory of the daemon's (see util/safe-dir.ts: created with `dirMode`, or refused
+   * when what is there is a link, someone else's, or writable by others). No VM uid can
+   * create, rename or remove anything in it, so nothing the daemon writes there can be
+   * redirected by a link a compromised QEMU planted.
+   */
+  makeDir(dir: string, what?: string): string {
+    return ensureSafeDir(dir, this.dirMode, what);
+  }
+
+  /** Our directories. Nothing is writable by anyone but the daemon. */
   private ensureDirs(): Promise<void> {
     this.dirsReady ??= (async () => {
-      const mode = this.uids ? 0o711 : 0o700;
-      for (const dir of [
-        this.opts.stateDir,
-        this.vmsDir,
-        this.opts.shmDir,
-        this.vmMemDir,
-        this.forksDir,
-      ]) {
-        await mkdir(dir, { recursive: true, mode });
-        await chmod(dir, mode);
-      }
+      this.makeDir(this.opts.stateDir, "the state directory (PODFLARE_STATE_DIR)");
+      this.makeDir(this.opts.shmDir, "the shm directory (PODFLARE_SHM_DIR)");
+      for (const dir of [this.vmsDir, this.vmMemDir, this.forksDir]) this.makeDir(dir);
       // Disk layers hold tenants' data and reach QEMU as fds (disk-fds.ts): root's alone.
-      await mkdir(this.layers.dir, { recursive: true, mode: 0o700 });
-      await chmod(this.layers.dir, 0o700);
+      ensureSafeDir(this.layers.dir, 0o700);
     })();
     this.dirsReady.catch(() => {
       this.dirsReady = null;
@@ -294,7 +303,7 @@ export class VmEngine {
       accel,
       async (cleanup, dir, _disk, jail) => {
         const memPath = options.keepFiles?.memPath ?? this.memPath(id);
-        await mkdir(dirname(memPath), { recursive: true, mode: 0o700 });
+        this.makeDir(dirname(memPath));
         if (!options.keepFiles)
           cleanup.defer("remove memory file", () => rm(memPath, { force: true }));
         // Made here, in the VM's size, and handed to its uid: QEMU creates nothing in a
@@ -429,7 +438,10 @@ export class VmEngine {
     const dir = keepDir ?? this.vmDir(id);
     try {
       await this.ensureDirs();
-      await mkdir(dir, { recursive: true, mode: 0o700 });
+      // The daemon's, not the VM's: QEMU needs no directory it can write (its pid file is
+      // made for it below), so the console log, saves and the removal of the directory
+      // cannot be redirected by a link it planted.
+      this.makeDir(dir);
       if (!keepDir)
         cleanup.defer("remove VM directory", () => rm(dir, { recursive: true, force: true }));
       const jail = await this.confine(cleanup, id, shape, nice);
@@ -437,7 +449,6 @@ export class VmEngine {
         // A template in the making: its files go back to the daemon when the VM ends.
         cleanup.defer("return the VM's files to the daemon", () => chownTree(dir, 0, 0));
       }
-      await this.giveTo(dir, jail.creds, 0o700);
       const disk: VmDisk = { chain: [], base: "", queue: Promise.resolve(), ...newDiskState() };
       const { qemu, agent } = await start(cleanup, dir, disk, jail);
       await agent.restore(
@@ -517,8 +528,9 @@ export class VmEngine {
 
   /**
    * A QEMU that only receives a VM's state into shared memory of its own (fork), under its
-   * own uid and cgroup like any VM. Its directory `dir` (made by the caller) becomes its
-   * own (0711: the parent's QEMU must reach the socket the receiver listens on). Under a
+   * own uid and cgroup like any VM. Its directory `dir` (made by the caller) stays the
+   * daemon's; it gets the subdirectory `socketDir` (its own, 0711: the parent's QEMU must
+   * reach the socket the receiver listens on), in which the daemon writes nothing. Under a
    * VM uid the memory is a fresh memfd, sealed against writes once the receiver is gone;
    * otherwise a file at `memPath`. `dispose` kills it and undoes everything.
    */
@@ -532,7 +544,12 @@ export class VmEngine {
     const cleanup = new CleanupStack();
     try {
       const jail = await this.confine(cleanup, `rcv_${randomBytes(6).toString("hex")}`, shape);
-      await this.giveTo(dir, jail.creds, 0o711);
+      const socketDir = join(dir, "rcv");
+      await mkdir(socketDir, { mode: 0o700 });
+      // Taken back (after the kill below) before the fork's directory is removed.
+      cleanup.defer("take back the receiver's directory", () => seizeTree(socketDir));
+      await this.giveTo(socketDir, jail.creds, 0o711);
+      // Its throwaway disk reaches it as an fd (disk-fds.ts), like every disk: root's.
       await chmod(rootDisk, 0o600);
       let memfd: MemFd | null = null;
       if (jail.creds) {
@@ -569,6 +586,7 @@ export class VmEngine {
       return {
         qemu,
         creds: jail.creds,
+        socketDir,
         memfd,
         // The memfd outlives the receiver: keep its undo step out of the stack's way.
         finish: async () => {
@@ -597,12 +615,17 @@ export class VmEngine {
     creds: QemuCredentials | null = null,
   ): QemuProcess {
     const { image } = this.opts;
+    // QEMU opens its pid file without creating it: made here, exclusively (no link is
+    // followed), and given to the VM's uid by descriptor.
+    const pidFile = join(dir, "qemu.pid");
+    rmSync(pidFile, { force: true });
+    createExclusive(pidFile, 0o600, creds);
     const args = buildQemuArgs({
       ...vm,
       kernel: image.kernel,
       initrd: image.initrd,
       tscKhz: this.opts.tscKhz,
-      pidFile: join(dir, "qemu.pid"),
+      pidFile,
     });
     return QemuProcess.spawn(
       this.opts.qemuBinary,
@@ -662,6 +685,8 @@ export class VmEngine {
 export interface Receiver {
   qemu: QemuProcess;
   creds: QemuCredentials | null;
+  /** The one directory it may write: where it listens for the parent's state. */
+  socketDir: string;
   /** Its guest memory when it runs under its own uid (null: the file at memPath). */
   memfd: MemFd | null;
   finish(): Promise<void>;
@@ -678,5 +703,5 @@ async function chownTree(path: string, uid: number, gid: number): Promise<void> 
   if (!st) return;
   if (st.isDirectory())
     for (const entry of await readdir(path)) await chownTree(join(path, entry), uid, gid);
-  if (!st.isSymbolicLink()) await chown(path, uid, gid);
+  if (!st.isSymbolicLink()) await lchown(path, uid, gid);
 }

@@ -8,7 +8,7 @@
  */
 
 import { randomBytes } from "node:crypto";
-import { chmod, mkdir, rm } from "node:fs/promises";
+import { chmod, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { crashPoint } from "../util/crash-points.js";
 import { addOverlayNode, settleFdsets } from "./disk-fds.js";
@@ -31,7 +31,7 @@ export async function forkVm(
   if (parent.disk.chain.length === 0)
     throw new Error(`VM ${parent.id} was cold-booted and cannot be forked`);
   const dir = join(engine.forksDir, `fork_${randomBytes(6).toString("hex")}`);
-  await mkdir(dir, { recursive: true, mode: 0o700 });
+  engine.makeDir(dir); // the daemon's: the receiver writes only in its socketDir below
   let receiver: Receiver | null = null;
   try {
     const template = await withDisk(parent.disk, async () => {
@@ -108,7 +108,14 @@ async function freeze(
       await chmod(frozen, 0o600);
 
       await receiver.qemu.qmp.connect();
-      await transferState(qmp, receiver.qemu.qmp, join(dir, "transfer.sock"), 120_000, creds);
+      await transferState(
+        qmp,
+        receiver.qemu.qmp,
+        join(receiver.socketDir, "transfer.sock"),
+        120_000,
+        creds,
+        receiver.creds?.uid ?? null,
+      );
       await saveDeviceState(
         receiver.qemu.qmp,
         join(dir, "state"),

@@ -3,18 +3,22 @@
  * copied: it lives in a shared memory file (x-ignore-shared), which becomes the frozen
  * template that clones map privately, copy-on-write.
  */
-import { createWriteStream } from "node:fs";
-import { chmod, chown, rm, stat } from "node:fs/promises";
+import { closeSync, constants, createWriteStream, openSync } from "node:fs";
+import { rm, stat } from "node:fs/promises";
 import { createServer } from "node:net";
 import { pipeline } from "node:stream/promises";
 import type { QmpClient } from "../qmp/client.js";
+import { handSocketTo } from "../util/safe-file.js";
 import { FD_INCOMING, type QemuCredentials } from "./qemu-args.js";
 
-/** Let only the QEMU running as `creds` connect to a unix socket (no-op without creds). */
-async function allowConnect(socketPath: string, creds: QemuCredentials | null): Promise<void> {
+/**
+ * Let only the QEMU running as `creds` connect to a unix socket (no-op without creds),
+ * made by `madeBy` (a uid): a link or anything else put in its place is refused, never
+ * followed.
+ */
+function allowConnect(socketPath: string, creds: QemuCredentials | null, madeBy: number): void {
   if (!creds) return;
-  await chown(socketPath, creds.uid, creds.gid);
-  await chmod(socketPath, 0o600);
+  handSocketTo(socketPath, creds, 0o600, madeBy);
 }
 
 const CAPABILITIES = [
@@ -36,11 +40,17 @@ export async function saveDeviceState(
   // QEMU 7.2 has no file: target, and exec: is barred under its seccomp sandbox; it
   // connects to our unix socket and we write what arrives to the file.
   await rm(socketPath, { force: true });
+  await rm(statePath, { force: true });
+  // Created here, exclusively and without following a link.
+  const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW } = constants;
+  const out = openSync(statePath, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
+  let streaming = false; // from the connection on, the write stream closes `out`
   const server = createServer();
   try {
     const received = new Promise<void>((resolve, reject) => {
       server.once("connection", (conn) => {
-        pipeline(conn, createWriteStream(statePath, { mode: 0o600 })).then(resolve, reject);
+        streaming = true;
+        pipeline(conn, createWriteStream("", { fd: out })).then(resolve, reject);
       });
       server.once("error", reject);
     });
@@ -48,7 +58,7 @@ export async function saveDeviceState(
       server.once("error", reject);
       server.listen(socketPath, resolve);
     });
-    await allowConnect(socketPath, creds);
+    allowConnect(socketPath, creds, process.geteuid?.() ?? 0);
     await migrate(
       qmp,
       () => qmp.execute("migrate", { uri: `unix:${socketPath}` }),
@@ -58,6 +68,7 @@ export async function saveDeviceState(
     await received;
   } finally {
     server.close();
+    if (!streaming) closeSync(out);
     await rm(socketPath, { force: true });
   }
   return (await stat(statePath)).size;
@@ -86,6 +97,8 @@ export async function transferState(
   timeoutMs = 120_000,
   /** The source QEMU's uid/gid: the receiver's listening socket is handed to it alone. */
   sourceCreds: QemuCredentials | null = null,
+  /** The receiver's uid: the socket must be its (the directory it listens in is its own). */
+  receiverUid: number | null = null,
 ): Promise<void> {
   await receiver.execute("migrate-set-capabilities", {
     capabilities: [{ capability: "events", state: true }],
@@ -97,7 +110,7 @@ export async function transferState(
   );
   received.catch(() => {});
   await receiver.execute("migrate-incoming", { uri: `unix:${socketPath}` });
-  await allowConnect(socketPath, sourceCreds);
+  if (sourceCreds) allowConnect(socketPath, sourceCreds, receiverUid ?? sourceCreds.uid);
   await source.execute("migrate-set-capabilities", {
     capabilities: [
       { capability: "x-ignore-shared", state: false },

@@ -5,8 +5,9 @@
  * the range, so a uid is claimed with a file created exclusively in a host-wide
  * directory; a claim whose daemon has died is taken over.
  */
-import { closeSync, mkdirSync, openSync, readFileSync, unlinkSync, writeSync } from "node:fs";
+import { closeSync, openSync, readFileSync, unlinkSync, writeSync } from "node:fs";
 import { join } from "node:path";
+import { ensureSafeDir } from "../util/safe-dir.js";
 
 export interface UidRange {
   base: number;
@@ -90,7 +91,7 @@ function pidAlive(pid: number): boolean {
 /** Claims as files `<dir>/<uid>` holding the claiming daemon's pid. */
 export class FileUidClaims implements UidClaims {
   constructor(private readonly dir: string) {
-    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    ensureSafeDir(dir, 0o700, "the VM uid claims directory");
   }
 
   claim(uid: number): boolean {
