@@ -18,7 +18,8 @@ class InvalidArgumentError(PodflareError):
 
 
 class AuthenticationError(PodflareError):
-    """401: no API key, or a wrong one (set PODFLARE_API_KEY)."""
+    """401: no API key, or a wrong one (set PODFLARE_API_KEY); 403: the daemon has no key
+    and this request did not address it by a loopback name (use http://127.0.0.1:7070)."""
 
 
 class NotFoundError(PodflareError):
@@ -56,6 +57,7 @@ class ConnectionError(PodflareError):  # noqa: A001 - mirrors the TypeScript SDK
 _BY_STATUS = {
     400: InvalidArgumentError,
     401: AuthenticationError,
+    403: AuthenticationError,
     404: NotFoundError,
     409: SandboxStateError,
     413: PayloadTooLargeError,

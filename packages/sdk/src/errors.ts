@@ -14,7 +14,10 @@ export class PodflareError extends Error {
 }
 /** 400: the request is malformed or a value is out of range. */
 export class InvalidArgumentError extends PodflareError {}
-/** 401: no API key, or a wrong one (set PODFLARE_API_KEY). */
+/**
+ * 401: no API key, or a wrong one (set PODFLARE_API_KEY); 403: the daemon has no key and
+ * this request did not address it by a loopback name (use http://127.0.0.1:7070).
+ */
 export class AuthenticationError extends PodflareError {}
 /** 404: no such sandbox (or not yours), or no such file. */
 export class NotFoundError extends PodflareError {}
@@ -36,6 +39,7 @@ export class ConnectionError extends PodflareError {}
 const BY_STATUS: Record<number, new (m: string, s: number, c: string) => PodflareError> = {
   400: InvalidArgumentError,
   401: AuthenticationError,
+  403: AuthenticationError,
   404: NotFoundError,
   409: SandboxStateError,
   413: PayloadTooLargeError,
