@@ -95,6 +95,9 @@ export interface QmpCommands {
   };
 }
 
+/** Commands whose reply's return is a list (its entries are still QEMU's, so hostile). */
+const LIST_RETURNS = new Set(["query-fdsets"]);
+
 interface Pending {
   command: string;
   resolve: (value: unknown) => void;
@@ -327,8 +330,9 @@ export class QmpClient extends EventEmitter {
     this.pending.delete(id);
     clearTimeout(pending.timer);
     if ("return" in m) {
-      // Every command podflare sends returns an object.
-      const ret = record(m.return);
+      // Every command podflare sends returns an object, but those in LIST_RETURNS (a list).
+      const ret =
+        LIST_RETURNS.has(pending.command) && Array.isArray(m.return) ? m.return : record(m.return);
       if (ret) pending.resolve(ret);
       else
         pending.reject(

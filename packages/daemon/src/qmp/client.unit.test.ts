@@ -171,6 +171,8 @@ describe("QMP client against a hostile QEMU", () => {
       let next = 0;
       const q = await hostileQemu((cmd) => {
         const make = replies[next++];
+        if (cmd.execute === "query-fdsets")
+          return JSON.stringify({ return: [{ "fdset-id": 1, fds: [] }], id: cmd.id });
         return make ? JSON.stringify(make(cmd.id)) : null;
       });
       const outcomes: string[] = [];
@@ -184,6 +186,9 @@ describe("QMP client against a hostile QEMU", () => {
         });
       }
       console.log(outcomes.join("\n"));
+      // A command whose return is a list (query-fdsets) gets it; "stop" above did not.
+      const listing = q.client.execute("query-fdsets", {}, 2000);
+      assert.deepEqual(await listing, [{ "fdset-id": 1, fds: [] }]);
       assert.equal(outcomes[0], "GenericError: (QEMU gave no description)");
       assert.ok(!q.client.closed, "the connection stays usable");
       await q.close();

@@ -71,10 +71,15 @@ export function newDiskState(): Pick<VmDisk, "nodes" | "topFdset" | "nextFdset">
  * closes a removed descriptor at once only then.
  */
 export async function settleFdsets(qmp: QmpClient, disk: VmDisk): Promise<void> {
-  for (const set of await qmp.execute("query-fdsets", {})) {
+  // The reply is QEMU's, so hostile: only well-formed entries are acted on.
+  const sets = await qmp.execute("query-fdsets", {});
+  for (const set of Array.isArray(sets) ? sets : []) {
+    const fdset = set?.["fdset-id"];
+    if (!Number.isSafeInteger(fdset) || !Array.isArray(set.fds)) continue;
     for (const fd of set.fds) {
-      if (set["fdset-id"] === disk.topFdset && fd.opaque === "ro") continue;
-      await qmp.execute("remove-fd", { "fdset-id": set["fdset-id"], fd: fd.fd });
+      if (!Number.isSafeInteger(fd?.fd)) continue;
+      if (fdset === disk.topFdset && fd.opaque === "ro") continue;
+      await qmp.execute("remove-fd", { "fdset-id": fdset, fd: fd.fd });
     }
   }
 }
