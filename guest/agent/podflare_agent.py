@@ -86,6 +86,9 @@ DROP_BATCH_DELAY = 0.005
 PIPE_SIZE = 4 << 20
 _SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 KICK_INTERVAL = 1.0  # SIGINT is repeated while code swallows KeyboardInterrupt
+# How often a write that waits for room (PENDING_OUTPUT_CAP) looks for an interrupt that
+# arrived meanwhile (it is deferred there: see ExecRunner._on_sigint).
+INTERRUPT_POLL = 0.05
 # An interrupted exec whose worker shows no sign of life (its SIGINT handler never runs:
 # stuck in C code, SIGINT blocked or ignored) for this long is ended by killing the worker.
 KILL_GRACE = 10.0
@@ -341,6 +344,10 @@ class OutputCollector:
         self._truncated = False
         self._chunks = []  # [stream, bytearray]; neighbours have different streams
         self._pending = 0
+        # Set by the ExecRunner: on the main thread, True once an interrupt for the running
+        # exec was deferred (it arrived while the agent's own code ran), so a write waiting
+        # for room gives up and its caller raises the KeyboardInterrupt.
+        self.interrupted = lambda: False
 
     def start(self):
         threading.Thread(target=self._flush_loop, name="podflare-flusher", daemon=True).start()
@@ -359,10 +366,12 @@ class OutputCollector:
             with self._cond:
                 if self._job_id is not None and self._truncated:
                     return
-        data = text.encode("utf-8", "replace")
+        data = str.encode(text, "utf-8", "replace")  # never a subclass's (user) encode()
         with self._cond:
             while self._job_id is not None and self._pending >= PENDING_OUTPUT_CAP:
-                self._cond.wait()
+                if self.interrupted():
+                    return  # the interrupted write is dropped; CapturedStream.write raises
+                self._cond.wait(INTERRUPT_POLL)
             if self._job_id is None or not data:
                 return
             if len(data) > self._room:
@@ -424,9 +433,10 @@ class CapturedStream(io.TextIOBase):
     encoding = "utf-8"
     errors = "replace"
 
-    def __init__(self, collector, stream, fd):
+    def __init__(self, collector, stream, fd, interrupt_point=lambda: None):
         super().__init__()
         self._collector = collector
+        self._interrupt_point = interrupt_point
         self._stream = stream
         self._fd = fd
         self._forked = False
@@ -455,6 +465,7 @@ class CapturedStream(io.TextIOBase):
             _write_all(self._fd, text.encode("utf-8", "replace"))
         else:
             self._collector.push(self._stream, text)
+            self._interrupt_point()  # a deferred KeyboardInterrupt leaves from here
         return len(text)
 
 
@@ -694,6 +705,10 @@ class ExecRunner(_ExecQueue):
         self._capture = capture
         self._armed = False  # user code is on the main thread's stack right now
         self._raises = 0  # KeyboardInterrupts raised: proof that the interrupted code runs Python
+        # A SIGINT for the running exec arrived while the agent's own code (a write) ran on
+        # the main thread: raised at the next safe point (interrupt_point) instead.
+        self._deferred = False
+        collector.interrupted = self._interrupt_deferred
         self._main_ident = threading.get_ident()
         self._idle_cpus = None
         self._cells = 0
@@ -817,6 +832,7 @@ class ExecRunner(_ExecQueue):
         _on_sigint raises only while _armed is set and never in this frame itself, so a
         KeyboardInterrupt always starts below the try and can never escape from here.
         """
+        self._deferred = False  # one deferred for an earlier exec is void
         try:
             self._armed = True
             try:
@@ -876,8 +892,27 @@ class ExecRunner(_ExecQueue):
         # _call_armed's own bookkeeping (the watchdog repeats it a second later).
         job = self._current
         if self._armed and job is not None and job.reason is not None and frame is not None and frame.f_code is not _CALL_ARMED_CODE:
+            if _in_agent_code(frame):
+                # The cell called into the agent (sys.stdout.write): an exception raised
+                # here could leave the collector's lock taken (inside Condition.__enter__)
+                # or its bookkeeping half done. It is raised once that code is done.
+                self._deferred = True
+                return
             self._raises += 1
             raise KeyboardInterrupt
+
+    def _interrupt_deferred(self):
+        return self._deferred and self._armed and threading.get_ident() == self._main_ident
+
+    def interrupt_point(self):
+        """Raises the KeyboardInterrupt that _on_sigint deferred, if any (a safe point of
+        the agent's code that user code called: nothing is held or half updated here)."""
+        if self._interrupt_deferred():
+            self._deferred = False
+            job = self._current
+            if job is not None and job.reason is not None:
+                self._raises += 1
+                raise KeyboardInterrupt
 
     def _watch(self):
         _pin_helper_thread()
@@ -904,6 +939,16 @@ class ExecRunner(_ExecQueue):
 
 
 _CALL_ARMED_CODE = ExecRunner._call_armed.__code__
+
+
+def _in_agent_code(frame):
+    """True if `frame`, or a caller of it below the cell's caller (_call_armed), is the
+    agent's own code: user code called into the agent, which is running there now."""
+    while frame is not None and frame.f_code is not _CALL_ARMED_CODE:
+        if frame.f_code.co_filename == __file__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class WorkerChannel:
@@ -1002,8 +1047,8 @@ def worker_main(args):
     collector = OutputCollector(writer)
     capture = FdCapture(collector)
     runner = ExecRunner(writer, collector, capture)
-    sys.stdout = CapturedStream(collector, "stdout", 1)
-    sys.stderr = CapturedStream(collector, "stderr", 2)
+    sys.stdout = CapturedStream(collector, "stdout", 1, runner.interrupt_point)
+    sys.stderr = CapturedStream(collector, "stderr", 2, runner.interrupt_point)
     sys.argv = [""]
     if sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
         sys.path[0] = ""  # as in the interactive interpreter: imports see the cwd
