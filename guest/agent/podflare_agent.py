@@ -368,12 +368,10 @@ class OutputCollector:
                     return
         data = str.encode(text, "utf-8", "replace")  # never a subclass's (user) encode()
         with self._cond:
-            while self._job_id is not None and self._pending >= PENDING_OUTPUT_CAP:
-                if self.interrupted():
-                    return  # the interrupted write is dropped; CapturedStream.write raises
+            while self._job_id is not None and self._pending >= PENDING_OUTPUT_CAP and not self.interrupted():
                 self._cond.wait(INTERRUPT_POLL)
-            if self._job_id is None or not data:
-                return
+            if self._job_id is None or not data or self.interrupted():
+                return  # interrupted (during the encoding, say): dropped; the caller raises
             if len(data) > self._room:
                 data = data[: _utf8_cut(data, 0, self._room)]
                 self._truncated = True
