@@ -89,6 +89,9 @@ KICK_INTERVAL = 1.0  # SIGINT is repeated while code swallows KeyboardInterrupt
 # How often a write that waits for room (PENDING_OUTPUT_CAP) looks for an interrupt that
 # arrived meanwhile (it is deferred there: see ExecRunner._on_sigint).
 INTERRUPT_POLL = 0.05
+# The worker sends its output in writes of at most this much, so that its other frames
+# (alive) are not held behind megabytes the host takes slowly.
+SEND_BATCH = 1 << 20
 # An interrupted exec whose worker shows no sign of life (its SIGINT handler never runs:
 # stuck in C code, SIGINT blocked or ignored) for this long is ended by killing the worker.
 KILL_GRACE = 10.0
@@ -348,6 +351,9 @@ class OutputCollector:
         # exec was deferred (it arrived while the agent's own code ran), so a write waiting
         # for room gives up and its caller raises the KeyboardInterrupt.
         self.interrupted = lambda: False
+        # Set by the main thread once an interrupted exec's code has stopped: the next
+        # write of its output says so first (an `alive` frame with "ending").
+        self.ending = None
 
     def start(self):
         threading.Thread(target=self._flush_loop, name="podflare-flusher", daemon=True).start()
@@ -355,6 +361,7 @@ class OutputCollector:
     def begin(self, job_id, limit):
         with self._cond:
             self._job_id, self._room, self._truncated = job_id, limit, False
+            self.ending = None
 
     def dropping(self):
         """True while output would be dropped anyway (no exec, or past its limit): lets
@@ -408,9 +415,22 @@ class OutputCollector:
                 if truncated:
                     exit_frame["truncated"] = True
                 frames.append(self._writer.encode(exit_frame))
-            if frames:
-                self._writer.send_encoded(b"".join(frames))
+            batch, size = self._ending_frame(job_id), 0
+            for frame in frames:
+                batch.append(frame)
+                size += len(frame)
+                if size >= SEND_BATCH:
+                    self._writer.send_encoded(b"".join(batch))
+                    batch, size = self._ending_frame(job_id), 0
+            if batch:
+                self._writer.send_encoded(b"".join(batch))
         return truncated
+
+    def _ending_frame(self, job_id):
+        if job_id is None or self.ending != job_id:
+            return []
+        self.ending = None
+        return [self._writer.encode({"type": "alive", "id": job_id, "ending": True})]
 
     def _flush_loop(self):
         _pin_helper_thread()
@@ -774,6 +794,11 @@ class ExecRunner(_ExecQueue):
         except Exception as exc:  # an agent bug: the exec still ends with exactly one exit
             log(f"exec {job.id}: {traceback.format_exc()}")
             result = {"code": 1, "error": _error_info(exc, "")}
+        if job.reason is not None:
+            # The interrupt took: the user code on the main thread has stopped. What is left
+            # is the agent sending the exec's last output, which takes as long as the host
+            # takes it: while it moves, the control process must not kill the REPL as stuck.
+            self._collector.ending = job.id
         for stream in (sys.stdout, sys.stderr):  # user code may have installed buffered ones
             try:
                 stream.flush()
@@ -1478,7 +1503,7 @@ class ControlJob:
     __slots__ = (
         "id", "language", "code", "timeout", "max_output", "room", "truncated", "reason", "deadline",
         "interrupted_at", "kill_at", "done", "worker", "cgroup", "oom_before", "pids_before",
-        "repl_before", "kill_leftovers", "killed_stuck",
+        "repl_before", "kill_leftovers", "killed_stuck", "ending",
     )
 
     def __init__(self, job_id, language, code, timeout, max_output):
@@ -1500,6 +1525,7 @@ class ControlJob:
         self.repl_before = set()
         self.kill_leftovers = False
         self.killed_stuck = False
+        self.ending = False  # the worker says the interrupt took; its last output is leaving
 
 
 class ExecScheduler(_ExecQueue):
@@ -1843,9 +1869,16 @@ class ExecScheduler(_ExecQueue):
                     except UnicodeDecodeError:
                         payload = payload.decode("utf-8", "replace").encode("utf-8")
                     out += self._output_frames(job, stream, payload)
+                    if job.ending and job.kill_at is not None:
+                        job.kill_at = time.monotonic() + self._kill_grace  # the output moves
                 elif kind == "alive":
                     if job.kill_at is not None:
                         job.kill_at = time.monotonic() + self._kill_grace
+                    if header.get("ending") is True:
+                        # From here, output arriving is the agent's own flush making
+                        # progress (not a stuck REPL). A forged one buys user code no more
+                        # than forged alive frames already do.
+                        job.ending = True
                 elif kind == "exit":
                     if self._cgroups.pids_limit_hits() > job.pids_before and self._busiest_is(job.cgroup):
                         job.kill_leftovers = True

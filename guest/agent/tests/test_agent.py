@@ -662,6 +662,28 @@ class WorkerTests(AgentCase):
         self.assertEqual(result.exit["error"]["name"], "ReplKilled")
         self.assertEqual(self.run_code("print('fresh')").stdout, "fresh\n")
 
+    def test_cancelled_exec_whose_output_the_host_takes_slowly_keeps_its_repl(self):
+        # The code stops at once, but its last output (8 MiB queued before the cancel)
+        # takes the slow host longer than the grace (2.5 s) to take: that is the agent's
+        # flush moving, not a stuck REPL, so the REPL and its state stay.
+        self.assertEqual(self.run_code("kept = 7").code, 0)
+        rid = self.start("import sys, time\nsys.stdout.write('x' * (8 << 20))\ntime.sleep(100)")
+        header, _ = self.recv()
+        self.assertEqual(header["type"], "output")
+        cancel_id = self.new_id()
+        self.ch.send({"type": "cancel", "id": cancel_id, "target": rid})
+        began = time.monotonic()
+        while True:
+            header, _ = self.recv(timeout=60)
+            if header.get("id") == rid and header["type"] == "output":
+                time.sleep(0.05)  # 64 KiB every 50 ms: 8 MiB take > 6 s
+            elif header.get("id") == rid:
+                break
+        self.assertEqual((header["type"], header["code"], header.get("cancelled")), ("exit", 130, True), header)
+        self.assertEqual(header["error"]["name"], "KeyboardInterrupt", header)
+        self.assertGreater(time.monotonic() - began, 2 * 2.5, "the host was slower than the grace")
+        self.assertEqual(self.run_code("print(kept)").stdout, "7\n")
+
     def test_code_that_swallows_interrupts_is_not_killed(self):
         code = "import time\nn = 0\nwhile n < 5:\n    try:\n        time.sleep(100)\n    except KeyboardInterrupt:\n        n += 1\nprint('done', n)"
         result = self.run_code(code, timeout_ms=100)  # 5 interrupts, 1 s apart: > the 2.5 s grace
