@@ -86,6 +86,12 @@ DROP_BATCH_DELAY = 0.005
 PIPE_SIZE = 4 << 20
 _SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 KICK_INTERVAL = 1.0  # SIGINT is repeated while code swallows KeyboardInterrupt
+# How often a write that waits for room (PENDING_OUTPUT_CAP) looks for an interrupt that
+# arrived meanwhile (it is deferred there: see ExecRunner._on_sigint).
+INTERRUPT_POLL = 0.05
+# The worker sends its output in writes of at most this much, so that its other frames
+# (alive) are not held behind megabytes the host takes slowly.
+SEND_BATCH = 1 << 20
 # An interrupted exec whose worker shows no sign of life (its SIGINT handler never runs:
 # stuck in C code, SIGINT blocked or ignored) for this long is ended by killing the worker.
 KILL_GRACE = 10.0
@@ -341,6 +347,13 @@ class OutputCollector:
         self._truncated = False
         self._chunks = []  # [stream, bytearray]; neighbours have different streams
         self._pending = 0
+        # Set by the ExecRunner: on the main thread, True once an interrupt for the running
+        # exec was deferred (it arrived while the agent's own code ran), so a write waiting
+        # for room gives up and its caller raises the KeyboardInterrupt.
+        self.interrupted = lambda: False
+        # Set by the main thread once an interrupted exec's code has stopped: the next
+        # write of its output says so first (an `alive` frame with "ending").
+        self.ending = None
 
     def start(self):
         threading.Thread(target=self._flush_loop, name="podflare-flusher", daemon=True).start()
@@ -348,6 +361,7 @@ class OutputCollector:
     def begin(self, job_id, limit):
         with self._cond:
             self._job_id, self._room, self._truncated = job_id, limit, False
+            self.ending = None
 
     def dropping(self):
         """True while output would be dropped anyway (no exec, or past its limit): lets
@@ -359,12 +373,12 @@ class OutputCollector:
             with self._cond:
                 if self._job_id is not None and self._truncated:
                     return
-        data = text.encode("utf-8", "replace")
+        data = str.encode(text, "utf-8", "replace")  # never a subclass's (user) encode()
         with self._cond:
-            while self._job_id is not None and self._pending >= PENDING_OUTPUT_CAP:
-                self._cond.wait()
-            if self._job_id is None or not data:
-                return
+            while self._job_id is not None and self._pending >= PENDING_OUTPUT_CAP and not self.interrupted():
+                self._cond.wait(INTERRUPT_POLL)
+            if self._job_id is None or not data or self.interrupted():
+                return  # interrupted (during the encoding, say): dropped; the caller raises
             if len(data) > self._room:
                 data = data[: _utf8_cut(data, 0, self._room)]
                 self._truncated = True
@@ -401,9 +415,22 @@ class OutputCollector:
                 if truncated:
                     exit_frame["truncated"] = True
                 frames.append(self._writer.encode(exit_frame))
-            if frames:
-                self._writer.send_encoded(b"".join(frames))
+            batch, size = self._ending_frame(job_id), 0
+            for frame in frames:
+                batch.append(frame)
+                size += len(frame)
+                if size >= SEND_BATCH:
+                    self._writer.send_encoded(b"".join(batch))
+                    batch, size = self._ending_frame(job_id), 0
+            if batch:
+                self._writer.send_encoded(b"".join(batch))
         return truncated
+
+    def _ending_frame(self, job_id):
+        if job_id is None or self.ending != job_id:
+            return []
+        self.ending = None
+        return [self._writer.encode({"type": "alive", "id": job_id, "ending": True})]
 
     def _flush_loop(self):
         _pin_helper_thread()
@@ -424,9 +451,10 @@ class CapturedStream(io.TextIOBase):
     encoding = "utf-8"
     errors = "replace"
 
-    def __init__(self, collector, stream, fd):
+    def __init__(self, collector, stream, fd, interrupt_point=lambda: None):
         super().__init__()
         self._collector = collector
+        self._interrupt_point = interrupt_point
         self._stream = stream
         self._fd = fd
         self._forked = False
@@ -455,6 +483,7 @@ class CapturedStream(io.TextIOBase):
             _write_all(self._fd, text.encode("utf-8", "replace"))
         else:
             self._collector.push(self._stream, text)
+            self._interrupt_point()  # a deferred KeyboardInterrupt leaves from here
         return len(text)
 
 
@@ -694,6 +723,10 @@ class ExecRunner(_ExecQueue):
         self._capture = capture
         self._armed = False  # user code is on the main thread's stack right now
         self._raises = 0  # KeyboardInterrupts raised: proof that the interrupted code runs Python
+        # A SIGINT for the running exec arrived while the agent's own code (a write) ran on
+        # the main thread: raised at the next safe point (interrupt_point) instead.
+        self._deferred = False
+        collector.interrupted = self._interrupt_deferred
         self._main_ident = threading.get_ident()
         self._idle_cpus = None
         self._cells = 0
@@ -761,6 +794,11 @@ class ExecRunner(_ExecQueue):
         except Exception as exc:  # an agent bug: the exec still ends with exactly one exit
             log(f"exec {job.id}: {traceback.format_exc()}")
             result = {"code": 1, "error": _error_info(exc, "")}
+        if job.reason is not None:
+            # The interrupt took: the user code on the main thread has stopped. What is left
+            # is the agent sending the exec's last output, which takes as long as the host
+            # takes it: while it moves, the control process must not kill the REPL as stuck.
+            self._collector.ending = job.id
         for stream in (sys.stdout, sys.stderr):  # user code may have installed buffered ones
             try:
                 stream.flush()
@@ -817,6 +855,7 @@ class ExecRunner(_ExecQueue):
         _on_sigint raises only while _armed is set and never in this frame itself, so a
         KeyboardInterrupt always starts below the try and can never escape from here.
         """
+        self._deferred = False  # one deferred for an earlier exec is void
         try:
             self._armed = True
             try:
@@ -876,8 +915,27 @@ class ExecRunner(_ExecQueue):
         # _call_armed's own bookkeeping (the watchdog repeats it a second later).
         job = self._current
         if self._armed and job is not None and job.reason is not None and frame is not None and frame.f_code is not _CALL_ARMED_CODE:
+            if _in_agent_code(frame):
+                # The cell called into the agent (sys.stdout.write): an exception raised
+                # here could leave the collector's lock taken (inside Condition.__enter__)
+                # or its bookkeeping half done. It is raised once that code is done.
+                self._deferred = True
+                return
             self._raises += 1
             raise KeyboardInterrupt
+
+    def _interrupt_deferred(self):
+        return self._deferred and self._armed and threading.get_ident() == self._main_ident
+
+    def interrupt_point(self):
+        """Raises the KeyboardInterrupt that _on_sigint deferred, if any (a safe point of
+        the agent's code that user code called: nothing is held or half updated here)."""
+        if self._interrupt_deferred():
+            self._deferred = False
+            job = self._current
+            if job is not None and job.reason is not None:
+                self._raises += 1
+                raise KeyboardInterrupt
 
     def _watch(self):
         _pin_helper_thread()
@@ -904,6 +962,16 @@ class ExecRunner(_ExecQueue):
 
 
 _CALL_ARMED_CODE = ExecRunner._call_armed.__code__
+
+
+def _in_agent_code(frame):
+    """True if `frame`, or a caller of it below the cell's caller (_call_armed), is the
+    agent's own code: user code called into the agent, which is running there now."""
+    while frame is not None and frame.f_code is not _CALL_ARMED_CODE:
+        if frame.f_code.co_filename == __file__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class WorkerChannel:
@@ -1002,8 +1070,8 @@ def worker_main(args):
     collector = OutputCollector(writer)
     capture = FdCapture(collector)
     runner = ExecRunner(writer, collector, capture)
-    sys.stdout = CapturedStream(collector, "stdout", 1)
-    sys.stderr = CapturedStream(collector, "stderr", 2)
+    sys.stdout = CapturedStream(collector, "stdout", 1, runner.interrupt_point)
+    sys.stderr = CapturedStream(collector, "stderr", 2, runner.interrupt_point)
     sys.argv = [""]
     if sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
         sys.path[0] = ""  # as in the interactive interpreter: imports see the cwd
@@ -1435,7 +1503,7 @@ class ControlJob:
     __slots__ = (
         "id", "language", "code", "timeout", "max_output", "room", "truncated", "reason", "deadline",
         "interrupted_at", "kill_at", "done", "worker", "cgroup", "oom_before", "pids_before",
-        "repl_before", "kill_leftovers", "killed_stuck",
+        "repl_before", "kill_leftovers", "killed_stuck", "ending",
     )
 
     def __init__(self, job_id, language, code, timeout, max_output):
@@ -1457,6 +1525,7 @@ class ControlJob:
         self.repl_before = set()
         self.kill_leftovers = False
         self.killed_stuck = False
+        self.ending = False  # the worker says the interrupt took; its last output is leaving
 
 
 class ExecScheduler(_ExecQueue):
@@ -1800,9 +1869,16 @@ class ExecScheduler(_ExecQueue):
                     except UnicodeDecodeError:
                         payload = payload.decode("utf-8", "replace").encode("utf-8")
                     out += self._output_frames(job, stream, payload)
+                    if job.ending and job.kill_at is not None:
+                        job.kill_at = time.monotonic() + self._kill_grace  # the output moves
                 elif kind == "alive":
                     if job.kill_at is not None:
                         job.kill_at = time.monotonic() + self._kill_grace
+                    if header.get("ending") is True:
+                        # From here, output arriving is the agent's own flush making
+                        # progress (not a stuck REPL). A forged one buys user code no more
+                        # than forged alive frames already do.
+                        job.ending = True
                 elif kind == "exit":
                     if self._cgroups.pids_limit_hits() > job.pids_before and self._busiest_is(job.cgroup):
                         job.kill_leftovers = True

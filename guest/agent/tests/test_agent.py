@@ -8,6 +8,7 @@ import itertools
 import os
 import random
 import resource
+import signal
 import socket
 import stat
 import struct
@@ -314,6 +315,25 @@ class TimeoutAndCancelTests(AgentCase):
         self.start("import time\ntime.sleep(100)")
         time.sleep(0.1)
         # _stop_agent checks that it exits cleanly.
+
+
+    def test_cancel_during_writes_leaves_the_repl_whole(self):
+        # The interrupt lands wherever the cell is: often inside the agent's own write path
+        # (sys.stdout.write -> the collector). The REPL keeps its state, its lock and its
+        # fd pump: the next calls' output (Python and a child process) arrives whole.
+        self.assertEqual(self.run_code("kept = 7").code, 0)
+        cell = "import sys\nfor _ in range(1 << 30):\n    sys.stdout.write('x' * 65536)"
+        for delay in (0.0, 0.02, 0.05, 0.1, 0.2):
+            rid = self.start(cell)
+            time.sleep(delay)
+            cancel_id = self.new_id()
+            self.ch.send({"type": "cancel", "id": cancel_id, "target": rid})
+            result = self.collect(rid, timeout=30, expect_also=[{"type": "ok", "id": cancel_id}])
+            self.assertEqual((result.code, result.exit.get("cancelled")), (130, True), result.exit)
+            self.assertEqual(result.exit["error"]["name"], "KeyboardInterrupt", result.exit)
+            after = self.run_code("import os\nos.system('echo sub')\nprint(kept)")
+            # A child's output is ordered best-effort against Python's own writes.
+            self.assertEqual((after.code, sorted(after.stdout.splitlines())), (0, ["7", "sub"]), after.exit)
 
 
 class BashTests(AgentCase):
@@ -642,6 +662,28 @@ class WorkerTests(AgentCase):
         self.assertEqual(result.exit["error"]["name"], "ReplKilled")
         self.assertEqual(self.run_code("print('fresh')").stdout, "fresh\n")
 
+    def test_cancelled_exec_whose_output_the_host_takes_slowly_keeps_its_repl(self):
+        # The code stops at once, but its last output (8 MiB queued before the cancel)
+        # takes the slow host longer than the grace (2.5 s) to take: that is the agent's
+        # flush moving, not a stuck REPL, so the REPL and its state stay.
+        self.assertEqual(self.run_code("kept = 7").code, 0)
+        rid = self.start("import sys, time\nsys.stdout.write('x' * (8 << 20))\ntime.sleep(100)")
+        header, _ = self.recv()
+        self.assertEqual(header["type"], "output")
+        cancel_id = self.new_id()
+        self.ch.send({"type": "cancel", "id": cancel_id, "target": rid})
+        began = time.monotonic()
+        while True:
+            header, _ = self.recv(timeout=60)
+            if header.get("id") == rid and header["type"] == "output":
+                time.sleep(0.05)  # 64 KiB every 50 ms: 8 MiB take > 6 s
+            elif header.get("id") == rid:
+                break
+        self.assertEqual((header["type"], header["code"], header.get("cancelled")), ("exit", 130, True), header)
+        self.assertEqual(header["error"]["name"], "KeyboardInterrupt", header)
+        self.assertGreater(time.monotonic() - began, 2 * 2.5, "the host was slower than the grace")
+        self.assertEqual(self.run_code("print(kept)").stdout, "7\n")
+
     def test_code_that_swallows_interrupts_is_not_killed(self):
         code = "import time\nn = 0\nwhile n < 5:\n    try:\n        time.sleep(100)\n    except KeyboardInterrupt:\n        n += 1\nprint('done', n)"
         result = self.run_code(code, timeout_ms=100)  # 5 interrupts, 1 s apart: > the 2.5 s grace
@@ -869,6 +911,96 @@ class PortModeTests(unittest.TestCase):
             thread.join(5)
         self.assertFalse(thread.is_alive())
         self.assertTrue(runner.stopped.is_set())
+
+
+class InterruptInAgentCodeTests(unittest.TestCase):
+    """A SIGINT whose handler runs while the cell is inside the agent's own code (its
+    write path), in-process: the signal's timing is the one thing simulated."""
+
+    def setUp(self):
+        self.fd = os.open(os.devnull, os.O_WRONLY)
+        self.addCleanup(os.close, self.fd)
+        writer = podflare_agent.FrameWriter(self.fd)
+        self.collector = podflare_agent.OutputCollector(writer)  # no flusher: pending stays
+        self.runner = podflare_agent.ExecRunner(writer, self.collector, None)
+        self.stream = podflare_agent.CapturedStream(self.collector, "stdout", self.fd)
+        self.stream._interrupt_point = self.runner.interrupt_point
+        self.runner._current = job = podflare_agent.ExecJob(1, "python", "", None, 1 << 20)
+        job.reason = "cancel"
+        self.runner._armed = True
+        self.collector.begin(1, 1 << 20)
+
+    def signal_inside(self, method):
+        """The collector's condition, with a SIGINT handled once inside `method` (as the
+        real handler runs: on the main thread, in the frame executing there)."""
+        runner = self.runner
+
+        class Cond(threading.Condition):
+            fired = False
+
+            def fire(self):
+                if not self.fired:
+                    self.fired = True
+                    runner._on_sigint(signal.SIGINT, sys._getframe(1))
+
+            def __enter__(self):
+                entered = super().__enter__()  # the lock is taken: the window of the leak
+                if method == "__enter__":
+                    self.fire()
+                return entered
+
+            def wait(self, timeout=None):
+                if method == "wait":
+                    self.fire()
+                return super().wait(timeout)
+
+        self.collector._cond = Cond()
+        return self.collector._cond
+
+    def lock_is_free(self, cond):
+        got = []
+
+        def take():
+            got.append(cond.acquire(timeout=1.0))
+            if got[0]:
+                cond.release()
+
+        thread = threading.Thread(target=take)
+        thread.start()
+        thread.join()
+        return got[0]
+
+    def test_interrupt_right_after_the_collector_lock_is_taken(self):
+        cond = self.signal_inside("__enter__")
+        with self.assertRaises(KeyboardInterrupt):
+            self.stream.write("x" * 100)
+        self.assertTrue(cond.fired)
+        # Raised inside Condition.__enter__, the with block never ran and the lock stayed
+        # taken for good: the flusher and the fd pump then blocked forever.
+        self.assertTrue(self.lock_is_free(cond), "the collector's lock was left taken")
+        self.assertEqual(self.runner._raises, 1)
+        # The next exec's output is collected.
+        self.collector.flush(final=True, exit_frame={"type": "exit", "id": 1, "code": 130})
+        self.runner._current = podflare_agent.ExecJob(2, "python", "", None, 1 << 20)
+        self.collector.begin(2, 1 << 20)
+        self.assertEqual(self.stream.write("2\n"), 2)
+        self.assertEqual(self.collector._chunks, [["stdout", bytearray(b"2\n")]])
+
+    def test_interrupt_while_a_write_waits_for_room(self):
+        cond = self.signal_inside("wait")
+        self.collector._pending = podflare_agent.PENDING_OUTPUT_CAP  # the host is not reading
+        began = time.monotonic()
+        with self.assertRaises(KeyboardInterrupt):
+            self.stream.write("x")
+        self.assertTrue(cond.fired)
+        self.assertLess(time.monotonic() - began, 2.0, "the waiting write gave up at once")
+        self.assertTrue(self.lock_is_free(cond))
+
+    def test_interrupt_in_user_code_is_raised_at_once(self):
+        with self.assertRaises(KeyboardInterrupt):
+            self.runner._on_sigint(signal.SIGINT, sys._getframe())
+        self.runner._current.reason = None  # a late signal for nothing: ignored
+        self.runner._on_sigint(signal.SIGINT, sys._getframe())
 
 
 class PureTests(unittest.TestCase):
