@@ -7,23 +7,11 @@
  * Requests are written by hand on sockets: fetch would normalise the URLs under test.
  */
 import assert from "node:assert/strict";
-import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { Store } from "@podflare/daemon";
-import { startTestDaemon, type TestDaemon } from "./harness.js";
+import { sandboxRows, startTestDaemon, type TestDaemon } from "./harness.js";
 import { portOf, type RawReply, rawRequest, requestText } from "./raw-http.js";
 
 const KEY = `pf_test_${process.pid}_auth_routes`;
-
-/** Rows of every state: a create that reached the service leaves one at once. */
-function sandboxRows(d: TestDaemon): number {
-  const store = new Store(join(d.config.stateDir, "podflare.db"));
-  try {
-    return store.listSandboxes(["creating", "ready", "dead", "destroying", "ended"]).length;
-  } finally {
-    store.close();
-  }
-}
 
 function contractError(r: RawReply, code: string): void {
   const body = JSON.parse(r.body) as { error?: unknown; code?: unknown };

@@ -14,6 +14,7 @@ import {
   ensureSafeDir,
   loadConfig,
   repoRoot,
+  Store,
   startDaemon,
 } from "@podflare/daemon";
 
@@ -68,6 +69,16 @@ export async function startTestDaemon(overrides: Partial<Config> = {}): Promise<
 
 export async function listDir(path: string): Promise<string[]> {
   return readdir(path).catch(() => []);
+}
+
+/** Sandbox rows in every state: a create that reached the service leaves one at once. */
+export function sandboxRows(d: TestDaemon): number {
+  const store = new Store(join(d.config.stateDir, "podflare.db"));
+  try {
+    return store.listSandboxes(["creating", "ready", "dead", "destroying", "ended"]).length;
+  } finally {
+    store.close();
+  }
 }
 
 /** PIDs of QEMU processes whose command line mentions `needle`. */

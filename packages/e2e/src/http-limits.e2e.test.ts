@@ -8,10 +8,8 @@
  * upload at full speed (its rate is printed).
  */
 import assert from "node:assert/strict";
-import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { Store } from "@podflare/daemon";
-import { eventually, startTestDaemon, type TestDaemon } from "./harness.js";
+import { eventually, sandboxRows, startTestDaemon, type TestDaemon } from "./harness.js";
 import { openSocket, parseReply, portOf, rawRequest, requestText } from "./raw-http.js";
 
 const HEADERS_MS = 1000;
@@ -29,15 +27,6 @@ async function within<T>(p: Promise<T>, ms: number): Promise<T | null> {
     return await Promise.race([p, late]);
   } finally {
     clearTimeout(timer);
-  }
-}
-
-function sandboxRows(d: TestDaemon): number {
-  const store = new Store(join(d.config.stateDir, "podflare.db"));
-  try {
-    return store.listSandboxes(["creating", "ready", "dead", "destroying", "ended"]).length;
-  } finally {
-    store.close();
   }
 }
 

@@ -26,7 +26,7 @@ import type { AgentClient } from "../guest/agent-client.js";
 import type { GuestImage } from "../image/build.js";
 import type { Admission } from "../sandboxes/admission.js";
 import { NoCapacityError, OverLimitError } from "../sandboxes/errors.js";
-import { withFileLock } from "../util/lock.js";
+import { alive, withFileLock } from "../util/lock.js";
 import type { Logger } from "../util/logger.js";
 import { run } from "../util/run.js";
 import type { TemplateFiles, VmEngine } from "../vm/engine.js";
@@ -151,15 +151,6 @@ interface Entry extends CachedTemplate {
   shape: VmShape;
   /** MiB charged to the budget for its memory. */
   chargeMib: number;
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
-  }
 }
 
 export class TemplateManager {

@@ -2,9 +2,10 @@
  * The daemon's durable state in SQLite (better-sqlite3: synchronous, so each statement is
  * atomic with respect to the event loop). Schema migrations are numbered by user_version.
  */
-import { chmodSync, closeSync, constants, lstatSync, openSync, type Stats } from "node:fs";
+import { chmodSync, closeSync, constants, openSync } from "node:fs";
 import Database from "better-sqlite3";
 import type { SandboxState } from "../sandboxes/lifecycle.js";
+import { lstatOrNull } from "../util/safe-dir.js";
 
 export interface SandboxRow {
   id: string;
@@ -75,15 +76,6 @@ function privateFiles(path: string): void {
     if (!st.isFile())
       throw new Error(`the database file ${file} is not a regular file (a link?): remove it`);
     if ((st.mode & 0o7777) !== 0o600) chmodSync(file, 0o600);
-  }
-}
-
-function lstatOrNull(path: string): Stats | null {
-  try {
-    return lstatSync(path);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === "ENOENT") return null;
-    throw err;
   }
 }
 

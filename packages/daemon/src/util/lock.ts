@@ -1,7 +1,8 @@
 import { open, readFile, rm, stat } from "node:fs/promises";
 import { setTimeout as delay } from "node:timers/promises";
 
-function alive(pid: number): boolean {
+/** Whether process `pid` exists (EPERM: it does, under another uid). */
+export function alive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;

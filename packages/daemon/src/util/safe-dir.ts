@@ -20,7 +20,8 @@ export class UnsafeDirError extends Error {
 const euid = (): number => process.geteuid?.() ?? 0;
 const octal = (mode: number) => `0${(mode & 0o7777).toString(8)}`;
 
-function lstatOrNull(path: string): Stats | null {
+/** lstat, or null when nothing is there. */
+export function lstatOrNull(path: string): Stats | null {
   try {
     return lstatSync(path);
   } catch (err) {
