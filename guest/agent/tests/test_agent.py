@@ -772,13 +772,15 @@ class CgroupTests(AgentCase):
                 pass
         return found
 
-    def wait_parked(self, worker):
+    def wait_parked(self, worker, left=None):
         """The idle worker waits alone in the next call's cgroup (moved there after the
-        exit frame, so the test waits for it); no other exec cgroup is left."""
+        exit frame, so the test waits for it); no other exec cgroup is left. `left`: the
+        cgroup of the call that just ended, which the worker is alone in for a moment
+        before the move."""
         deadline = time.monotonic() + 5
         while True:
             cgroups = self.exec_cgroups()
-            if list(cgroups.values()) == [{worker}] and not self.procs("user/repl"):
+            if list(cgroups.values()) == [{worker}] and not self.procs("user/repl") and left not in cgroups:
                 return next(iter(cgroups))
             self.assertLess(time.monotonic(), deadline, f"worker {worker} not parked: {cgroups}, repl {self.procs('user/repl')}")
             time.sleep(0.01)
@@ -788,8 +790,7 @@ class CgroupTests(AgentCase):
         worker, line = self.run_code(code).stdout.splitlines()
         self.assertRegex(line, r"^0::/(.*/)?podflare-test-[^/]+/user/exec-\d+$")
         self.assertEqual(self.procs("agent"), {self.agent.proc.pid})
-        parked = self.wait_parked(int(worker))
-        self.assertNotEqual(parked, line.rsplit("/", 1)[1])  # the call's cgroup is gone
+        parked = self.wait_parked(int(worker), left=line.rsplit("/", 1)[1])  # the call's cgroup is gone
         # The next call runs in the cgroup the worker waited in.
         self.assertEqual(self.run_code(code).stdout.splitlines(), [worker, line.rsplit("/", 1)[0] + "/" + parked])
         self.wait_parked(int(worker))
