@@ -5,8 +5,8 @@
 import assert from "node:assert/strict";
 import { access } from "node:fs/promises";
 import { after, before, describe, it } from "node:test";
-import { createLogger, prepareEngine } from "@podflare/daemon";
-import { eventually, qemuPids, testConfig } from "./harness.js";
+import { type Config, createLogger, prepareEngine } from "@podflare/daemon";
+import { eventually, qemuPids, removeTestDirs, testConfig } from "./harness.js";
 
 type Engine = Awaited<ReturnType<typeof prepareEngine>>["engine"];
 type BootedVm = Awaited<ReturnType<Engine["boot"]>>;
@@ -33,14 +33,18 @@ describe("VM engine", () => {
   let engine: Engine;
   let vm: BootedVm;
 
+  let config: Config | undefined;
+
   before(async () => {
-    const config = await testConfig();
+    config = await testConfig();
     ({ engine } = await prepareEngine(config, createLogger("warn")));
     vm = await engine.boot("vm_engine_e2e", { vcpuCount: 2, memSizeMib: 1024 });
   });
 
   after(async () => {
     await vm?.destroy();
+    // Its own state and memory directories, as a test daemon's close() removes them.
+    if (config) await removeTestDirs(config);
   });
 
   it("keeps state between calls: the contract's example", async () => {

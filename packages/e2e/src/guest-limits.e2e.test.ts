@@ -6,8 +6,8 @@
  */
 import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
-import { createLogger, type ExecEvent, prepareEngine } from "@podflare/daemon";
-import { testConfig } from "./harness.js";
+import { type Config, createLogger, type ExecEvent, prepareEngine } from "@podflare/daemon";
+import { removeTestDirs, testConfig } from "./harness.js";
 
 type Engine = Awaited<ReturnType<typeof prepareEngine>>["engine"];
 type BootedVm = Awaited<ReturnType<Engine["boot"]>>;
@@ -80,14 +80,18 @@ describe("guest limits: the agent outlives abusive code", () => {
   let engine: Engine;
   let vm: BootedVm;
 
+  let config: Config | undefined;
+
   before(async () => {
-    const config = await testConfig();
+    config = await testConfig();
     ({ engine } = await prepareEngine(config, createLogger("warn")));
     vm = await engine.boot("vm_guest_limits_e2e", { vcpuCount: 2, memSizeMib: MEM_MIB });
   });
 
   after(async () => {
     await vm?.destroy();
+    // Its own state and memory directories, as a test daemon's close() removes them.
+    if (config) await removeTestDirs(config);
   });
 
   it("baseline: pings while idle", async () => {

@@ -3,6 +3,7 @@
  * and memory directory, sharing the built guest image (cached by content hash).
  */
 import { type ChildProcess, spawn } from "node:child_process";
+import { randomBytes } from "node:crypto";
 import { mkdtemp, readdir, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -28,7 +29,8 @@ export async function testConfig(overrides: Partial<Config> = {}): Promise<Confi
   const config = loadConfig({
     stateDir,
     imagesDir: IMAGES_DIR,
-    shmDir: join("/dev/shm", `podflare-test-${stateDir.slice(-6)}`),
+    // Its own name (a stateDir given by the caller may end in anything, e.g. "/state").
+    shmDir: join("/dev/shm", `podflare-test-${randomBytes(4).toString("hex")}`),
     templatesDir: TEMPLATES_DIR,
     poolSize: 2,
     maxConcurrentRestores: 2,
@@ -42,6 +44,12 @@ export async function testConfig(overrides: Partial<Config> = {}): Promise<Confi
   if (!overrides.templatesDir)
     ensureSafeDir(config.templatesDir, daemonDirMode(config), "the shared test templates dir");
   return config;
+}
+
+/** Remove a test configuration's state and memory directories. */
+export async function removeTestDirs(config: Config): Promise<void> {
+  await rm(config.stateDir, { recursive: true, force: true });
+  await rm(config.shmDir, { recursive: true, force: true });
 }
 
 export interface TestDaemon {
@@ -61,8 +69,7 @@ export async function startTestDaemon(overrides: Partial<Config> = {}): Promise<
     config,
     close: async () => {
       await daemon.close();
-      await rm(config.stateDir, { recursive: true, force: true });
-      await rm(config.shmDir, { recursive: true, force: true });
+      await removeTestDirs(config);
     },
   };
 }
@@ -126,10 +133,7 @@ export async function serveEnv(overrides: Partial<Config> = {}): Promise<{
     PODFLARE_PORT: "0",
     PODFLARE_LOG_LEVEL: "info",
   };
-  const remove = async () => {
-    await rm(config.stateDir, { recursive: true, force: true });
-    await rm(config.shmDir, { recursive: true, force: true });
-  };
+  const remove = () => removeTestDirs(config);
   return { config, env, remove };
 }
 
