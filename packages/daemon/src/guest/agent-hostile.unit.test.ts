@@ -309,18 +309,25 @@ describe("hostile guest agent: downloads", () => {
   });
 });
 
+/** An AgentClient whose guest reads every frame the host sends (into `sent`) and answers none. */
+function agentThatNeverAnswers(): { stream: Duplex; sent: Frame[]; client: AgentClient } {
+  const sent: Frame[] = [];
+  const hostFrames = new FrameDecoder();
+  const stream = new Duplex({
+    read() {},
+    write(c: Buffer, _e, cb) {
+      sent.push(...hostFrames.push(c));
+      cb();
+    },
+  });
+  return { stream, sent, client: new AgentClient(stream) };
+}
+
 describe("hostile guest agent: requests never answered", () => {
   it("cancel, abandoned-exec and write routes are released by timers", async () => {
     mock.timers.enable({ apis: ["setTimeout"] });
     try {
-      const stream = new Duplex({ read() {}, write: (_c, _e, cb) => cb() });
-      const sent: Frame[] = [];
-      const hostFrames = new FrameDecoder();
-      stream._write = (c: Buffer, _e, cb) => {
-        sent.push(...hostFrames.push(c));
-        cb();
-      };
-      const client = new AgentClient(stream);
+      const { stream, sent, client } = agentThatNeverAnswers();
       const feed = (h: FrameHeader, p?: Buffer) => stream.emit("data", encodeFrame(h, p));
 
       for (let i = 0; i < 50; i++) client.cancel(12345 + i);
@@ -410,14 +417,7 @@ describe("hostile guest agent: requests never answered", () => {
   it("a download whose guest stops sending is failed and its route released", async () => {
     mock.timers.enable({ apis: ["setTimeout"] });
     try {
-      const stream = new Duplex({ read() {}, write: (_c, _e, cb) => cb() });
-      const sent: Frame[] = [];
-      const hostFrames = new FrameDecoder();
-      stream._write = (c: Buffer, _e, cb) => {
-        sent.push(...hostFrames.push(c));
-        cb();
-      };
-      const client = new AgentClient(stream);
+      const { stream, sent, client } = agentThatNeverAnswers();
       const opened = client.readFile("/root/f");
       const id = sent.find((f) => f.header.type === "read")?.header.id as number;
       stream.emit("data", encodeFrame({ type: "read_begin", id, size: 100 }));
