@@ -10,6 +10,7 @@ import type { Duplex } from "node:stream";
 import { Readable } from "node:stream";
 import { OverLimitError, PodflareError } from "../sandboxes/errors.js";
 import { TokenBucket } from "../util/token-bucket.js";
+import { count, str } from "../util/untrusted.js";
 import {
   type DecodeProblem,
   encodeFrame,
@@ -113,21 +114,6 @@ export class DownloadSizeError extends PodflareError {
 
 /** Too many execs already waiting for one sandbox. */
 export class ExecQueueFullError extends OverLimitError {}
-
-/**
- * A header field as bounded text. Guest JSON is hostile: `String()` of an object whose
- * `toString` is not a function, or of a deeply nested array, throws.
- */
-function str(value: unknown, max: number, fallback = ""): string {
-  if (typeof value === "string") return value.slice(0, max);
-  if (typeof value === "number" || typeof value === "boolean") return String(value).slice(0, max);
-  return fallback;
-}
-
-/** A non-negative safe integer field, else `fallback`. */
-function count(value: unknown, fallback: number): number {
-  return typeof value === "number" && Number.isSafeInteger(value) && value >= 0 ? value : fallback;
-}
 
 /** What may be logged of a hostile header: a few bounded fields, never the whole object. */
 function headerSummary(h: FrameHeader): Record<string, unknown> {
