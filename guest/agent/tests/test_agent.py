@@ -4,6 +4,7 @@ Run: cd guest/agent && python3 -m unittest discover -s tests -v
 """
 
 import base64
+import errno
 import itertools
 import os
 import random
@@ -761,15 +762,17 @@ class CgroupTests(AgentCase):
 
     def exec_cgroups(self):
         """The exec cgroups and their processes; one removed while being listed is skipped
-        (the agent removes a finished call's cgroup in the background)."""
+        (the agent removes a finished call's cgroup in the background: opening it then
+        fails with ENOENT, reading one removed after the open with ENODEV)."""
         found = {}
         for e in os.listdir(os.path.join(self.cg, "user")):
             if not e.startswith("exec-"):
                 continue
             try:
                 found[e] = self.procs(os.path.join("user", e))
-            except FileNotFoundError:
-                pass
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                    raise
         return found
 
     def wait_parked(self, worker, left=None):
