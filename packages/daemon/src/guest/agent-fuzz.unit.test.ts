@@ -325,7 +325,7 @@ class FakeAgent {
 }
 
 function decoderOf(client: AgentClient): FrameDecoder {
-  return (client as unknown as { decoder: FrameDecoder }).decoder;
+  return (client as unknown as { conn: { decoder: FrameDecoder } }).conn.decoder;
 }
 
 /** Yield to the event loop (stream callbacks, promise chains) without a timer. */

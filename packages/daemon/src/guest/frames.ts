@@ -2,6 +2,7 @@
  * Framing of the guest-agent protocol (spec/guest-protocol.md). The only place that
  * builds or parses agent frames. Input is hostile: lengths are bounded, a corrupt stream
  * is resynchronised at the next magic, and the buffer never exceeds one maximal frame.
+ * Guest twin: protocol.py (the agent's framing).
  */
 export const MAGIC = Buffer.from([0x50, 0x46, 0x01, 0x00]);
 export const PREAMBLE_BYTES = 12;
@@ -152,6 +153,6 @@ function parseHeader(bytes: Buffer): FrameHeader | string {
   return header as FrameHeader;
 }
 
-export function isValidId(id: unknown): id is number {
+function isValidId(id: unknown): id is number {
   return typeof id === "number" && Number.isSafeInteger(id) && id >= 1;
 }
