@@ -105,11 +105,11 @@ export class Sandbox {
    */
   async diff(other: Sandbox, opts: { paths?: string[] } = {}): Promise<DiffResult> {
     const command = listingCommand(opts.paths ?? DEFAULT_DIFF_PATHS);
-    const [mine, theirs] = await Promise.all([this.listing(command), other.listing(command)]);
+    const [mine, theirs] = await Promise.all([this.#listing(command), other.#listing(command)]);
     return compareListings(mine, theirs);
   }
 
-  private async listing(command: string): Promise<Record<string, string>> {
+  async #listing(command: string): Promise<Record<string, string>> {
     const r = await this.runCode(command, { language: "bash" });
     if (r.exitCode !== 0)
       throw new PodflareError(
