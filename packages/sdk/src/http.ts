@@ -17,7 +17,8 @@ export class Http {
   private readonly apiKey: string | undefined;
 
   constructor(opts: ConnectionOptions = {}) {
-    const host = opts.host ?? process.env.PODFLARE_HOST ?? DEFAULT_HOST;
+    // An empty host (or PODFLARE_HOST) means the default, as in the Python SDK.
+    const host = opts.host || process.env.PODFLARE_HOST || DEFAULT_HOST;
     this.host = (/^https?:\/\//.test(host) ? host : `http://${host}`).replace(/\/+$/, "");
     this.apiKey = opts.apiKey ?? process.env.PODFLARE_API_KEY ?? undefined;
   }

@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { before, describe, it } from "node:test";
 import * as errors from "./errors.js";
 import { errorFromResponse, PodflareError } from "./errors.js";
+import { DEFAULT_HOST, Http } from "./http.js";
 import { Sandbox } from "./sandbox.js";
 import { pythonJson, snakeCase } from "./test-support.js";
 
@@ -15,12 +16,17 @@ interface PythonSurface {
   errors: string[];
   byStatus: Record<string, [string, number, string, string]>;
   execResult: string[];
+  hosts: string[];
 }
+
+/** Host spellings each SDK resolves (PODFLARE_HOST unset). */
+const HOSTS = ["", "127.0.0.1:7070", "http://h:1/", "https://h.example//", "localhost"];
 
 const PYTHON_SURFACE = `
 import dataclasses, inspect, json
 import podflare
 from podflare.errors import error_from_response
+from podflare._http import Http
 S = podflare.Sandbox
 public = [n for n in vars(S) if not n.startswith("_")]
 statics = [n for n in public if isinstance(vars(S)[n], (staticmethod, classmethod))]
@@ -34,6 +40,7 @@ print(json.dumps({
     "errors": sorted(n for n in podflare.__all__ if inspect.isclass(getattr(podflare, n)) and issubclass(getattr(podflare, n), podflare.PodflareError)),
     "byStatus": by_status,
     "execResult": [f.name for f in dataclasses.fields(podflare.ExecResult)],
+    "hosts": [Http(h).host for h in ${JSON.stringify(HOSTS)}],
 }))
 `;
 
@@ -43,7 +50,16 @@ const TS_ONLY: Record<string, string> = { create: "Sandbox(...) itself" };
 describe("the two SDKs mirror each other", () => {
   let py: PythonSurface;
   before(async () => {
+    delete process.env.PODFLARE_HOST;
     py = await pythonJson<PythonSurface>(PYTHON_SURFACE);
+  });
+
+  it("resolves the daemon's address alike (an empty one is the default)", () => {
+    assert.deepEqual(
+      HOSTS.map((host) => new Http({ host }).host),
+      py.hosts,
+    );
+    assert.equal(py.hosts[0], DEFAULT_HOST);
   });
 
   it("Sandbox has the same calls (create is Python's constructor)", () => {
