@@ -1,5 +1,5 @@
 """podflare: self-hosted microVM sandboxes for AI agents (Python SDK, standard library only)."""
-from ._wire import SandboxInfo
+from ._wire import ExecEvent, SandboxInfo
 from .errors import (
     AuthenticationError,
     CapacityError,
@@ -19,6 +19,7 @@ from .sandbox import ExecResult, Sandbox
 __all__ = [
     "Sandbox",
     "ExecResult",
+    "ExecEvent",
     "SandboxInfo",
     "PodflareError",
     "InvalidArgumentError",

@@ -7,7 +7,7 @@ import json
 import os
 import socket
 import urllib.parse
-from typing import Any, Dict, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
 
 from .errors import ConnectionError, PodflareError, TimeoutError, error_from_response
 
@@ -100,7 +100,7 @@ class Http:
         finally:
             resp.close()
 
-    def ndjson(self, resp: http.client.HTTPResponse) -> Iterator[Dict[str, Any]]:
+    def ndjson(self, resp: http.client.HTTPResponse, make: Callable[[Dict[str, Any]], Any] = dict) -> Iterator[Any]:
         try:
             lines = iter(resp)
             while True:
@@ -110,7 +110,7 @@ class Http:
                     return
                 line = line.strip()
                 if line:
-                    yield json.loads(line)
+                    yield make(json.loads(line))
         finally:
             resp.close()
 

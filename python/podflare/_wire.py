@@ -33,6 +33,17 @@ SANDBOX_INFO_FIELDS = {
     "metadata": "required",
 }
 
+class ExecEvent(dict):
+    """One event of run_code_stream: a dict (`event["type"]`) whose fields are attributes too
+    (`event.type`, `event.data`), as the hosted service's events are."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 # components.schemas.CreateSandbox: Sandbox()'s keywords, under the same names.
 CREATE_SANDBOX_FIELDS = {
     "template": "optional",

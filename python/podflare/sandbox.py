@@ -7,7 +7,7 @@ from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Optional, Unio
 
 from ._diff import DEFAULT_DIFF_PATHS, compare_listings, listing_command
 from ._http import Http
-from ._wire import EXIT_FLAGS, EXIT_RESULT, SandboxInfo, sandbox_path
+from ._wire import EXIT_FLAGS, EXIT_RESULT, ExecEvent, SandboxInfo, sandbox_path
 from .errors import ConnectionError, PodflareError
 
 
@@ -79,12 +79,12 @@ class Sandbox:
     def _path(self) -> str:
         return sandbox_path(self.id)
 
-    def run_code_stream(self, code: str, language: str = "python", timeout_ms: Optional[int] = None) -> Iterator[Dict[str, Any]]:
+    def run_code_stream(self, code: str, language: str = "python", timeout_ms: Optional[int] = None) -> Iterator[ExecEvent]:
         """Yield events as the code produces them; the last one is always `exit`."""
         body: Dict[str, Any] = {"code": code, "language": language}
         if timeout_ms is not None:
             body["timeout_ms"] = timeout_ms
-        return self._http.ndjson(self._http.request("POST", f"{self._path}/exec", json_body=body))
+        return self._http.ndjson(self._http.request("POST", f"{self._path}/exec", json_body=body), ExecEvent)
 
     def run_code(self, code: str, language: str = "python", timeout_ms: Optional[int] = None) -> ExecResult:
         out: List[str] = []

@@ -140,6 +140,15 @@ class SdkTests(unittest.TestCase):
         r = podflare.Sandbox.connect(ODD, host=self.host).run_code("x")
         self.assertEqual(r, podflare.ExecResult(stdout="", stderr="e", exit_code=130, cancelled=True))
 
+    def test_stream_events_are_dicts_with_attributes_as_the_hosted_services(self):
+        FakeDaemon.exec_body = b'{"type":"stdout","data":"a","seq":0,"ts":1}\n{"type":"exit","code":0,"seq":1,"ts":2}\n'
+        events = list(podflare.Sandbox.connect(ODD, host=self.host).run_code_stream("x"))
+        self.assertEqual(events, [{"type": "stdout", "data": "a", "seq": 0, "ts": 1}, {"type": "exit", "code": 0, "seq": 1, "ts": 2}])
+        self.assertEqual((events[0].type, events[0].data, events[1].code), ("stdout", "a", 0))
+        self.assertEqual(events[1].get("timed_out"), None)
+        with self.assertRaises(AttributeError):
+            events[1].timed_out  # noqa: B018
+
     def test_a_stream_without_its_exit_event_is_a_connection_error(self):
         FakeDaemon.exec_body = b'{"type":"stdout","data":"a","seq":0,"ts":1}\n'
         with self.assertRaisesRegex(podflare.ConnectionError, "exit event"):
