@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set everything up, then run every test: lint, unit tests (TypeScript and the Python
-# agent), and end-to-end tests that boot real VMs (TCG on hosts without usable KVM).
+# Set everything up, then run every test: lint, unit tests (TypeScript, the Python agent
+# and the Python SDK), and end-to-end tests that boot real VMs (TCG on hosts without usable KVM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -10,6 +10,9 @@ npx biome check --diagnostic-level=error .
 
 echo "==> guest agent unit tests (Python)" >&2
 (cd guest/agent && python3 -m unittest discover -s tests)
+
+echo "==> Python SDK unit tests" >&2
+(cd python && python3 -m unittest discover -s tests)
 
 echo "==> TypeScript unit tests" >&2
 npm run -s test:unit

@@ -1,4 +1,5 @@
 """podflare: self-hosted microVM sandboxes for AI agents (Python SDK, standard library only)."""
+from ._wire import ExecEvent, SandboxInfo
 from .errors import (
     AuthenticationError,
     CapacityError,
@@ -11,12 +12,15 @@ from .errors import (
     RateLimitError,
     SandboxStateError,
     ServerError,
+    TimeoutError,
 )
 from .sandbox import ExecResult, Sandbox
 
 __all__ = [
     "Sandbox",
     "ExecResult",
+    "ExecEvent",
+    "SandboxInfo",
     "PodflareError",
     "InvalidArgumentError",
     "AuthenticationError",
@@ -28,5 +32,6 @@ __all__ = [
     "CapacityError",
     "ServerError",
     "ConnectionError",
+    "TimeoutError",
 ]
 __version__ = "0.1.0"

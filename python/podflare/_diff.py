@@ -6,6 +6,8 @@ bash, so the REPL's globals, cwd and imports are untouched); the listings are co
 import json
 from typing import Dict, Iterable, List
 
+from .errors import InvalidArgumentError
+
 DEFAULT_DIFF_PATHS = ["/root", "/tmp"]
 
 
@@ -13,7 +15,7 @@ def listing_command(paths: Iterable[str]) -> str:
     paths = list(paths)
     for p in paths:
         if not p.startswith("/") or "\0" in p:
-            raise ValueError(f"diff paths must be absolute, got {p!r}")
+            raise InvalidArgumentError(f"diff paths must be absolute, got {p!r}")
     return (
         "python3 - <<'PODFLARE_DIFF_EOF'\n"
         "import hashlib, json, os, stat\n"

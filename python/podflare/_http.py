@@ -1,13 +1,15 @@
 """HTTP plumbing of the SDK (standard library only): host, key, JSON, NDJSON, raw bytes."""
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
+import socket
 import urllib.parse
-from typing import Any, Dict, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
 
-from .errors import ConnectionError, error_from_response
+from .errors import ConnectionError, PodflareError, TimeoutError, error_from_response
 
 DEFAULT_HOST = "http://127.0.0.1:7070"
 _CHUNK = 256 * 1024
@@ -61,39 +63,62 @@ class Http:
             resp = conn.getresponse()
         except OSError as exc:
             conn.close()
-            raise ConnectionError(
+            raise (TimeoutError if isinstance(exc, socket.timeout) else ConnectionError)(
                 f"cannot reach the podflare daemon at {self.host} ({exc}); is `podflare serve` running? "
                 "Set PODFLARE_HOST if it listens elsewhere"
             ) from exc
         if resp.status >= 400:
-            data = resp.read()
-            conn.close()
+            try:
+                with self.reading():
+                    data = resp.read()
+            finally:
+                conn.close()
             raise error_from_response(resp.status, data)
         return resp
 
-    def json(self, method: str, path: str, json_body: Any = None) -> Any:
-        resp = self.request(method, path, json_body=json_body)
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Around reading a response body: a cut or a timeout is a ConnectionError / TimeoutError."""
         try:
-            data = resp.read()
-        finally:
-            resp.close()
+            yield
+        except PodflareError:
+            raise
+        except socket.timeout as exc:
+            raise TimeoutError(f"the podflare daemon at {self.host} sent nothing for too long while it answered ({exc})") from exc
+        except (OSError, http.client.HTTPException) as exc:
+            raise ConnectionError(f"the connection to the podflare daemon at {self.host} was cut while it answered ({exc!r})") from exc
+
+    def json(self, method: str, path: str, json_body: Any = None) -> Any:
+        data = self.read(self.request(method, path, json_body=json_body))
         return json.loads(data) if data else None
 
-    @staticmethod
-    def ndjson(resp: http.client.HTTPResponse) -> Iterator[Dict[str, Any]]:
+    def read(self, resp: http.client.HTTPResponse) -> bytes:
+        """The whole body of a response, which is then closed."""
         try:
-            for line in resp:
-                line = line.strip()
-                if line:
-                    yield json.loads(line)
+            with self.reading():
+                return resp.read()
         finally:
             resp.close()
 
-    @staticmethod
-    def chunks(resp: http.client.HTTPResponse) -> Iterator[bytes]:
+    def ndjson(self, resp: http.client.HTTPResponse, make: Callable[[Dict[str, Any]], Any] = dict) -> Iterator[Any]:
+        try:
+            lines = iter(resp)
+            while True:
+                with self.reading():
+                    line = next(lines, None)
+                if line is None:
+                    return
+                line = line.strip()
+                if line:
+                    yield make(json.loads(line))
+        finally:
+            resp.close()
+
+    def chunks(self, resp: http.client.HTTPResponse) -> Iterator[bytes]:
         try:
             while True:
-                block = resp.read(_CHUNK)
+                with self.reading():
+                    block = resp.read(_CHUNK)
                 if not block:
                     return
                 yield block

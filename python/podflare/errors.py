@@ -1,6 +1,11 @@
-"""One exception class per failure; HTTP statuses map to them in `error_from_response` only."""
+"""One exception class per failure; HTTP statuses map to them in `error_from_response` only.
+
+The TypeScript SDK (packages/sdk/src/errors.ts) has the same classes under the same names,
+each with `message`, `status` (None when no HTTP answer was had) and `code`.
+"""
 from __future__ import annotations
 
+import builtins
 import json
 from typing import Optional
 
@@ -13,8 +18,9 @@ class PodflareError(Exception):
         self.code = code
 
 
-class InvalidArgumentError(PodflareError):
-    """400: the request is malformed or a value is out of range."""
+class InvalidArgumentError(PodflareError, ValueError):
+    """400: the request is malformed or a value is out of range (also found before sending;
+    a ValueError too)."""
 
 
 class AuthenticationError(PodflareError):
@@ -51,7 +57,13 @@ class ServerError(PodflareError):
 
 
 class ConnectionError(PodflareError):  # noqa: A001 - mirrors the TypeScript SDK's name
-    """The daemon could not be reached at all."""
+    """The daemon could not be reached, or the connection was cut before its answer ended
+    (an exec stream that ends without its exit event)."""
+
+
+class TimeoutError(ConnectionError, builtins.TimeoutError):  # noqa: A001 - as in TypeScript
+    """The daemon sent nothing for longer than the client waits (a kind of ConnectionError;
+    also the built-in TimeoutError that a socket timeout raised before)."""
 
 
 _BY_STATUS = {

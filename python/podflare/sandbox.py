@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
-import urllib.parse
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Optional, Union
 
 from ._diff import DEFAULT_DIFF_PATHS, compare_listings, listing_command
 from ._http import Http
+from ._wire import EXIT_FLAGS, EXIT_RESULT, ExecEvent, SandboxInfo, sandbox_path
+from .errors import ConnectionError, PodflareError
 
 
 @dataclass
@@ -18,6 +19,7 @@ class ExecResult:
     error: Optional[Dict[str, str]] = None
     timed_out: bool = False
     truncated: bool = False
+    cancelled: bool = False  # the daemon cancelled the exec (code 130)
 
 
 UploadData = Union[bytes, bytearray, str, BinaryIO, Iterable[bytes]]
@@ -54,31 +56,35 @@ class Sandbox:
         ):
             if value is not None:
                 body[key] = value
-        self.info: Dict[str, Any] = self._http.json("POST", "/v1/sandboxes", body)
+        self.info: SandboxInfo = self._http.json("POST", "/v1/sandboxes", body)
         self.id: str = self.info["id"]
 
     @classmethod
     def connect(cls, sandbox_id: str, host: Optional[str] = None, api_key: Optional[str] = None) -> "Sandbox":
         """Attach to an existing sandbox by id."""
-        http = Http(host, api_key)
+        return cls._attach(sandbox_id, Http(host, api_key))
+
+    @classmethod
+    def _attach(cls, sandbox_id: str, http: Http) -> "Sandbox":
         sbx = cls(_id=sandbox_id, _http=http)
-        sbx.info = http.json("GET", f"/v1/sandboxes/{urllib.parse.quote(sandbox_id, safe='')}")
+        sbx.info = http.json("GET", sandbox_path(sandbox_id))
         return sbx
 
     @staticmethod
-    def list(host: Optional[str] = None, api_key: Optional[str] = None) -> List[Dict[str, Any]]:
+    def list(host: Optional[str] = None, api_key: Optional[str] = None) -> List[SandboxInfo]:
+        """The caller's sandboxes."""
         return Http(host, api_key).json("GET", "/v1/sandboxes")["sandboxes"]
 
     @property
     def _path(self) -> str:
-        return f"/v1/sandboxes/{urllib.parse.quote(self.id, safe='')}"
+        return sandbox_path(self.id)
 
-    def run_code_stream(self, code: str, language: str = "python", timeout_ms: Optional[int] = None) -> Iterator[Dict[str, Any]]:
+    def run_code_stream(self, code: str, language: str = "python", timeout_ms: Optional[int] = None) -> Iterator[ExecEvent]:
         """Yield events as the code produces them; the last one is always `exit`."""
         body: Dict[str, Any] = {"code": code, "language": language}
         if timeout_ms is not None:
             body["timeout_ms"] = timeout_ms
-        return Http.ndjson(self._http.request("POST", f"{self._path}/exec", json_body=body))
+        return self._http.ndjson(self._http.request("POST", f"{self._path}/exec", json_body=body), ExecEvent)
 
     def run_code(self, code: str, language: str = "python", timeout_ms: Optional[int] = None) -> ExecResult:
         out: List[str] = []
@@ -90,24 +96,15 @@ class Sandbox:
             elif kind == "stderr":
                 err.append(event["data"])
             elif kind == "exit":
-                return ExecResult(
-                    stdout="".join(out),
-                    stderr="".join(err),
-                    exit_code=int(event["code"]),
-                    error=event.get("error"),
-                    timed_out=bool(event.get("timed_out")),
-                    truncated=bool(event.get("truncated")),
-                )
-        raise RuntimeError("the exec stream ended without an exit event (the connection was cut)")
+                result: Dict[str, Any] = {EXIT_RESULT["code"]: int(event["code"]), EXIT_RESULT["error"]: event.get("error")}
+                for flag in EXIT_FLAGS:
+                    result[EXIT_RESULT[flag]] = bool(event.get(flag))
+                return ExecResult(stdout="".join(out), stderr="".join(err), **result)
+        raise ConnectionError("the exec stream ended without an exit event (the connection was cut)")
 
     def fork(self, n: int = 1) -> List["Sandbox"]:
         children = self._http.json("POST", f"{self._path}/fork", {"n": n})["children"]
-        return [self._child(child) for child in children]
-
-    def _child(self, child_id: str) -> "Sandbox":
-        sbx = Sandbox(_id=child_id, _http=self._http)
-        sbx.info = self._http.json("GET", f"/v1/sandboxes/{urllib.parse.quote(child_id, safe='')}")
-        return sbx
+        return [Sandbox._attach(child, self._http) for child in children]
 
     def diff(self, other: "Sandbox", paths: Optional[Iterable[str]] = None) -> Dict[str, List[str]]:
         """Files that differ between this sandbox and `other` under `paths` (default /root
@@ -118,13 +115,13 @@ class Sandbox:
     def _listing(self, command: str) -> Dict[str, str]:
         r = self.run_code(command, language="bash")
         if r.exit_code != 0:
-            raise RuntimeError(f"listing the files of {self.id} failed (exit {r.exit_code}): {r.stderr[:500]}")
+            raise PodflareError(f"listing the files of {self.id} failed (exit {r.exit_code}): {r.stderr[:500]}")
         return json.loads(r.stdout)
 
     def merge_into(self, winner: Union["Sandbox", str]) -> None:
         """Afterwards this sandbox's id runs the winner's VM; the winner's id is gone."""
         winner_id = winner if isinstance(winner, str) else winner.id
-        self._http.request("POST", f"{self._path}/merge_into/{urllib.parse.quote(winner_id, safe='')}").close()
+        self._http.request("POST", sandbox_path(self.id, "merge_into", winner_id)).close()
 
     def upload(self, path: str, data: UploadData) -> None:
         """Write a file in the sandbox, atomically; file objects and iterables are streamed."""
@@ -141,15 +138,15 @@ class Sandbox:
         self._http.request("PUT", f"{self._path}/files", body=body, query={"path": path}).close()
 
     def download(self, path: str) -> bytes:
-        resp = self._http.request("GET", f"{self._path}/files", query={"path": path})
-        try:
-            return resp.read()
-        finally:
-            resp.close()
+        return self._http.read(self._http.request("GET", f"{self._path}/files", query={"path": path}))
 
     def download_stream(self, path: str) -> Iterator[bytes]:
         """The file in chunks, for files too large to hold in memory."""
-        return Http.chunks(self._http.request("GET", f"{self._path}/files", query={"path": path}))
+        return self._http.chunks(self._http.request("GET", f"{self._path}/files", query={"path": path}))
+
+    def get_info(self) -> SandboxInfo:
+        """The sandbox as the daemon sees it now (`info` is as it was at create or connect)."""
+        return self._http.json("GET", self._path)
 
     def close(self) -> None:
         """Destroy the sandbox. Idempotent."""

@@ -3,6 +3,8 @@
  * walker run as its own python3 process (through bash, so the REPL's globals, cwd and
  * imports are untouched); the listings are compared here.
  */
+import { InvalidArgumentError } from "./errors.js";
+
 export interface DiffResult {
   /** In the other sandbox, not in this one. */
   added: string[];
@@ -18,7 +20,7 @@ export const DEFAULT_DIFF_PATHS = ["/root", "/tmp"];
 export function listingCommand(paths: string[]): string {
   for (const p of paths) {
     if (!p.startsWith("/") || p.includes("\0"))
-      throw new Error(`diff paths must be absolute, got ${JSON.stringify(p)}`);
+      throw new InvalidArgumentError(`diff paths must be absolute, got ${JSON.stringify(p)}`);
   }
   return `python3 - <<'PODFLARE_DIFF_EOF'
 import hashlib, json, os, stat

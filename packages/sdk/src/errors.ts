@@ -1,6 +1,8 @@
 /**
  * One error class per failure; HTTP statuses map to them in `errorFromResponse` only.
- * Every message comes from the daemon and says what to change.
+ * Every message comes from the daemon and says what to change. The Python SDK
+ * (python/podflare/errors.py) has the same classes under the same names, each with
+ * `message`, `status` (null when no HTTP answer was had) and `code`.
  */
 export class PodflareError extends Error {
   constructor(
@@ -12,7 +14,7 @@ export class PodflareError extends Error {
     this.name = new.target.name;
   }
 }
-/** 400: the request is malformed or a value is out of range. */
+/** 400: the request is malformed or a value is out of range (also found before sending). */
 export class InvalidArgumentError extends PodflareError {}
 /**
  * 401: no API key, or a wrong one (set PODFLARE_API_KEY); 403: the daemon has no key and
@@ -28,13 +30,21 @@ export class PayloadTooLargeError extends PodflareError {}
 /** 429: over a limit (sandbox count, quota). */
 export class RateLimitError extends PodflareError {}
 /** 501: the daemon does not implement this operation yet. */
-export class NotImplementedError extends PodflareError {}
+export class NotImplementedByDaemonError extends PodflareError {}
+/** The former name of NotImplementedByDaemonError, kept for existing callers. */
+export const NotImplementedError = NotImplementedByDaemonError;
+export type NotImplementedError = NotImplementedByDaemonError;
 /** 503: the host has no capacity right now; retry later. */
 export class CapacityError extends PodflareError {}
 /** 5xx: a bug in the daemon; its log has details. */
 export class ServerError extends PodflareError {}
-/** The daemon could not be reached at all. */
+/**
+ * The daemon could not be reached, or the connection was cut before its answer ended
+ * (an exec stream that ends without its exit event).
+ */
 export class ConnectionError extends PodflareError {}
+/** The daemon sent nothing for longer than the client waits (a kind of ConnectionError). */
+export class TimeoutError extends ConnectionError {}
 
 const BY_STATUS: Record<number, new (m: string, s: number, c: string) => PodflareError> = {
   400: InvalidArgumentError,
@@ -44,7 +54,7 @@ const BY_STATUS: Record<number, new (m: string, s: number, c: string) => Podflar
   409: SandboxStateError,
   413: PayloadTooLargeError,
   429: RateLimitError,
-  501: NotImplementedError,
+  501: NotImplementedByDaemonError,
   503: CapacityError,
 };
 

@@ -1,58 +1,23 @@
 /** A podflare sandbox: a microVM with a persistent Python REPL. */
 import { compareListings, DEFAULT_DIFF_PATHS, type DiffResult, listingCommand } from "./diff.js";
+import { ConnectionError, PodflareError } from "./errors.js";
 import { type ConnectionOptions, Http, type RequestBody } from "./http.js";
-
-export interface SandboxCreateOptions extends ConnectionOptions {
-  template?: string;
-  vcpuCount?: number;
-  memSizeMib?: number;
-  /** Lifetime; the daemon destroys the sandbox after it. */
-  timeoutMs?: number;
-  metadata?: Record<string, string>;
-}
-
-export interface SandboxInfo {
-  id: string;
-  state: string;
-  template: string;
-  vcpu_count: number;
-  mem_size_mib: number;
-  created_at: string;
-  expires_at: string;
-  metadata: Record<string, string>;
-}
-
-export interface ExecError {
-  name: string;
-  value: string;
-  traceback: string;
-}
-
-export type ExecEvent =
-  | { type: "stdout" | "stderr"; data: string; seq: number; ts: number }
-  | {
-      type: "exit";
-      code: number;
-      error?: ExecError;
-      timed_out?: boolean;
-      truncated?: boolean;
-      seq: number;
-      ts: number;
-    };
-
-export interface RunCodeOptions {
-  language?: "python" | "bash";
-  timeoutMs?: number;
-}
-
-export interface ExecResult {
-  stdout: string;
-  stderr: string;
-  exitCode: number;
-  error?: ExecError;
-  timedOut?: boolean;
-  truncated?: boolean;
-}
+import {
+  CREATE_OPTIONS,
+  EXIT_RESULT,
+  type ExecResult,
+  RUN_CODE_OPTIONS,
+  type RunCodeOptions,
+  type SandboxCreateOptions,
+  wireBody,
+} from "./options.js";
+import {
+  type ExecEvent,
+  type ForkResponse,
+  type ListResponse,
+  type SandboxInfo,
+  sandboxPath,
+} from "./wire.js";
 
 export type UploadData =
   | Uint8Array
@@ -60,6 +25,8 @@ export type UploadData =
   | Blob
   | ReadableStream<Uint8Array>
   | AsyncIterable<Uint8Array>;
+
+const EXIT_FLAGS = ["timed_out", "truncated", "cancelled"] as const;
 
 export class Sandbox {
   private closed = false;
@@ -73,32 +40,32 @@ export class Sandbox {
   /** Create a sandbox (a ready VM from the pool when there is one). */
   static async create(opts: SandboxCreateOptions = {}): Promise<Sandbox> {
     const http = new Http(opts);
-    const body: Record<string, unknown> = {};
-    if (opts.template !== undefined) body.template = opts.template;
-    if (opts.vcpuCount !== undefined) body.vcpu_count = opts.vcpuCount;
-    if (opts.memSizeMib !== undefined) body.mem_size_mib = opts.memSizeMib;
-    if (opts.timeoutMs !== undefined) body.timeout_ms = opts.timeoutMs;
-    if (opts.metadata !== undefined) body.metadata = opts.metadata;
-    const info = await http.json<SandboxInfo>("POST", "/v1/sandboxes", body);
+    const info = await http.json<SandboxInfo>(
+      "POST",
+      "/v1/sandboxes",
+      wireBody(opts, CREATE_OPTIONS),
+    );
     return new Sandbox(info.id, http, info);
   }
 
   /** Attach to an existing sandbox by id. */
   static async connect(id: string, opts: ConnectionOptions = {}): Promise<Sandbox> {
     const http = new Http(opts);
-    const info = await http.json<SandboxInfo>("GET", `/v1/sandboxes/${encodeURIComponent(id)}`);
+    const info = await http.json<SandboxInfo>("GET", sandboxPath(id));
     return new Sandbox(info.id, http, info);
   }
 
+  /** The caller's sandboxes. */
   static async list(opts: ConnectionOptions = {}): Promise<SandboxInfo[]> {
     const http = new Http(opts);
-    return (await http.json<{ sandboxes: SandboxInfo[] }>("GET", "/v1/sandboxes")).sandboxes;
+    return (await http.json<ListResponse>("GET", "/v1/sandboxes")).sandboxes;
   }
 
   /** Events as the code produces them; the last one is always `exit`. */
   async *runCodeStream(code: string, opts: RunCodeOptions = {}): AsyncGenerator<ExecEvent> {
-    const body: Record<string, unknown> = { code, language: opts.language ?? "python" };
-    if (opts.timeoutMs !== undefined) body.timeout_ms = opts.timeoutMs;
+    const body = wireBody({ ...opts, language: opts.language ?? "python" }, RUN_CODE_OPTIONS, {
+      code,
+    });
     const res = await this.http.request("POST", `${this.path}/exec`, { json: body });
     yield* this.http.ndjson<ExecEvent>(res);
   }
@@ -111,28 +78,23 @@ export class Sandbox {
         if (event.type === "stdout") stdout += event.data;
         else stderr += event.data;
       } else {
-        const result: ExecResult = { stdout, stderr, exitCode: event.code };
-        if (event.error) result.error = event.error;
-        if (event.timed_out) result.timedOut = true;
-        if (event.truncated) result.truncated = true;
+        const result: ExecResult = { stdout, stderr, [EXIT_RESULT.code]: event.code };
+        if (event.error) result[EXIT_RESULT.error] = event.error;
+        for (const flag of EXIT_FLAGS) if (event[flag]) result[EXIT_RESULT[flag]] = true;
         return result;
       }
     }
-    throw new Error("the exec stream ended without an exit event (the connection was cut)");
+    throw new ConnectionError(
+      "the exec stream ended without an exit event (the connection was cut)",
+    );
   }
 
   async fork(n = 1): Promise<Sandbox[]> {
-    const { children } = await this.http.json<{ children: string[] }>("POST", `${this.path}/fork`, {
-      n,
-    });
+    const { children } = await this.http.json<ForkResponse>("POST", `${this.path}/fork`, { n });
     return Promise.all(
       children.map(
         async (id) =>
-          new Sandbox(
-            id,
-            this.http,
-            await this.http.json<SandboxInfo>("GET", `/v1/sandboxes/${id}`),
-          ),
+          new Sandbox(id, this.http, await this.http.json<SandboxInfo>("GET", sandboxPath(id))),
       ),
     );
   }
@@ -143,14 +105,14 @@ export class Sandbox {
    */
   async diff(other: Sandbox, opts: { paths?: string[] } = {}): Promise<DiffResult> {
     const command = listingCommand(opts.paths ?? DEFAULT_DIFF_PATHS);
-    const [mine, theirs] = await Promise.all([this.listing(command), other.listing(command)]);
+    const [mine, theirs] = await Promise.all([this.#listing(command), other.#listing(command)]);
     return compareListings(mine, theirs);
   }
 
-  private async listing(command: string): Promise<Record<string, string>> {
+  async #listing(command: string): Promise<Record<string, string>> {
     const r = await this.runCode(command, { language: "bash" });
     if (r.exitCode !== 0)
-      throw new Error(
+      throw new PodflareError(
         `listing the files of ${this.id} failed (exit ${r.exitCode}): ${r.stderr.slice(0, 500)}`,
       );
     return JSON.parse(r.stdout) as Record<string, string>;
@@ -159,7 +121,7 @@ export class Sandbox {
   /** Afterwards this sandbox's id runs the winner's VM; the winner's id is gone. */
   async mergeInto(winner: Sandbox | string): Promise<void> {
     const winnerId = typeof winner === "string" ? winner : winner.id;
-    await this.http.request("POST", `${this.path}/merge_into/${encodeURIComponent(winnerId)}`);
+    await this.http.request("POST", sandboxPath(this.id, "merge_into", winnerId));
   }
 
   /** Write a file in the sandbox (atomically; parents are created). Streams are not buffered. */
@@ -190,16 +152,17 @@ export class Sandbox {
 
   async download(path: string): Promise<Uint8Array> {
     const res = await this.http.request("GET", `${this.path}/files`, { query: { path } });
-    return new Uint8Array(await res.arrayBuffer());
+    return new Uint8Array(await this.http.reading(() => res.arrayBuffer()));
   }
 
   /** The file as a stream, for files too large to hold in memory. */
   async downloadStream(path: string): Promise<ReadableStream<Uint8Array>> {
     const res = await this.http.request("GET", `${this.path}/files`, { query: { path } });
-    if (!res.body) throw new Error("the daemon sent no body");
+    if (!res.body) throw new ConnectionError("the daemon sent no body");
     return res.body;
   }
 
+  /** The sandbox as the daemon sees it now (`info` is as it was at create or connect). */
   async getInfo(): Promise<SandboxInfo> {
     return this.http.json<SandboxInfo>("GET", this.path);
   }
@@ -216,6 +179,6 @@ export class Sandbox {
   }
 
   private get path(): string {
-    return `/v1/sandboxes/${encodeURIComponent(this.id)}`;
+    return sandboxPath(this.id);
   }
 }
