@@ -41,9 +41,10 @@ Modules, one job each:
 - execqueue: the bounded FIFO of execs both processes keep
 - worker: the REPL worker process (ExecRunner, WorkerChannel, worker_main)
 - cgroups: the guest's cgroup v2 layout and counters (Cgroups)
-- supervisor: one worker process (WorkerProcess): its start, link thread and death
+- supervisor: the worker's life: one process (WorkerProcess: argv, socket, link thread)
+  and its supervision (WorkerSupervisor: start with back-off, park, replace, stop)
 - scheduler: the control process's exec scheduler (ExecScheduler): queue, timeouts,
-  cancels, kills, per-exec cgroups, the worker's replacement
+  cancels, kills, per-exec cgroups, relaying the worker's frames
 - files: file transfer (FileTransfers)
 - identity: restore (entropy, clock, hostname, /etc/hosts, machine-id)
 - dispatch: the control process (control_main) and its reader (Agent): request routing

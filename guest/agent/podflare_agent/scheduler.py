@@ -1,7 +1,7 @@
 """The control process's exec scheduler (ExecScheduler, on the main thread): the queue of
 execs, one at a time on the REPL worker; timeouts, cancels and the kill of a stuck
 worker; per-exec cgroups; relaying and re-checking the worker's frames; and when a
-worker is started, parked in the next exec's cgroup, or replaced after a death."""
+worker is needed (WorkerSupervisor starts, parks and replaces it)."""
 
 import json
 import threading
@@ -10,9 +10,9 @@ import traceback
 
 from .cgroups import PIDS_MAX, SWEEP_INTERVAL, SWEEP_PASSES
 from .execqueue import ExecQueue
-from .protocol import KILL_GRACE, MAX_MESSAGE, MAX_TRACEBACK, OUTPUT_FRAME, SHUTDOWN_GRACE, FrameWriter, _clip, _is_int, _utf8_cut
+from .protocol import KILL_GRACE, MAX_MESSAGE, MAX_TRACEBACK, OUTPUT_FRAME, FrameWriter, _clip, _is_int, _utf8_cut
 from .runtime import _pin_helper_thread, log
-from .supervisor import QUICK_DEATH, RESPAWN_BACKOFF_MAX, RESPAWN_BACKOFF_MIN, WorkerProcess, _death_cause
+from .supervisor import WorkerSupervisor, _death_cause
 
 
 class ControlJob:
@@ -46,22 +46,16 @@ class ControlJob:
 
 class ExecScheduler(ExecQueue):
     """Runs execs one at a time on the REPL worker (the dispatcher is the main thread):
-    owns the queue, timeouts, cancels, per-exec cgroups and the worker's life."""
+    owns the queue, timeouts, cancels and per-exec cgroups; the worker's life is its
+    WorkerSupervisor's (supervisor.py), under the same lock."""
 
     def __init__(self, writer, cgroups, worker_argv, kill_grace=KILL_GRACE):
         super().__init__()
         self._writer = writer
         self._cgroups = cgroups
-        self._worker_argv = worker_argv
         self._kill_grace = kill_grace
-        self._worker = None
-        self._respawn_at = 0.0
-        self._backoff = RESPAWN_BACKOFF_MIN
+        self._workers = WorkerSupervisor(self._cond, cgroups, worker_argv, self._from_worker, self._worker_died)
         self._restart_note = None  # told (stderr) to the next exec: the REPL died while idle
-        # The exec cgroup the idle worker already sits in (dispatcher thread only): moving a
-        # process between cgroups costs milliseconds under TCG (1 to 5 ms p50 measured), so
-        # it is done once per exec, after the exit frame, instead of twice on the exec's path.
-        self._parked = None  # (worker, cgroup)
         self.stopped = threading.Event()
 
     # -- called from the reader thread --
@@ -80,12 +74,7 @@ class ExecScheduler(ExecQueue):
         return None
 
     def reseed(self):
-        """After a restore: the REPL reseeds `random` before it runs anything else (its
-        channel is in order). No worker: the next one seeds itself from the fresh CRNG."""
-        with self._cond:
-            worker = self._worker
-        if worker is not None and not worker.dead:
-            worker.send({"type": "reseed", "id": None}, timeout=1.0)
+        self._workers.reseed()
 
     def _busiest_is(self, path):
         """True if cgroup `path` holds more processes than any other exec cgroup: the
@@ -104,7 +93,7 @@ class ExecScheduler(ExecQueue):
         cg = self._cgroups
         with self._cond:
             current = self._current.cgroup if self._current is not None else None
-        parked = self._parked  # holds the idle worker: never a candidate
+        parked = self._workers.parked  # holds the idle worker: never a candidate
         sizes = {path: len(cg.procs(path)) for path in cg.exec_cgroups()}
         busiest = max((path for path in sizes if path != current and (parked is None or path != parked[1])), key=sizes.get, default=None)
         if busiest is not None and sizes[busiest] > sizes.get(current, 0):
@@ -131,7 +120,7 @@ class ExecScheduler(ExecQueue):
                     with self._cond:
                         self._current = None
         finally:
-            self._stop_worker()
+            self._workers.stop()
             self.stopped.set()
 
     def _next_job(self):
@@ -141,9 +130,9 @@ class ExecScheduler(ExecQueue):
                 while True:
                     if self._closing:
                         return None
-                    worker = self._worker
+                    worker = self._workers.current
                     if worker is None:
-                        delay = self._respawn_at - time.monotonic()
+                        delay = self._workers.respawn_at - time.monotonic()
                         if delay <= 0:
                             break
                         self._cond.wait(delay)
@@ -152,59 +141,22 @@ class ExecScheduler(ExecQueue):
                         job.worker = worker
                         self._current = job
                         return job
-                    elif worker.ready_at is not None and self._cgroups.enabled and (self._parked is None or self._parked[0] is not worker):
+                    elif worker.ready_at is not None and self._workers.needs_park(worker):
                         park = worker  # a new worker: into its first exec cgroup before any exec
                         break
                     else:
                         self._cond.wait()
             if park is not None:
-                self._park(park)
+                self._workers.park(park)
             else:
-                self._spawn()
-
-    def _park(self, worker):
-        """Moves the idle worker into a fresh exec cgroup, where the next exec will run
-        (falls back to user/repl, and a move on the exec's path, if that fails)."""
-        cg = self._cgroups
-        path = None if worker.dead else cg.new_exec()
-        if path is not None and cg.move(worker.pid, path):
-            self._parked = (worker, path)
-            return
-        if path is not None:
-            cg.remove(path)
-        if not worker.dead:
-            cg.move(worker.pid, cg.repl)
-        self._parked = (worker, None)  # no retry until the next exec ends
-
-    def _spawn(self):
-        cg = self._cgroups
-        cg.kill(cg.repl)  # what the previous worker left behind (it is gone by now)
-        if self._parked is not None:
-            _, parked = self._parked
-            self._parked = None
-            if parked is not None:  # ... idle in its parked cgroup, too
-                cg.kill(parked)
-                cg.remove(parked)
-        try:
-            worker = WorkerProcess(cg.spawn_prefix() + self._worker_argv, self._from_worker, self._worker_died)
-        except OSError as exc:
-            log(f"cannot start the REPL worker: {exc}")
-            with self._cond:
-                self._respawn_at = time.monotonic() + self._backoff
-                self._backoff = min(self._backoff * 2, RESPAWN_BACKOFF_MAX)
-            return
-        cg.move(worker.pid, cg.repl)  # the shell prefix did it already; harmless
-        with self._cond:
-            self._worker = worker
-        worker.start()
-        log(f"REPL worker started pid={worker.pid}")
+                self._workers.spawn()
 
     def _run(self, job):
         cg = self._cgroups
         worker = job.worker
         job.oom_before = cg.oom_kills()
         job.pids_before = cg.pids_limit_hits()
-        parked, self._parked = self._parked, None
+        parked = self._workers.take_parked()
         if parked is not None and parked[0] is worker and parked[1] is not None:
             job.cgroup = parked[1]  # the worker is in it already
         else:
@@ -283,15 +235,15 @@ class ExecScheduler(ExecQueue):
         worker = job.worker
         if job.cgroup is None:
             if not worker.dead:
-                self._park(worker)
+                self._workers.park(worker)
             return
         if not worker.dead and job.interrupted_at is None:
-            self._park(worker)  # out of the call's cgroup, into the next one
+            self._workers.park(worker)  # out of the call's cgroup, into the next one
         if job.interrupted_at is not None or worker.dead or job.kill_leftovers:
             cg.kill(job.cgroup)
         if job.interrupted_at is not None and not worker.dead:
             self._sweep(job, SWEEP_PASSES)
-            self._park(worker)  # from user/repl, where _interrupt put it
+            self._workers.park(worker)  # from user/repl, where _interrupt put it
         # Processes a call starts keep running after it ends normally (documented); their
         # cgroup is removed once they are gone. With the next exec waiting, the rmdirs
         # wait for a finish with nothing queued.
@@ -315,16 +267,6 @@ class ExecScheduler(ExecQueue):
             for pid in strays:
                 cg.move(pid, job.cgroup)
             cg.kill(job.cgroup)
-
-    def _stop_worker(self):
-        with self._cond:
-            worker = self._worker
-        if worker is None:
-            return
-        worker.close_channel()
-        if not worker.gone.wait(SHUTDOWN_GRACE):
-            worker.kill()
-            worker.gone.wait(SHUTDOWN_GRACE)
 
     # -- called from a worker's link thread --
 
@@ -435,12 +377,7 @@ class ExecScheduler(ExecQueue):
         oom = self._cgroups.oom_kills()
         out = []
         with self._cond:
-            worker.dead = True
-            if self._worker is worker:
-                self._worker = None
-                quick = worker.ready_at is None or now - worker.ready_at < QUICK_DEATH
-                self._respawn_at = now + (self._backoff if quick else 0.0)
-                self._backoff = min(self._backoff * 2, RESPAWN_BACKOFF_MAX) if quick else RESPAWN_BACKOFF_MIN
+            self._workers.died(worker, now)
             job = self._current
             if job is not None and not job.done and job.worker is worker:
                 out_of_memory = oom > job.oom_before
