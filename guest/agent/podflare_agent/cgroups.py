@@ -58,7 +58,7 @@ class Cgroups:
                                interrupted exec stops
         <root>/user/exec-<n>   the worker while it runs exec n, and every process that
                                call starts; removed once empty. The idle worker already
-                               waits in the next one (see ExecScheduler._park).
+                               waits in the next one (see WorkerSupervisor.park).
 
     `user` enables no controllers for its children: its limits cover the whole subtree,
     and its children are plain process groups (cheap to create and remove per exec) that
