@@ -18,7 +18,7 @@ import struct
 import time
 
 PYTHON = "/usr/bin/python3"
-AGENT = "/opt/podflare/podflare_agent.py"
+AGENT = "/opt/podflare/podflare_agent"  # the package directory: python3 runs its __main__.py
 HOSTNAME = "sandbox"
 ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
 
@@ -26,7 +26,7 @@ MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
 MOUNTS = (  # source, target, type, flags, options; in order (/dev/pts needs /dev)
     ("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
     ("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
-    # The agent lays out its cgroups here (podflare_agent.Cgroups): user code runs under
+    # The agent lays out its cgroups here (podflare_agent.cgroups): user code runs under
     # memory and pids limits, in a cgroup per call that a timeout can kill whole.
     ("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
     ("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"),

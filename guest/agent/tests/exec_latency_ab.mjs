@@ -1,14 +1,16 @@
 // Exec round trip of `y = 1` through the engine (vm.agent.exec), agent variants side by side
 // in one guest, so that a noisy shared host affects them alike (see docs/guest-isolation.md,
 // "Exec latency"). Boots one 2-vCPU, 1 GiB guest like packages/e2e/src/engine.e2e.test.ts;
-// per round and variant: uploads the variant, points /opt/podflare/podflare_agent.py at it
-// (a symlink: the split agent starts its worker from realpath(__file__)), resets the cgroup2
+// per round and variant: uploads the variant (a single-file agent, or a package directory),
+// points /opt/podflare/podflare_agent at it (a symlink: the agent starts its worker from the
+// realpath of its file or package), resets the cgroup2
 // mount options to init's, kills the agent (init restarts it), runs 30 warm-up execs, then
 // times N. Needs `npm run build`. Run from the repository root:
 //
 //   git show 9130358:guest/agent/podflare_agent.py > /tmp/agent_old.py
-//   node guest/agent/tests/exec_latency_ab.mjs ROUNDS N old=/tmp/agent_old.py new=guest/agent/podflare_agent.py
-import { readFile } from "node:fs/promises";
+//   node guest/agent/tests/exec_latency_ab.mjs ROUNDS N old=/tmp/agent_old.py new=guest/agent/podflare_agent
+import { readdir, readFile, stat } from "node:fs/promises";
+import { join } from "node:path";
 import { createLogger, prepareEngine } from "../../../packages/daemon/dist/index.js";
 import { testConfig } from "../../../packages/e2e/dist/harness.js";
 
@@ -16,7 +18,10 @@ const [rounds, n, ...specs] = process.argv.slice(2);
 const variants = await Promise.all(
   specs.map(async (s) => {
     const [name, path] = s.split("=");
-    return { name, code: await readFile(path), samples: [] };
+    const dir = (await stat(path)).isDirectory();
+    const names = dir ? (await readdir(path)).filter((f) => f.endsWith(".py")) : [""];
+    const files = await Promise.all(names.map(async (f) => ({ name: f, code: await readFile(dir ? join(path, f) : path) })));
+    return { name, dir, files, samples: [] };
   }),
 );
 const config = await testConfig();
@@ -45,7 +50,7 @@ for p in sorted((p for p in os.listdir('/proc') if p.isdigit()), key=lambda p: i
         c = open(f'/proc/{p}/cmdline', 'rb').read()
     except OSError:
         continue
-    if b'podflare_agent.py' in c and b'--worker' not in c:
+    if b'podflare_agent' in c and b'--worker' not in c:
         os.kill(int(p), 9)
 `;
 const REMOUNT =
@@ -58,9 +63,13 @@ const pct = (a, p) => {
 try {
   for (let r = 0; r < Number(rounds); r++) {
     for (const v of variants) {
-      const path = `/opt/podflare/variant-${v.name}.py`;
-      await vm.agent.writeFile(path, (async function* () { yield v.code; })(), { maxBytes: 1 << 24, mode: 0o755 });
-      await run(`import os\nos.symlink(${JSON.stringify(path)}, '/opt/podflare/.l')\nos.replace('/opt/podflare/.l', '/opt/podflare/podflare_agent.py')`);
+      const path = v.dir ? `/opt/podflare/variant-${v.name}` : `/opt/podflare/variant-${v.name}.py`;
+      for (const f of v.files) {
+        const target = v.dir ? `${path}/${f.name}` : path;
+        await vm.agent.writeFile(target, (async function* () { yield f.code; })(), { maxBytes: 1 << 24, mode: 0o755 });
+      }
+      // The image's package directory is kept aside once; the link then takes its place.
+      await run(`import os\nlink = '/opt/podflare/podflare_agent'\nif not os.path.islink(link):\n    os.rename(link, link + '.image')\nos.symlink(${JSON.stringify(path)}, '/opt/podflare/.l')\nos.replace('/opt/podflare/.l', link)`);
       await run(REMOUNT);
       try {
         await run(KILL);

@@ -9,7 +9,8 @@ import sys
 import time
 
 MAGIC = b"PF\x01\x00"
-AGENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "podflare_agent.py")
+# The package directory: `python3 <dir>` runs it, as init does in the guest.
+AGENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "podflare_agent")
 
 
 def encode(header, payload=b""):

@@ -22,7 +22,7 @@ from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import podflare_agent  # noqa: E402  (in-process tests of the pure parts)
+from podflare_agent import cgroups, dispatch, files, identity, output, protocol, worker  # noqa: E402  (in-process tests of the pure parts)
 from frames import MAGIC, AgentProcess, Channel, encode  # noqa: E402
 
 
@@ -306,7 +306,7 @@ class TimeoutAndCancelTests(AgentCase):
     def test_queue_is_bounded(self):
         self.start("import time\nprint('started', flush=True)\ntime.sleep(100)")
         self.assertEqual(self.recv()[0]["type"], "output")
-        for _ in range(podflare_agent.MAX_QUEUED_EXECS):
+        for _ in range(protocol.MAX_QUEUED_EXECS):
             self.start("pass")
         rid = self.start("pass")
         self.assertError(self.recv()[0], "busy", rid=rid)
@@ -536,8 +536,17 @@ class FileTests(AgentCase):
         self.assertError(self.request("read", path=self.root + "/missing", window=65536), "not_found")
         self.assertError(self.request("read", path=self.root, window=65536), "is_directory")
         self.assertError(self.request("read", path="relative", window=65536), "bad_path")
-        self.assertError(self.request("read", path="/dev/null", window=65536), "io_error")
+        self.assertError(self.request("read", path="/dev/null", window=65536), "not_a_file")
         self.assertError(self.request("read", path=self.root, window=1024), "bad_request")
+
+    def test_read_of_what_is_not_a_regular_file(self):
+        fifo = os.path.join(self.root, "fifo")
+        os.mkfifo(fifo)
+        for path in (fifo, "/dev/null"):
+            reply = self.request("read", path=path, window=65536)
+            self.assertError(reply, "not_a_file")
+            self.assertEqual(reply["message"], f"{path} is not a regular file")
+        self.assertEqual(self.request("ping")["type"], "pong")
 
     def test_read_empty_file(self):
         path = os.path.join(self.root, "empty")
@@ -569,6 +578,43 @@ class DiskFullTests(AgentCase):
         self.ch.send({"type": "write_end", "id": rid, "size": 3 * (self.LIMIT // 2 + 1)})
         self.assertError(self.recv()[0], "io_error", rid=rid)
         self.assertEqual(self.request("write_abort")["type"], "ok")
+
+
+class NoSpaceTests(unittest.TestCase):
+    """A full disk, in-process: the upload's file is swapped for /dev/full, where every
+    write fails with ENOSPC (a real one, from the kernel)."""
+
+    def setUp(self):
+        self.dir = tempfile.TemporaryDirectory()
+        self.addCleanup(self.dir.cleanup)
+        host, guest = socket.socketpair()
+        self.addCleanup(host.close)
+        self.addCleanup(guest.close)
+        self.transfers = files.FileTransfers(protocol.FrameWriter(guest.fileno()))
+        self.addCleanup(self.transfers.reset)
+
+    def begin_on_a_full_disk(self, rid):
+        self.assertEqual(self.transfers.write_begin(rid, {"path": os.path.join(self.dir.name, "f"), "mode": None}, b""), {"type": "ok", "id": rid})
+        full = os.open("/dev/full", os.O_WRONLY | os.O_CLOEXEC)
+        os.dup2(full, self.transfers._uploads[rid].fd, inheritable=False)
+        os.close(full)
+
+    def assertRefused(self, call, code, message):
+        with self.assertRaises(protocol.RequestError) as caught:
+            call()
+        self.assertEqual((caught.exception.code, caught.exception.message), (code, message))
+
+    def test_a_write_that_fails_with_enospc_says_no_space(self):
+        self.begin_on_a_full_disk(1)
+        self.assertRefused(lambda: self.transfers.write_chunk(1, {}, b"x" * 100), "no_space", "write failed: [Errno 28] No space left on device")
+        self.assertEqual(os.listdir(self.dir.name), [])  # the temp file is gone
+        self.assertIsNone(self.transfers.write_chunk(1, {}, b"x"))  # later chunks: dropped silently
+        self.assertRefused(lambda: self.transfers.write_end(1, {"size": 101}, b""), "no_space", "the upload failed earlier: [Errno 28] No space left on device")
+
+    def test_other_write_failures_stay_io_errors(self):
+        self.assertEqual(files._os_error_code(OSError(errno.EIO, "Input/output error")), "io_error")
+        self.assertEqual(files._os_error_code(OSError(errno.EFBIG, "File too large")), "io_error")
+        self.assertEqual(files._os_error_code(OSError(errno.ENOSPC, "No space left on device")), "no_space")
 
 
 class RestoreTests(AgentCase):
@@ -837,19 +883,19 @@ class CgroupLimitTests(unittest.TestCase):
     def test_memory_limit_reserve(self):
         mib = 1 << 20
         # 10% reserve with a 96 MiB floor (a 1 GiB guest: MemTotal ~ 972 MiB -> 850 MiB).
-        self.assertEqual(podflare_agent.memory_limit_for(995500 * 1024) >> 20, 850)
-        self.assertEqual(podflare_agent.memory_limit_for(256 * mib), 160 * mib)
-        self.assertEqual(podflare_agent.memory_limit_for(4096 * mib), 3584 * mib)
-        self.assertEqual(podflare_agent.memory_limit_for(128 * mib), 64 * mib)  # never below half
+        self.assertEqual(cgroups.memory_limit_for(995500 * 1024) >> 20, 850)
+        self.assertEqual(cgroups.memory_limit_for(256 * mib), 160 * mib)
+        self.assertEqual(cgroups.memory_limit_for(4096 * mib), 3584 * mib)
+        self.assertEqual(cgroups.memory_limit_for(128 * mib), 64 * mib)  # never below half
 
     def test_favordynmods_remount_keeps_the_mount_flags(self):
         mounts = "proc /proc proc rw 0 0\ncgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime,nsdelegate 0 0\n"
         libc = mock.Mock()
         libc.mount.return_value = 0
-        cg = podflare_agent.Cgroups("/sys/fs/cgroup")
-        with mock.patch.object(podflare_agent.os.path, "ismount", return_value=True), mock.patch.object(
-            podflare_agent, "_read_text", return_value=mounts
-        ), mock.patch.object(podflare_agent.ctypes, "CDLL", return_value=libc):
+        cg = cgroups.Cgroups("/sys/fs/cgroup")
+        with mock.patch.object(cgroups.os.path, "ismount", return_value=True), mock.patch.object(
+            cgroups, "_read_text", return_value=mounts
+        ), mock.patch.object(cgroups.ctypes, "CDLL", return_value=libc):
             cg.favor_dynmods()
         (source, target, fstype, flags, data), _ = libc.mount.call_args
         self.assertEqual((source, target, fstype, data), (b"cgroup2", b"/sys/fs/cgroup", b"cgroup2", b"favordynmods,nsdelegate"))
@@ -857,12 +903,12 @@ class CgroupLimitTests(unittest.TestCase):
 
     def test_favordynmods_leaves_other_mounts_alone(self):
         libc = mock.Mock()
-        with mock.patch.object(podflare_agent.ctypes, "CDLL", return_value=libc):
-            podflare_agent.Cgroups(tempfile.gettempdir()).favor_dynmods()  # not a cgroup2 mount point
-            with mock.patch.object(podflare_agent.os.path, "ismount", return_value=True), mock.patch.object(
-                podflare_agent, "_read_text", return_value="cgroup2 /sys/fs/cgroup cgroup2 rw,favordynmods 0 0\n"
+        with mock.patch.object(cgroups.ctypes, "CDLL", return_value=libc):
+            cgroups.Cgroups(tempfile.gettempdir()).favor_dynmods()  # not a cgroup2 mount point
+            with mock.patch.object(cgroups.os.path, "ismount", return_value=True), mock.patch.object(
+                cgroups, "_read_text", return_value="cgroup2 /sys/fs/cgroup cgroup2 rw,favordynmods 0 0\n"
             ):
-                podflare_agent.Cgroups("/sys/fs/cgroup").favor_dynmods()  # already on
+                cgroups.Cgroups("/sys/fs/cgroup").favor_dynmods()  # already on
         libc.mount.assert_not_called()
 
 
@@ -890,11 +936,11 @@ class PortModeTests(unittest.TestCase):
         self.addCleanup(host.close)
         self.addCleanup(guest.close)
         channel = Channel(host)
-        writer = podflare_agent.FrameWriter(guest.fileno())
+        writer = protocol.FrameWriter(guest.fileno())
         runner = self.StubRunner()
         port, host_end = os.pipe()  # stands in for the port: reads EOF while nobody writes
-        agent = podflare_agent.Agent(port, True, True, writer, runner, podflare_agent.FileTransfers(writer))
-        with mock.patch.object(podflare_agent, "log") as log:
+        agent = dispatch.Agent(port, True, True, writer, runner, files.FileTransfers(writer))
+        with mock.patch.object(dispatch, "log") as log:
             thread = threading.Thread(target=agent.read_loop)
             thread.start()
             begin = {"type": "write_begin", "id": 1, "path": os.path.join(directory.name, "f"), "mode": None}
@@ -924,12 +970,12 @@ class InterruptInAgentCodeTests(unittest.TestCase):
     def setUp(self):
         self.fd = os.open(os.devnull, os.O_WRONLY)
         self.addCleanup(os.close, self.fd)
-        writer = podflare_agent.FrameWriter(self.fd)
-        self.collector = podflare_agent.OutputCollector(writer)  # no flusher: pending stays
-        self.runner = podflare_agent.ExecRunner(writer, self.collector, None)
-        self.stream = podflare_agent.CapturedStream(self.collector, "stdout", self.fd)
+        writer = protocol.FrameWriter(self.fd)
+        self.collector = output.OutputCollector(writer)  # no flusher: pending stays
+        self.runner = worker.ExecRunner(writer, self.collector, None)
+        self.stream = output.CapturedStream(self.collector, "stdout", self.fd)
         self.stream._interrupt_point = self.runner.interrupt_point
-        self.runner._current = job = podflare_agent.ExecJob(1, "python", "", None, 1 << 20)
+        self.runner._current = job = worker.ExecJob(1, "python", "", None, 1 << 20)
         job.reason = "cancel"
         self.runner._armed = True
         self.collector.begin(1, 1 << 20)
@@ -985,14 +1031,14 @@ class InterruptInAgentCodeTests(unittest.TestCase):
         self.assertEqual(self.runner._raises, 1)
         # The next exec's output is collected.
         self.collector.flush(final=True, exit_frame={"type": "exit", "id": 1, "code": 130})
-        self.runner._current = podflare_agent.ExecJob(2, "python", "", None, 1 << 20)
+        self.runner._current = worker.ExecJob(2, "python", "", None, 1 << 20)
         self.collector.begin(2, 1 << 20)
         self.assertEqual(self.stream.write("2\n"), 2)
         self.assertEqual(self.collector._chunks, [["stdout", bytearray(b"2\n")]])
 
     def test_interrupt_while_a_write_waits_for_room(self):
         cond = self.signal_inside("wait")
-        self.collector._pending = podflare_agent.PENDING_OUTPUT_CAP  # the host is not reading
+        self.collector._pending = output.PENDING_OUTPUT_CAP  # the host is not reading
         began = time.monotonic()
         with self.assertRaises(KeyboardInterrupt):
             self.stream.write("x")
@@ -1014,51 +1060,51 @@ class PureTests(unittest.TestCase):
         return encode(header, payload)
 
     def test_parser_byte_by_byte(self):
-        parser = podflare_agent.FrameParser()
+        parser = protocol.FrameParser()
         events = []
         for byte in self.frame({"type": "ping", "id": 1}, b"body"):
             events += parser.feed(bytes([byte]))
         self.assertEqual(events, [("frame", b'{"type": "ping", "id": 1}', b"body")])
 
     def test_parser_reset_drops_partial_frame(self):
-        parser = podflare_agent.FrameParser()
+        parser = protocol.FrameParser()
         self.assertEqual(parser.feed(self.frame({"type": "ping", "id": 1})[:15]), [])
         parser.reset()
-        self.assertEqual(parser.room(), podflare_agent.MAX_FRAME)
+        self.assertEqual(parser.room(), protocol.MAX_FRAME)
         frame = self.frame({"type": "ping", "id": 2})
         self.assertEqual(parser.feed(frame), [("frame", b'{"type": "ping", "id": 2}', b"")])
 
     def test_parser_keeps_partial_magic_after_garbage(self):
-        parser = podflare_agent.FrameParser()
+        parser = protocol.FrameParser()
         frame = self.frame({"type": "ping", "id": 1})
         events = parser.feed(b"junk" + frame[:3])
         self.assertEqual([kind for kind, _, _ in events], ["bad_frame"])
         self.assertEqual(parser.feed(frame[3:]), [("frame", b'{"type": "ping", "id": 1}', b"")])
 
     def test_parser_memory_is_bounded(self):
-        parser = podflare_agent.FrameParser()
+        parser = protocol.FrameParser()
         events = parser.feed(MAGIC + struct.pack(">II", 64 << 10, 1 << 20))
         while not events:
             self.assertGreater(parser.room(), 0)
             events = parser.feed(b"\x00" * min(parser.room(), 300_000))
         self.assertEqual([(kind, len(header), len(payload)) for kind, header, payload in events], [("frame", 64 << 10, 1 << 20)])
-        self.assertEqual(parser.room(), podflare_agent.MAX_FRAME)
+        self.assertEqual(parser.room(), protocol.MAX_FRAME)
 
     def test_rand_pool_info_layout(self):
-        info = podflare_agent.rand_pool_info(b"\x01" * 32)
+        info = identity.rand_pool_info(b"\x01" * 32)
         self.assertEqual(struct.unpack_from("ii", info), (256, 32))
         self.assertEqual(info[8:], b"\x01" * 32)
 
     def test_utf8_cut(self):
         data = "a\u00e9\u20ac\U0001f600".encode()  # 1 + 2 + 3 + 4 bytes
-        self.assertEqual([podflare_agent._utf8_cut(data, 0, n) for n in range(11)], [0, 1, 1, 3, 3, 3, 6, 6, 6, 6, 10])
+        self.assertEqual([protocol._utf8_cut(data, 0, n) for n in range(11)], [0, 1, 1, 3, 3, 3, 6, 6, 6, 6, 10])
 
     def test_ioctl_numbers(self):
         def ioc(direction, kind, number, size):
             return direction << 30 | size << 16 | ord(kind) << 8 | number
 
-        self.assertEqual(podflare_agent.RNDADDENTROPY, ioc(1, "R", 3, 8))
-        self.assertEqual(podflare_agent.RNDRESEEDCRNG, ioc(0, "R", 7, 0))
+        self.assertEqual(identity.RNDADDENTROPY, ioc(1, "R", 3, 8))
+        self.assertEqual(identity.RNDRESEEDCRNG, ioc(0, "R", 7, 0))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import podflare_agent  # noqa: E402
+from podflare_agent import protocol  # noqa: E402
 from frames import MAGIC, AgentProcess, encode  # noqa: E402
 
 SEED = int(os.environ.get("PODFLARE_FUZZ_SEED", "20260611"))
@@ -37,7 +37,7 @@ PREAMBLE = 12
 MAX_HEADER = 64 << 10
 MAX_PAYLOAD = 1 << 20
 MAX_FRAME = PREAMBLE + MAX_HEADER + MAX_PAYLOAD
-ERROR_CODES = {"bad_frame", "bad_request", "unsupported_version", "not_found", "is_directory", "bad_path", "io_error", "busy", "unknown_transfer", "too_large"}
+ERROR_CODES = {"bad_frame", "bad_request", "unsupported_version", "not_found", "is_directory", "bad_path", "not_a_file", "io_error", "no_space", "busy", "unknown_transfer", "too_large"}
 
 
 def n(count):
@@ -138,7 +138,7 @@ class FrameParserFuzz(unittest.TestCase):
 
     def test_random_streams_never_raise_and_stay_bounded(self):
         for _ in range(n(1500)):
-            parser = podflare_agent.FrameParser()
+            parser = protocol.FrameParser()
             data = b"".join(self.soup.piece() for _ in range(self.rng.randint(0, 12)))
             for kind, first, payload in feed_all(parser, chunks(self.rng, data, 200)):
                 self.assertIn(kind, ("frame", "bad_frame"))
@@ -152,8 +152,8 @@ class FrameParserFuzz(unittest.TestCase):
     def test_chunking_does_not_change_the_frames(self):
         for _ in range(n(800)):
             data = b"".join(self.soup.piece() for _ in range(self.rng.randint(0, 10)))
-            whole = [e for e in podflare_agent.FrameParser().feed(data) if e[0] == "frame"]
-            cut = [e for e in feed_all(podflare_agent.FrameParser(), chunks(self.rng, data, 50)) if e[0] == "frame"]
+            whole = [e for e in protocol.FrameParser().feed(data) if e[0] == "frame"]
+            cut = [e for e in feed_all(protocol.FrameParser(), chunks(self.rng, data, 50)) if e[0] == "frame"]
             self.assertEqual(cut, whole)
 
     def test_valid_frames_round_trip(self):
@@ -163,7 +163,7 @@ class FrameParserFuzz(unittest.TestCase):
                 header = {"type": "".join(self.rng.choice("abcxyz_") for _ in range(self.rng.randint(1, 20))), "id": self.rng.randint(1, 2**53 - 1), "s": "é\u2603\U0001f600" * self.rng.randint(0, 5)}
                 frames.append((json.dumps(header).encode(), self.rng.randbytes(self.rng.randint(0, 3000))))
             data = b"".join(raw_frame(h, p) for h, p in frames)
-            parser = podflare_agent.FrameParser()
+            parser = protocol.FrameParser()
             events = feed_all(parser, chunks(self.rng, data, 100))
             self.assertEqual(events, [("frame", h, p) for h, p in frames])
             self.assertEqual(parser.room(), MAX_FRAME)
@@ -180,14 +180,14 @@ class FrameParserFuzz(unittest.TestCase):
                 else:
                     junk.append(self.soup.bad_lengths()[:PREAMBLE])
             good = encode({"type": "ping", "id": i + 1}, b"ok")
-            parser = podflare_agent.FrameParser()
+            parser = protocol.FrameParser()
             events = feed_all(parser, chunks(self.rng, b"".join(junk) + good, 64))
             frames = [e for e in events if e[0] == "frame"]
             self.assertEqual(frames[-1], ("frame", json.dumps({"type": "ping", "id": i + 1}).encode(), b"ok"))
             self.assertEqual(parser.room(), MAX_FRAME)
 
     def test_maximal_frames_and_lengths_one_past(self):
-        parser = podflare_agent.FrameParser()
+        parser = protocol.FrameParser()
         big = raw_frame(b"{" + b" " * (MAX_HEADER - 2) + b"}", b"\x01" * MAX_PAYLOAD)
         events = feed_all(parser, chunks(self.rng, big, 300_000))
         self.assertEqual([(k, len(f), len(p)) for k, f, p in events], [("frame", MAX_HEADER, MAX_PAYLOAD)])

@@ -16,7 +16,7 @@ import {
   stat,
   writeFile,
 } from "node:fs/promises";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { CleanupStack } from "../util/cleanup.js";
 import { withFileLock } from "../util/lock.js";
 import { run } from "../util/run.js";
@@ -321,7 +321,9 @@ async function buildInto(
   await rm(join(root, ".podflare-complete"));
   await mkdir(join(root, "opt/podflare"), { recursive: true });
   for (const file of GUEST_FILES.filter((f) => f.startsWith("agent/"))) {
-    await copyFile(join(guestDir, file), join(root, "opt/podflare", file.slice("agent/".length)));
+    const target = join(root, "opt/podflare", file.slice("agent/".length));
+    await mkdir(dirname(target), { recursive: true }); // the agent's package directory
+    await copyFile(join(guestDir, file), target);
   }
   await writeFile(join(root, "etc/hostname"), "sandbox\n");
   await writeFile(

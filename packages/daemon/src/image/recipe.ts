@@ -23,7 +23,19 @@ export const KERNEL_MODULES = [
 /** Files of guest/ that end up in the image, relative to guest/. */
 export const GUEST_FILES = [
   "image/init",
-  "agent/podflare_agent.py",
+  "agent/podflare_agent/__init__.py",
+  "agent/podflare_agent/__main__.py",
+  "agent/podflare_agent/cgroups.py",
+  "agent/podflare_agent/dispatch.py",
+  "agent/podflare_agent/execqueue.py",
+  "agent/podflare_agent/files.py",
+  "agent/podflare_agent/identity.py",
+  "agent/podflare_agent/output.py",
+  "agent/podflare_agent/protocol.py",
+  "agent/podflare_agent/runtime.py",
+  "agent/podflare_agent/scheduler.py",
+  "agent/podflare_agent/supervisor.py",
+  "agent/podflare_agent/worker.py",
   "agent/podflare_init.py",
 ] as const;
 
