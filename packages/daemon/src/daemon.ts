@@ -1,6 +1,7 @@
 /**
  * Wiring of podflared: configuration -> image -> accelerator -> engine -> store ->
- * reconciliation -> service -> HTTP. Each part is built here and nowhere else.
+ * reconciliation -> service -> HTTP. Each part is built here and nowhere else; this is
+ * the one module outside vm/qemu/ that imports it (the rest knows vm/backend.ts).
  */
 import { join } from "node:path";
 import { buildServer } from "./api/server.js";
@@ -9,7 +10,7 @@ import { KeyStore } from "./auth/keys.js";
 import type { Config } from "./config/config.js";
 import { ensureImage } from "./image/build.js";
 import { Metrics } from "./metrics/metrics.js";
-import { qemuVersion, TemplateManager } from "./pool/templates.js";
+import { TemplateManager } from "./pool/templates.js";
 import { WarmPool } from "./pool/warm-pool.js";
 import { Admission } from "./sandboxes/admission.js";
 import { DiskGuard } from "./sandboxes/disk-guard.js";
@@ -19,14 +20,16 @@ import { StreamBudget } from "./sandboxes/stream-budget.js";
 import { Store } from "./store/db.js";
 import type { Logger } from "./util/logger.js";
 import { ensureSafeDir } from "./util/safe-dir.js";
-import { type AccelDecision, chooseAccel, hostProbe, hostTscKhz } from "./vm/accel.js";
-import { VmEngine } from "./vm/engine.js";
+import { type AccelDecision, chooseAccel, hostProbe, hostTscKhz } from "./vm/qemu/accel.js";
+import { QemuBackend, qemuVersion } from "./vm/qemu/backend.js";
+import { VmEngine } from "./vm/qemu/engine.js";
 
 export interface Daemon {
   url: string;
   accel: AccelDecision;
   service: SandboxService;
   engine: VmEngine;
+  backend: QemuBackend;
   pool: WarmPool;
   templates: TemplateManager;
   metrics: Metrics;
@@ -122,6 +125,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     store.close();
     throw err;
   }
+  const backend = new QemuBackend(engine, await qemuVersion(config.qemuBinary));
   await reconcile(
     store,
     {
@@ -136,15 +140,14 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   const admission = new Admission({
     maxSandboxes: config.maxSandboxes,
     memoryBudgetMib: config.memoryBudgetMib,
-    vmOverheadMib: config.vmMemOverheadMib,
+    vmOverheadMib: backend.memOverheadMib,
     tenantMaxSandboxes: config.tenantMaxSandboxes,
     tenantMaxMemMib: config.tenantMaxMemMib,
   });
   const templates = new TemplateManager(
-    engine,
+    backend,
     config.templatesDir,
     engine.opts.image,
-    await qemuVersion(config.qemuBinary),
     log,
     () => metrics.templateBuilds.inc(),
     {
@@ -161,7 +164,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     forksMib: admission.heldMib({ kind: "fork" }),
   });
   const pool = new WarmPool(
-    engine,
+    backend,
     templates,
     admission,
     {
@@ -233,7 +236,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
           templates_mib:
             admission.heldMib({ kind: "template" }) + admission.heldMib({ kind: "template_build" }),
           forks_mib: admission.heldMib({ kind: "fork" }),
-          vm_overhead_mib: config.vmMemOverheadMib,
+          vm_overhead_mib: backend.memOverheadMib,
         },
         templates: {
           count: templates.stats().count,
@@ -275,6 +278,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     accel,
     service,
     engine,
+    backend,
     pool,
     templates,
     metrics,

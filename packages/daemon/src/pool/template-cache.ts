@@ -9,7 +9,7 @@
  * the file then never grows past what the template's build wrote (measured after the build)
  * while the copy can grow to the guest's size; both are charged.
  */
-import type { VmShape } from "../vm/qemu-args.js";
+import type { VmShape } from "../vm/backend.js";
 
 /** What a template may cost before its file exists (the build holds this much). */
 export function templateBoundMib(shape: VmShape, sealedCopies: boolean): number {

@@ -1,8 +1,8 @@
 /**
  * Templates: a VM booted once, warmed (interpreter started, common modules imported),
  * and frozen as a memory file plus device state. Every sandbox of that shape is a restore
- * of it. A template is keyed by everything a snapshot depends on (image, QEMU build,
- * accelerator, shape) and built at most once per key: concurrent callers in this process
+ * of it. A template is keyed by everything a snapshot depends on (image, the backend's
+ * version and accelerator, shape) and built at most once per key: concurrent callers in this process
  * share one build, other processes wait on a lock file.
  *
  * Templates are bounded (shapes are the callers' choice): at most `maxTemplates` exist for
@@ -20,7 +20,7 @@
  */
 import { createHash } from "node:crypto";
 import { existsSync, rmSync } from "node:fs";
-import { access, chmod, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { access, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { AgentClient } from "../guest/agent-client.js";
 import type { GuestImage } from "../image/build.js";
@@ -28,11 +28,7 @@ import type { Admission } from "../sandboxes/admission.js";
 import { NoCapacityError, OverLimitError } from "../sandboxes/errors.js";
 import { alive, withFileLock } from "../util/lock.js";
 import type { Logger } from "../util/logger.js";
-import { run } from "../util/run.js";
-import type { TemplateFiles, VmEngine } from "../vm/engine.js";
-import { createOverlay } from "../vm/overlay.js";
-import type { Accel, VmShape } from "../vm/qemu-args.js";
-import { saveDeviceState } from "../vm/snapshot.js";
+import type { Accel, VmBackend, VmShape, VmTemplate } from "../vm/backend.js";
 import {
   type CachedTemplate,
   evictable,
@@ -102,6 +98,7 @@ print("podflare: template warm")`;
 
 export interface TemplateKeyInput {
   imageKey: string;
+  /** The backend's version (named for QEMU, the first backend: keys stay as they were). */
   qemuVersion: string;
   accel: Accel;
   shape: VmShape;
@@ -118,11 +115,6 @@ export function templateKey(input: TemplateKeyInput): string {
     )
     .digest("hex")
     .slice(0, 16);
-}
-
-export async function qemuVersion(qemuBinary: string): Promise<string> {
-  const out = await run(qemuBinary, ["--version"]);
-  return out.split("\n")[0]?.trim() ?? "unknown";
 }
 
 const exists = (path: string) =>
@@ -143,7 +135,7 @@ export interface TemplateLimits {
 
 /** A template in use: give it back with `release` once the VM made from it is gone. */
 export interface TemplateLease {
-  files: TemplateFiles;
+  files: VmTemplate;
   release(): void;
 }
 
@@ -154,7 +146,7 @@ interface Entry extends CachedTemplate {
 }
 
 export class TemplateManager {
-  private readonly building = new Map<string, Promise<TemplateFiles>>();
+  private readonly building = new Map<string, Promise<VmTemplate>>();
   private readonly entries = new Map<string, Entry>();
   private readonly buildsByOwner = new Map<string, number>();
   private readonly evicting = new Set<Promise<void>>();
@@ -164,10 +156,9 @@ export class TemplateManager {
   buildSlot: <T>(build: () => Promise<T>) => Promise<T> = (build) => build();
 
   constructor(
-    private readonly engine: VmEngine,
+    private readonly backend: VmBackend,
     private readonly dir: string,
     private readonly image: GuestImage,
-    private readonly qemu: string,
     private readonly log: Logger,
     private readonly onBuilt: () => void = () => {},
     private readonly limits: TemplateLimits = {},
@@ -182,22 +173,14 @@ export class TemplateManager {
   keyOf(shape: VmShape): string {
     return templateKey({
       imageKey: this.image.key,
-      qemuVersion: this.qemu,
-      accel: this.engine.opts.accel,
+      qemuVersion: this.backend.identity.version,
+      accel: this.backend.identity.accel,
       shape,
     });
   }
 
-  filesOf(key: string, shape: VmShape): TemplateFiles {
-    const dir = join(this.dir, key);
-    return {
-      key,
-      shape,
-      memPath: join(dir, "mem"),
-      statePath: join(dir, "state"),
-      cloneOverlay: join(dir, "clone.qcow2"),
-      baseDisk: join(dir, "root.qcow2"),
-    };
+  filesOf(key: string, shape: VmShape): VmTemplate {
+    return this.backend.template(join(this.dir, key), key, shape);
   }
 
   /** Templates held, in use, and the MiB they are charged (capacity and metrics). */
@@ -212,7 +195,7 @@ export class TemplateManager {
   }
 
   /** The template for this shape, built first if needed (at most once per key). */
-  ensure(shape: VmShape, owner: string | null = null): Promise<TemplateFiles> {
+  ensure(shape: VmShape, owner: string | null = null): Promise<VmTemplate> {
     const key = this.keyOf(shape);
     let pending = this.building.get(key);
     const known = this.entries.get(key);
@@ -250,7 +233,7 @@ export class TemplateManager {
   }
 
   /** Keep this shape's template whatever happens (the pool's own shape). */
-  async pin(shape: VmShape): Promise<TemplateFiles> {
+  async pin(shape: VmShape): Promise<VmTemplate> {
     const files = await this.ensure(shape);
     const entry = this.entries.get(files.key);
     if (entry) entry.pinned = true;
@@ -266,7 +249,7 @@ export class TemplateManager {
     const key = this.keyOf(shape);
     const entry = this.entries.get(key);
     if (entry) entry.users++;
-    let files: TemplateFiles;
+    let files: VmTemplate;
     try {
       files = await this.ensure(shape, owner);
     } catch (err) {
@@ -328,7 +311,7 @@ export class TemplateManager {
       );
     }
     if (choice) this.evict(choice.key, "the template cap is met");
-    const sealed = this.engine.uids !== null;
+    const sealed = this.backend.sealedTemplateMemory;
     const chargeMib = templateBoundMib(shape, sealed);
     this.limits.admission?.hold(`template:${key}`, "template", chargeMib);
     const entry: Entry = {
@@ -376,10 +359,9 @@ export class TemplateManager {
   }
 
   /** Charge a loaded template what its memory file really holds (template-cache.ts). */
-  private async measure(entry: Entry, files: TemplateFiles): Promise<void> {
-    const st = await stat(files.memPath).catch(() => null);
-    const residentMib = st ? (st.blocks * 512) / 2 ** 20 : entry.shape.memSizeMib;
-    const charge = templateChargeMib(entry.shape, residentMib, this.engine.uids !== null);
+  private async measure(entry: Entry, files: VmTemplate): Promise<void> {
+    const residentMib = (await this.backend.templateResidentMib(files)) ?? entry.shape.memSizeMib;
+    const charge = templateChargeMib(entry.shape, residentMib, this.backend.sealedTemplateMemory);
     if (!this.entries.has(entry.key)) return;
     entry.chargeMib = charge;
     // Smaller than (or equal to) the bound held so far: this never fails for the budget.
@@ -431,14 +413,14 @@ export class TemplateManager {
     return false;
   }
 
-  private async load(key: string, shape: VmShape): Promise<TemplateFiles> {
+  private async load(key: string, shape: VmShape): Promise<VmTemplate> {
     await Promise.all(this.evicting); // an eviction of this key finishes before it is rebuilt
     const files = this.filesOf(key, shape);
     const ready = join(this.dir, key, "meta.json");
     // Checked before anything in it is trusted (util/safe-dir.ts): a template planted in a
     // directory someone else made would hand every clone their memory and device state.
     // VMs under their own uids (the template's own, while it is built) pass through it.
-    this.engine.makeDir(this.dir, "the templates directory (PODFLARE_TEMPLATES_DIR)");
+    this.backend.makeDir(this.dir, "the templates directory (PODFLARE_TEMPLATES_DIR)");
     return withFileLock(join(this.dir, `.lock-${key}`), async () => {
       // The lease first, under the lock: another daemon's eviction sees it and keeps the files.
       await writeFile(this.leasePath(key), "", { mode: 0o600 });
@@ -446,7 +428,7 @@ export class TemplateManager {
         await this.build(key, shape);
         await this.prune();
       }
-      await this.exposeTemplate(key);
+      await this.backend.exposeTemplate(join(this.dir, key));
       return files;
     });
   }
@@ -456,37 +438,24 @@ export class TemplateManager {
     const final = join(this.dir, key);
     const work = join(this.dir, `.build-${key}-${process.pid}`);
     this.log.info(
-      { template: key, shape, accel: this.engine.opts.accel },
+      { template: key, shape, accel: this.backend.identity.accel },
       "building template: booting its VM",
     );
     await rm(work, { recursive: true, force: true });
     try {
-      const vm = await this.engine.boot(`tpl_${key}`, shape, {
-        keepFiles: { dir: work, memPath: join(work, "mem") },
-      });
-      try {
-        await this.warm(vm.agent);
+      await this.backend.snapshot(`tpl_${key}`, shape, work, final, async (agent) => {
+        await this.warm(agent);
         this.log.info(
           { template: key, ms: Math.round(performance.now() - started) },
           "building template: warm, saving its state",
         );
-        await saveDeviceState(
-          vm.qemu.qmp,
-          join(work, "state"),
-          join(work, "migrate.sock"),
-          30_000,
-          vm.jail.creds,
-        );
-      } finally {
-        await vm.destroy(); // kills QEMU; the files stay, now frozen
-      }
+      });
       // Everything is complete before one atomic rename, so a reader (or another
-      // daemon's prune) never sees half a template. The clones' overlay names its backing
-      // file by the final, absolute path (-u: that path does not exist yet).
-      await createOverlay(join(work, "clone.qcow2"), join(final, "root.qcow2"), "qcow2");
+      // daemon's prune) never sees half a template.
+      const { version, accel } = this.backend.identity;
       await writeFile(
         join(work, "meta.json"),
-        `${JSON.stringify({ key, shape, image: this.image.key, qemu: this.qemu, accel: this.engine.opts.accel, builtAt: new Date().toISOString() })}\n`,
+        `${JSON.stringify({ key, shape, image: this.image.key, qemu: version, accel, builtAt: new Date().toISOString() })}\n`,
       );
       await rm(final, { recursive: true, force: true });
       await rename(work, final);
@@ -503,28 +472,6 @@ export class TemplateManager {
     }
   }
 
-  /**
-   * File modes of a frozen template, owned by the daemon. When VMs run under uids of their
-   * own, they must read its disk (the bottom of every clone's chain) by path: the
-   * directories are traversable but not listable (0711) and the disk read-only for all.
-   * Memory and device state stay the daemon's alone (clones get them as fds).
-   */
-  private async exposeTemplate(key: string): Promise<void> {
-    const open = this.engine.uids !== null;
-    const dir = join(this.dir, key);
-    await chmod(this.dir, open ? 0o711 : 0o700);
-    await chmod(dir, open ? 0o711 : 0o700);
-    for (const [file, mode] of [
-      ["root.qcow2", 0o444],
-      ["clone.qcow2", 0o600],
-      ["mem", 0o600],
-      ["state", 0o600],
-      ["meta.json", 0o444],
-      ["console.log", 0o600],
-    ] as const)
-      await chmod(join(dir, file), mode).catch(() => {});
-  }
-
   private async warm(agent: AgentClient): Promise<void> {
     for (const [code, language] of [
       [WARM_UP_PYTHON, "python"],
@@ -538,7 +485,7 @@ export class TemplateManager {
   }
 
   /**
-   * Remove templates of another image, QEMU or accelerator, unless another live process
+   * Remove templates of another image, backend version or accelerator, unless another live process
    * holds a lease on one (it may be about to restore from it). Running clones keep their
    * mappings and open files, so this is safe at any time; only new restores need them.
    */
@@ -557,7 +504,9 @@ export class TemplateManager {
       if (meta) {
         const m = JSON.parse(meta) as { image?: string; qemu?: string; accel?: string };
         stale =
-          m.image !== this.image.key || m.qemu !== this.qemu || m.accel !== this.engine.opts.accel;
+          m.image !== this.image.key ||
+          m.qemu !== this.backend.identity.version ||
+          m.accel !== this.backend.identity.accel;
       }
       if (stale && !this.building.has(entry) && !(await this.heldElsewhere(entry)))
         await rm(join(this.dir, entry), { recursive: true, force: true });

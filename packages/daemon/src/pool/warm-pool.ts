@@ -13,10 +13,7 @@ import type { Metrics } from "../metrics/metrics.js";
 import type { Admission } from "../sandboxes/admission.js";
 import type { AcquiredVm, VmSource } from "../sandboxes/service.js";
 import type { Logger } from "../util/logger.js";
-import type { VmEngine } from "../vm/engine.js";
-import { type ForkResult, forkVm } from "../vm/fork.js";
-import type { VmShape } from "../vm/qemu-args.js";
-import type { Vm } from "../vm/vm.js";
+import type { ForkResult, VmHandle as Vm, VmBackend, VmShape } from "../vm/backend.js";
 import { backoffMs, refillsToStart } from "./plan.js";
 import type { TemplateManager } from "./templates.js";
 
@@ -58,7 +55,7 @@ export class WarmPool implements VmSource {
   private readonly inFlight = new Set<Promise<void>>();
 
   constructor(
-    private readonly engine: VmEngine,
+    private readonly backend: VmBackend,
     private readonly templates: TemplateManager,
     private readonly admission: Admission,
     private readonly opts: PoolOptions,
@@ -126,11 +123,11 @@ export class WarmPool implements VmSource {
     return { vm, pooled: false };
   }
 
-  /** n children of a running VM (see vm/fork.ts); the parent keeps running. */
+  /** n children of a running VM (see VmBackend.fork); the parent keeps running. */
   async fork(parent: Vm, n: number): Promise<ForkResult> {
     const ids = Array.from({ length: n }, newVmId);
     await this.makeRoom(null); // children are restores of the fork: nothing to take over
-    const result = await forkVm(this.engine, parent, ids);
+    const result = await this.backend.fork(parent, ids);
     // The children's disks rest on the template's: it stays while any of them runs.
     for (const child of result.children) {
       const release = this.templates.retain(child.shape);
@@ -138,8 +135,8 @@ export class WarmPool implements VmSource {
     }
     // Every fork adds a layer to these chains; past the bound, merge them in the background.
     for (const vm of [parent, ...result.children]) {
-      if (vm.disk.chain.length > this.opts.maxDiskChain) {
-        this.engine
+      if (vm.diskChain.length > this.opts.maxDiskChain) {
+        this.backend
           .flatten(vm)
           .catch((err) => this.log.error({ vm: vm.id, err: String(err) }, "flatten failed"));
       }
@@ -148,7 +145,7 @@ export class WarmPool implements VmSource {
   }
 
   flatten(vm: Vm): Promise<void> {
-    return this.engine.flatten(vm);
+    return this.backend.flatten(vm);
   }
 
   async close(): Promise<void> {
@@ -235,10 +232,10 @@ export class WarmPool implements VmSource {
   }
 
   private handOver(vm: Vm): Vm {
-    // Off the hand-over's path: spawning the next QEMU forks this process, and the
+    // Off the hand-over's path: starting the next VM forks this process, and the
     // renice (it was restored at refill priority) is a handful of syscalls.
     setImmediate(() => {
-      void vm.qemu.renice(0);
+      void vm.renice(0);
       this.refill();
     });
     return vm;
@@ -296,7 +293,7 @@ export class WarmPool implements VmSource {
       await this.takeSlot(why);
       let vm: Vm;
       try {
-        vm = await this.engine.restore(
+        vm = await this.backend.restore(
           newVmId(),
           template.files,
           why === "refill" ? REFILL_NICE : 0,

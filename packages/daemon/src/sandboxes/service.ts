@@ -16,8 +16,7 @@ import type { Metrics } from "../metrics/metrics.js";
 import type { SandboxRow, Store } from "../store/db.js";
 import { crashPoint } from "../util/crash-points.js";
 import type { Logger } from "../util/logger.js";
-import type { VmShape } from "../vm/qemu-args.js";
-import type { Vm } from "../vm/vm.js";
+import type { VmHandle as Vm, VmShape } from "../vm/backend.js";
 import type { Admission } from "./admission.js";
 import type { DiskGuard } from "./disk-guard.js";
 import { chainUsageMib, mayFork } from "./disk-quota.js";
@@ -374,7 +373,7 @@ export class SandboxService {
     await this.checkDiskLimit(id, parent);
     const row = this.store.getSandbox(id) as SandboxRow;
     const ids = Array.from({ length: n }, newSandboxId);
-    // The fork's memory file lives until its last child is gone (vm/fork.ts): its tenant's.
+    // The fork's memory file lives until its last child is gone (vm/qemu/fork.ts): its tenant's.
     const forkHold = `fork:${ids[0]}`;
     this.admission.admit(ids, row.owner, caller?.quota ?? NO_QUOTA, parent.shape, {
       id: forkHold,
@@ -425,10 +424,10 @@ export class SandboxService {
   private async checkDiskLimit(id: string, vm: Vm): Promise<void> {
     const limit = this.limits.maxDiskMib;
     if (limit === undefined) return;
-    let usage = await chainUsageMib(vm.disk.chain);
-    if (!mayFork(usage, limit) && vm.disk.chain.length > 1 && this.source.flatten) {
+    let usage = await chainUsageMib(vm.diskChain);
+    if (!mayFork(usage, limit) && vm.diskChain.length > 1 && this.source.flatten) {
       await this.source.flatten(vm);
-      usage = await chainUsageMib(vm.disk.chain);
+      usage = await chainUsageMib(vm.diskChain);
     }
     if (!mayFork(usage, limit)) {
       this.log.warn({ sandbox: id, usageMib: usage, limitMib: limit }, "fork refused: disk limit");
@@ -492,7 +491,7 @@ export class SandboxService {
 
   /** How many disk layers the sandbox's VM stacks (diagnostics and tests). */
   diskChainLength(id: string): number | undefined {
-    return this.live.get(id)?.vm.disk.chain.length;
+    return this.live.get(id)?.vm.diskChain.length;
   }
 
   private reportRunning(): void {
@@ -532,7 +531,7 @@ export class SandboxService {
     this.transition(id, "dead", { endReason });
     // Its memory is free once QEMU has exited: at once after an exit, after destroy's
     // kill for a VM ended for its agent.
-    if (vm.qemu.hasExited) this.admission.release(id);
+    if (vm.hasExited) this.admission.release(id);
     this.reportRunning();
     this.log.warn({ sandbox: id, vm: vm.id, reason: endReason }, "sandbox VM died");
     // Free its files now; the row stays until the user deletes it.

@@ -7,7 +7,7 @@
  */
 import { EventEmitter } from "node:events";
 import type { Duplex } from "node:stream";
-import { count, record, str } from "../util/untrusted.js";
+import { count, record, str } from "../../util/untrusted.js";
 
 export const MAX_QMP_LINE = 1024 * 1024;
 /** Bounds on the text taken from a reply (QEMU's own are far shorter). */

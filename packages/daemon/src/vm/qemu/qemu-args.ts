@@ -3,7 +3,10 @@
  * tested). Host channels are inherited socketpairs, never socket paths: QMP on fd 3, the
  * agent's virtio-serial port on fd 4, the serial console on fd 5.
  */
-export type Accel = "kvm" | "tcg";
+import type { VmCredentials } from "../../jail/uids.js";
+import type { Accel, VmShape } from "../backend.js";
+
+export type { Accel, VmShape };
 
 export const FD_QMP = 3;
 export const FD_AGENT = 4;
@@ -43,11 +46,6 @@ export const SANDBOX_OPTION =
  */
 export const TCG_TB_SIZE_MIB = 128;
 export const AGENT_PORT_NAME = "org.podflare.agent";
-
-export interface VmShape {
-  vcpuCount: number;
-  memSizeMib: number;
-}
 
 export interface QemuArgsInput extends VmShape {
   accel: Accel;
@@ -203,10 +201,7 @@ export function diskArgs(lowerDisks: number): string[] {
 }
 
 /** Who QEMU runs as: its own unprivileged uid and gid (the daemon runs as root), or unchanged. */
-export interface QemuCredentials {
-  uid: number;
-  gid: number;
-}
+export type QemuCredentials = VmCredentials;
 
 /**
  * The launcher in front of QEMU: optional `nice`, then util-linux `setpriv`, which

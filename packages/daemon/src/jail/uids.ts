@@ -9,6 +9,12 @@ import { closeSync, openSync, readFileSync, unlinkSync, writeSync } from "node:f
 import { join } from "node:path";
 import { ensureSafeDir } from "../util/safe-dir.js";
 
+/** A VM's own unprivileged uid and gid (the daemon runs as root). */
+export interface VmCredentials {
+  uid: number;
+  gid: number;
+}
+
 export interface UidRange {
   base: number;
   count: number;

@@ -10,7 +10,7 @@
 import { randomBytes } from "node:crypto";
 import { chmod, rm } from "node:fs/promises";
 import { join } from "node:path";
-import { crashPoint } from "../util/crash-points.js";
+import { crashPoint } from "../../util/crash-points.js";
 import { addOverlayNode, settleFdsets } from "./disk-fds.js";
 import type { Receiver, TemplateFiles, VmEngine } from "./engine.js";
 import { createOverlay } from "./overlay.js";

@@ -2,7 +2,7 @@
  * The VM engine: boots guests from the image and gives back `Vm`s. Every resource a boot
  * acquires registers its undo step at once, so a failed boot leaves nothing behind.
  */
-import { createHash, randomBytes } from "node:crypto";
+import { randomBytes } from "node:crypto";
 import { closeSync, constants, openSync, rmSync, statSync } from "node:fs";
 import {
   chmod,
@@ -16,14 +16,16 @@ import {
   truncate,
   writeFile,
 } from "node:fs/promises";
-import { dirname, join, resolve } from "node:path";
-import { AgentClient, AgentError } from "../guest/agent-client.js";
-import type { GuestImage } from "../image/build.js";
-import { CleanupStack } from "../util/cleanup.js";
-import type { Logger } from "../util/logger.js";
-import { ensureSafeDir } from "../util/safe-dir.js";
-import { createExclusive, seizeTree } from "../util/safe-file.js";
-import { CgroupManager, QEMU_OVERHEAD_MIB, vmCgroupLimits } from "./cgroup.js";
+import { dirname, join } from "node:path";
+import { AgentClient, AgentError } from "../../guest/agent-client.js";
+import type { GuestImage } from "../../image/build.js";
+import { CgroupManager, cgroupScopeOf, vmCgroupLimits } from "../../jail/cgroup.js";
+import { sharedUidAllocator, type UidAllocator } from "../../jail/uids.js";
+import { CleanupStack } from "../../util/cleanup.js";
+import type { Logger } from "../../util/logger.js";
+import { ensureSafeDir } from "../../util/safe-dir.js";
+import { createExclusive, seizeTree } from "../../util/safe-file.js";
+import { BootError } from "../backend.js";
 import {
   closeFds,
   deleteMergedNodes,
@@ -44,8 +46,8 @@ import {
   type VmShape,
 } from "./qemu-args.js";
 import { QemuProcess } from "./qemu-process.js";
+import { QEMU_OVERHEAD_MIB } from "./sizing.js";
 import { loadDeviceState } from "./snapshot.js";
-import { sharedUidAllocator, type UidAllocator } from "./uids.js";
 import { Vm, type VmDisk, type VmJail, withDisk } from "./vm.js";
 
 /** Host-wide claims of VM uids (several daemons may share the range). */
@@ -71,13 +73,6 @@ export interface EngineOptions {
   vmCgroups?: boolean;
   /** QEMU's memory beyond guest RAM allowed by the VM's cgroup. */
   vmMemOverheadMib?: number;
-}
-
-export class BootError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "BootError";
-  }
 }
 
 const VM_ID = /^[a-z0-9_]{1,64}$/;
@@ -691,10 +686,6 @@ export interface Receiver {
   memfd: MemFd | null;
   finish(): Promise<void>;
   dispose(): Promise<void>;
-}
-
-export function cgroupScopeOf(stateDir: string): string {
-  return createHash("sha256").update(resolve(stateDir)).digest("hex").slice(0, 12);
 }
 
 /** chown -R (no symlinks followed). */
