@@ -20,8 +20,8 @@ const MiB = 1024 * 1024;
  * QEMU threads: the main loop, RCU, one per vCPU, the block I/O thread pool (up to 64
  * workers by default), a migration thread during saves and forks, and a few more.
  */
-export const PIDS_BASE = 96;
-export const CFS_PERIOD_US = 100_000;
+const PIDS_BASE = 96;
+const CFS_PERIOD_US = 100_000;
 
 export interface CgroupLimits {
   memoryBytes: number;

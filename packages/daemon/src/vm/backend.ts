@@ -73,7 +73,6 @@ export interface ForkResult {
 }
 
 export interface BootOptions {
-  accel?: Accel;
   timeoutMs?: number;
 }
 

@@ -51,7 +51,7 @@ import { loadDeviceState } from "./snapshot.js";
 import { Vm, type VmDisk, type VmJail, withDisk } from "./vm.js";
 
 /** Host-wide claims of VM uids (several daemons may share the range). */
-export const UID_CLAIM_DIR = "/run/podflare/vm-uids";
+const UID_CLAIM_DIR = "/run/podflare/vm-uids";
 
 export interface EngineOptions {
   stateDir: string;

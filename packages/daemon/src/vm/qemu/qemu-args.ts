@@ -19,7 +19,7 @@ export const FD_INCOMING = 6;
  * memory path read-write even for a private mapping, so a shared template file would
  * have to be writable by every VM; a write-sealed memfd can be opened but never written.
  */
-export const FD_MEMORY = 7;
+const FD_MEMORY = 7;
 export const MEMFD_PATH = `/proc/self/fd/${FD_MEMORY}`;
 /**
  * The disk chain comes as inherited fds, never paths (the layer files are root's, 0600,
@@ -33,7 +33,7 @@ export const TOP_FDSET = 1;
 /** The bottom layer's node (the template's disk): where a flatten streams down to. */
 export const BASE_NODE = "pfbase";
 /** A chain deeper than this is refused (config caps it far lower; see maxDiskChain). */
-export const MAX_LOWER_DISKS = 64;
+const MAX_LOWER_DISKS = 64;
 /**
  * QEMU's seccomp filter: no obsolete syscalls, no set*uid/set*gid, no fork/exec (which
  * is why snapshots go through fd: and unix:, never exec:), no scheduler/affinity calls.
@@ -45,7 +45,7 @@ export const SANDBOX_OPTION =
  * most), touched as code is translated: a bound makes the per-VM memory limit meaningful.
  */
 export const TCG_TB_SIZE_MIB = 128;
-export const AGENT_PORT_NAME = "org.podflare.agent";
+const AGENT_PORT_NAME = "org.podflare.agent";
 
 export interface QemuArgsInput extends VmShape {
   accel: Accel;
@@ -167,7 +167,7 @@ export function buildQemuArgs(input: QemuArgsInput): string[] {
  * (dynamic auto-read-only would open it read-only first, leaving that descriptor's image
  * locks behind in the fdset).
  */
-export function diskArgs(lowerDisks: number): string[] {
+function diskArgs(lowerDisks: number): string[] {
   const args = [
     "-add-fd",
     `fd=${FD_DISK},set=${TOP_FDSET},opaque=rw`,
