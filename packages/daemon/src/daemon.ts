@@ -8,7 +8,7 @@ import { buildServer } from "./api/server.js";
 import { Authenticator, isLoopback } from "./auth/authenticator.js";
 import { KeyStore } from "./auth/keys.js";
 import type { Config } from "./config/config.js";
-import { ensureImage } from "./image/build.js";
+import { ensureImage, type GuestImage } from "./image/build.js";
 import { Metrics } from "./metrics/metrics.js";
 import { TemplateManager } from "./pool/templates.js";
 import { WarmPool } from "./pool/warm-pool.js";
@@ -18,6 +18,7 @@ import { reconcile } from "./sandboxes/reconcile.js";
 import { SandboxService } from "./sandboxes/service.js";
 import { StreamBudget } from "./sandboxes/stream-budget.js";
 import { Store } from "./store/db.js";
+import { DEFAULT_TEMPLATE, TEMPLATES } from "./templates/registry.js";
 import type { Logger } from "./util/logger.js";
 import { ensureSafeDir } from "./util/safe-dir.js";
 import { type AccelDecision, chooseAccel, hostProbe, hostTscKhz } from "./vm/qemu/accel.js";
@@ -93,6 +94,25 @@ export function daemonDirMode(config: Pick<Config, "vmUidBase">): number {
   return process.getuid?.() === 0 && (config.vmUidBase ?? 0) > 0 ? 0o711 : 0o700;
 }
 
+/** The guest image of every template in the registry (the default's is the engine's). */
+async function templateImages(
+  config: Config,
+  defaultImage: GuestImage,
+  log: Logger,
+): Promise<(template: string) => GuestImage> {
+  const images = new Map([[DEFAULT_TEMPLATE, defaultImage]]);
+  for (const { name } of TEMPLATES) {
+    if (images.has(name)) continue;
+    const opts = { imagesDir: config.imagesDir, guestDir: config.guestDir, template: name };
+    images.set(name, await ensureImage(opts, (m) => log.info({ image: name }, m)));
+  }
+  return (template) => {
+    const image = images.get(template);
+    if (!image) throw new Error(`no guest image for template ${JSON.stringify(template)}`);
+    return image;
+  };
+}
+
 /** Opens the database; refuses to expose an unauthenticated API beyond this host. */
 function openStore(config: Config): { store: Store; auth: Authenticator } {
   const store = new Store(join(config.stateDir, "podflare.db"));
@@ -147,7 +167,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   const templates = new TemplateManager(
     backend,
     config.templatesDir,
-    engine.opts.image,
+    await templateImages(config, engine.opts.image, log),
     log,
     () => metrics.templateBuilds.inc(),
     {

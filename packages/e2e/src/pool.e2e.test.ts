@@ -131,7 +131,7 @@ describe("templates and the warm pool", () => {
     const image = d.daemon.engine.opts.image;
     const shape = { vcpuCount: 1, memSizeMib: 256 };
     try {
-      const first = new TemplateManager(d.daemon.backend, dir, image, log);
+      const first = new TemplateManager(d.daemon.backend, dir, () => image, log);
       const a = await first.ensure(shape);
       assert.equal(first.builds, 1);
       await first.ensure(shape);
@@ -141,7 +141,7 @@ describe("templates and the warm pool", () => {
       const changed = new TemplateManager(
         d.daemon.backend,
         dir,
-        { ...image, key: `${image.key.slice(0, 15)}x` },
+        () => ({ ...image, key: `${image.key.slice(0, 15)}x` }),
         log,
       );
       const b = await changed.ensure(shape);

@@ -6,6 +6,7 @@ import { availableParallelism, homedir, totalmem } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { defaultPoolSize } from "../pool/plan.js";
+import { defaultTemplate } from "../templates/default.js";
 
 /**
  * The default of PODFLARE_VM_MEM_OVERHEAD_MIB: what a VM of the QEMU backend costs beyond
@@ -165,8 +166,8 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     vmCgroups: env.PODFLARE_VM_CGROUPS !== "0",
     vmMemOverheadMib: envInt("PODFLARE_VM_MEM_OVERHEAD_MIB", DEFAULT_VM_MEM_OVERHEAD_MIB),
     accel: envAccel(),
-    defaultVcpuCount: envInt("PODFLARE_VCPU_COUNT", 2),
-    defaultMemSizeMib: envInt("PODFLARE_MEM_SIZE_MIB", 1024),
+    defaultVcpuCount: envInt("PODFLARE_VCPU_COUNT", defaultTemplate.defaultShape.vcpuCount),
+    defaultMemSizeMib: envInt("PODFLARE_MEM_SIZE_MIB", defaultTemplate.defaultShape.memSizeMib),
     maxVcpuCount: envInt("PODFLARE_MAX_VCPU_COUNT", 4),
     maxMemSizeMib: envInt("PODFLARE_MAX_MEM_SIZE_MIB", 4096),
     consoleLogMaxBytes: envInt("PODFLARE_CONSOLE_LOG_MAX_BYTES", 256 * 1024),

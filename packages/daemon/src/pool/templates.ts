@@ -26,6 +26,7 @@ import type { AgentClient } from "../guest/agent-client.js";
 import type { GuestImage } from "../image/build.js";
 import type { Admission } from "../sandboxes/admission.js";
 import { NoCapacityError, OverLimitError } from "../sandboxes/errors.js";
+import { DEFAULT_TEMPLATE, templateSpec } from "../templates/registry.js";
 import { alive, withFileLock } from "../util/lock.js";
 import type { Logger } from "../util/logger.js";
 import type { Accel, VmBackend, VmShape, VmTemplate } from "../vm/backend.js";
@@ -40,63 +41,17 @@ import {
 /** Bump when the warm-up or the template layout changes. */
 export const TEMPLATE_VERSION = 3;
 
-/** Imported while the template is made, so no sandbox pays for them. */
-const WARM_MODULES = [
-  "json",
-  "re",
-  "os",
-  "sys",
-  "math",
-  "random",
-  "time",
-  "datetime",
-  "collections",
-  "itertools",
-  "functools",
-  "pathlib",
-  "subprocess",
-  "io",
-  "base64",
-  "hashlib",
-  "string",
-  "textwrap",
-  "typing",
-  "dataclasses",
-  "decimal",
-  "fractions",
-  "statistics",
-  "csv",
-  "tempfile",
-  "shutil",
-  "glob",
-  "struct",
-  "copy",
-  "pprint",
-  "traceback",
-  "enum",
-  "uuid",
-  "heapq",
-  "bisect",
-  "operator",
-  "contextlib",
-  "threading",
-  "queue",
-  "signal",
-  "socket",
-  "urllib.parse",
-  "asyncio",
-  "sqlite3",
-  "zlib",
-  "gzip",
-];
-
-// Runs in the REPL of the template: it must leave no names in the user's globals.
-const WARM_UP_PYTHON = `for _podflare_m in ${JSON.stringify(WARM_MODULES)}:
+/** Run in the REPL of the template: it must leave no names in the user's globals. */
+function warmUpPython(modules: readonly string[]): string {
+  return `for _podflare_m in ${JSON.stringify(modules)}:
     __import__(_podflare_m)
 del _podflare_m
 print("podflare: template warm")`;
+}
 
 export interface TemplateKeyInput {
+  /** A template other than the default (whose keys predate named templates: none). */
+  template?: string;
   imageKey: string;
   /** The backend's version (named for QEMU, the first backend: keys stay as they were). */
   qemuVersion: string;
@@ -158,7 +113,8 @@ export class TemplateManager {
   constructor(
     private readonly backend: VmBackend,
     private readonly dir: string,
-    private readonly image: GuestImage,
+    /** The guest image of each template (templates/registry.ts), by name. */
+    private readonly images: (template: string) => GuestImage,
     private readonly log: Logger,
     private readonly onBuilt: () => void = () => {},
     private readonly limits: TemplateLimits = {},
@@ -170,9 +126,10 @@ export class TemplateManager {
     return Math.max(1, this.limits.maxTemplates ?? 4);
   }
 
-  keyOf(shape: VmShape): string {
+  keyOf(shape: VmShape, template = DEFAULT_TEMPLATE): string {
     return templateKey({
-      imageKey: this.image.key,
+      ...(template === DEFAULT_TEMPLATE ? {} : { template }),
+      imageKey: this.images(template).key,
       qemuVersion: this.backend.identity.version,
       accel: this.backend.identity.accel,
       shape,
@@ -194,9 +151,13 @@ export class TemplateManager {
     return { count: this.entries.size, inUse, max: this.maxTemplates, chargedMib };
   }
 
-  /** The template for this shape, built first if needed (at most once per key). */
-  ensure(shape: VmShape, owner: string | null = null): Promise<VmTemplate> {
-    const key = this.keyOf(shape);
+  /** The template of this name and shape, built first if needed (at most once per key). */
+  ensure(
+    shape: VmShape,
+    owner: string | null = null,
+    template = DEFAULT_TEMPLATE,
+  ): Promise<VmTemplate> {
+    const key = this.keyOf(shape, template);
     let pending = this.building.get(key);
     const known = this.entries.get(key);
     // Held already (our lease keeps other daemons from deleting it): nothing to load.
@@ -211,7 +172,8 @@ export class TemplateManager {
       entry.loading = true;
       const release = building ? this.startBuild(key, shape, owner) : () => {};
       // A build boots a VM: it waits for one of the restore slots (set by the warm pool).
-      const loaded = building ? this.buildSlot(() => this.load(key, shape)) : this.load(key, shape);
+      const load = () => this.load(key, shape, template);
+      const loaded = building ? this.buildSlot(load) : load();
       pending = loaded
         .then(async (files) => {
           await this.measure(entry, files);
@@ -232,9 +194,9 @@ export class TemplateManager {
     return pending;
   }
 
-  /** Keep this shape's template whatever happens (the pool's own shape). */
-  async pin(shape: VmShape): Promise<VmTemplate> {
-    const files = await this.ensure(shape);
+  /** Keep this template whatever happens (the pool's own). */
+  async pin(shape: VmShape, template = DEFAULT_TEMPLATE): Promise<VmTemplate> {
+    const files = await this.ensure(shape, null, template);
     const entry = this.entries.get(files.key);
     if (entry) entry.pinned = true;
     return files;
@@ -245,13 +207,17 @@ export class TemplateManager {
    * makes). Throws 503 when the cap is met and every template is in use, or the budget
    * cannot take a new one; 429 when `owner` has too many builds running.
    */
-  async acquire(shape: VmShape, owner: string | null = null): Promise<TemplateLease> {
-    const key = this.keyOf(shape);
+  async acquire(
+    shape: VmShape,
+    owner: string | null = null,
+    template = DEFAULT_TEMPLATE,
+  ): Promise<TemplateLease> {
+    const key = this.keyOf(shape, template);
     const entry = this.entries.get(key);
     if (entry) entry.users++;
     let files: VmTemplate;
     try {
-      files = await this.ensure(shape, owner);
+      files = await this.ensure(shape, owner, template);
     } catch (err) {
       if (entry) entry.users--;
       throw err;
@@ -276,9 +242,9 @@ export class TemplateManager {
     }
   }
 
-  /** Mark the template of a running VM's shape in use until `release` (fork children). */
-  retain(shape: VmShape): () => void {
-    const entry = this.entries.get(this.keyOf(shape));
+  /** Mark the template of a running VM in use until `release` (fork children). */
+  retain(shape: VmShape, template = DEFAULT_TEMPLATE): () => void {
+    const entry = this.entries.get(this.keyOf(shape, template));
     if (!entry) return () => {};
     entry.users++;
     return this.releaser(entry);
@@ -413,7 +379,7 @@ export class TemplateManager {
     return false;
   }
 
-  private async load(key: string, shape: VmShape): Promise<VmTemplate> {
+  private async load(key: string, shape: VmShape, template: string): Promise<VmTemplate> {
     await Promise.all(this.evicting); // an eviction of this key finishes before it is rebuilt
     const files = this.filesOf(key, shape);
     const ready = join(this.dir, key, "meta.json");
@@ -425,7 +391,7 @@ export class TemplateManager {
       // The lease first, under the lock: another daemon's eviction sees it and keeps the files.
       await writeFile(this.leasePath(key), "", { mode: 0o600 });
       if (!(await exists(ready))) {
-        await this.build(key, shape);
+        await this.build(key, shape, template);
         await this.prune();
       }
       await this.backend.exposeTemplate(join(this.dir, key));
@@ -433,18 +399,20 @@ export class TemplateManager {
     });
   }
 
-  private async build(key: string, shape: VmShape): Promise<void> {
+  private async build(key: string, shape: VmShape, template: string): Promise<void> {
+    const spec = templateSpec(template);
+    const image = this.images(template);
     const started = performance.now();
     const final = join(this.dir, key);
     const work = join(this.dir, `.build-${key}-${process.pid}`);
     this.log.info(
-      { template: key, shape, accel: this.backend.identity.accel },
+      { template: key, name: template, shape, accel: this.backend.identity.accel },
       "building template: booting its VM",
     );
     await rm(work, { recursive: true, force: true });
     try {
-      await this.backend.snapshot(`tpl_${key}`, shape, work, final, async (agent) => {
-        await this.warm(agent);
+      await this.backend.snapshot(`tpl_${key}`, shape, image, work, final, async (agent) => {
+        await this.warm(agent, spec.warmModules);
         this.log.info(
           { template: key, ms: Math.round(performance.now() - started) },
           "building template: warm, saving its state",
@@ -455,7 +423,7 @@ export class TemplateManager {
       const { version, accel } = this.backend.identity;
       await writeFile(
         join(work, "meta.json"),
-        `${JSON.stringify({ key, shape, image: this.image.key, qemu: version, accel, builtAt: new Date().toISOString() })}\n`,
+        `${JSON.stringify({ key, ...(template === DEFAULT_TEMPLATE ? {} : { template }), shape, image: image.key, qemu: version, accel, builtAt: new Date().toISOString() })}\n`,
       );
       await rm(final, { recursive: true, force: true });
       await rename(work, final);
@@ -472,15 +440,24 @@ export class TemplateManager {
     }
   }
 
-  private async warm(agent: AgentClient): Promise<void> {
+  private async warm(agent: AgentClient, modules: readonly string[]): Promise<void> {
     for (const [code, language] of [
-      [WARM_UP_PYTHON, "python"],
+      [warmUpPython(modules), "python"],
       ["true", "bash"],
     ] as const) {
       for await (const event of agent.exec(code, { language, timeoutMs: 120_000 })) {
         if (event.type === "exit" && event.code !== 0)
           throw new Error(`template warm-up (${language}) failed with code ${event.code}`);
       }
+    }
+  }
+
+  /** The image key of a template, or null for a name the registry no longer has. */
+  private imageKeyOf(template: string): string | null {
+    try {
+      return this.images(template).key;
+    } catch {
+      return null;
     }
   }
 
@@ -502,9 +479,14 @@ export class TemplateManager {
       const meta = await readFile(join(this.dir, entry, "meta.json"), "utf8").catch(() => null);
       let stale = meta === null;
       if (meta) {
-        const m = JSON.parse(meta) as { image?: string; qemu?: string; accel?: string };
+        const m = JSON.parse(meta) as {
+          template?: string;
+          image?: string;
+          qemu?: string;
+          accel?: string;
+        };
         stale =
-          m.image !== this.image.key ||
+          m.image !== this.imageKeyOf(m.template ?? DEFAULT_TEMPLATE) ||
           m.qemu !== this.backend.identity.version ||
           m.accel !== this.backend.identity.accel;
       }

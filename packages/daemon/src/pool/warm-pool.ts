@@ -12,16 +12,16 @@ import { randomBytes } from "node:crypto";
 import type { Metrics } from "../metrics/metrics.js";
 import type { Admission } from "../sandboxes/admission.js";
 import type { AcquiredVm, VmSource } from "../sandboxes/service.js";
+import { DEFAULT_TEMPLATE, templateNames, templateSpec } from "../templates/registry.js";
 import type { Logger } from "../util/logger.js";
 import type { ForkResult, VmHandle as Vm, VmBackend, VmShape } from "../vm/backend.js";
 import { backoffMs, refillsToStart } from "./plan.js";
 import type { TemplateManager } from "./templates.js";
 
-export const DEFAULT_TEMPLATE = "default";
-
 export interface PoolOptions {
   target: number;
   maxConcurrentRestores: number;
+  /** The shape of the pool's VMs (of the default template) and of a default create. */
   defaultShape: VmShape;
   /** Disk layers a VM may stack up through forks before they are merged. */
   maxDiskChain: number;
@@ -53,6 +53,8 @@ export class WarmPool implements VmSource {
   private closed = false;
   /** Refills in flight: close() waits for them, so shutdown leaves no VM behind. */
   private readonly inFlight = new Set<Promise<void>>();
+  /** The template each VM this pool made was restored from (fork children: the parent's). */
+  private readonly templateOf = new WeakMap<Vm, string>();
 
   constructor(
     private readonly backend: VmBackend,
@@ -87,7 +89,14 @@ export class WarmPool implements VmSource {
   }
 
   templateNames(): readonly string[] {
-    return [DEFAULT_TEMPLATE];
+    return templateNames();
+  }
+
+  /** The shape of a create that names none: the pool's for the default template. */
+  defaultShape(template: string): VmShape {
+    return template === DEFAULT_TEMPLATE
+      ? this.opts.defaultShape
+      : templateSpec(template).defaultShape;
   }
 
   stats(): { target: number; ready: number; refilling: number } {
@@ -100,11 +109,11 @@ export class WarmPool implements VmSource {
   }
 
   async acquire(
-    _template: string,
+    template: string,
     shape: VmShape,
     owner: string | null = null,
   ): Promise<AcquiredVm> {
-    if (sameShape(shape, this.opts.defaultShape)) {
+    if (template === DEFAULT_TEMPLATE && sameShape(shape, this.opts.defaultShape)) {
       // Synchronous from here to the return: no two callers can take the same VM.
       while (this.ready.length > 0) {
         const vm = this.ready.shift() as Vm;
@@ -116,9 +125,9 @@ export class WarmPool implements VmSource {
         return { vm: this.handOver(vm), pooled: true };
       }
     }
-    const takenOver = await this.makeRoom(shape);
+    const takenOver = await this.makeRoom(template === DEFAULT_TEMPLATE ? shape : null);
     if (takenOver) return { vm: this.handOver(takenOver), pooled: true };
-    const vm = await this.restore(shape, "miss", owner);
+    const vm = await this.restore(shape, "miss", owner, template);
     this.refill();
     return { vm, pooled: false };
   }
@@ -128,9 +137,11 @@ export class WarmPool implements VmSource {
     const ids = Array.from({ length: n }, newVmId);
     await this.makeRoom(null); // children are restores of the fork: nothing to take over
     const result = await this.backend.fork(parent, ids);
+    const template = this.templateOf.get(parent) ?? DEFAULT_TEMPLATE;
     // The children's disks rest on the template's: it stays while any of them runs.
     for (const child of result.children) {
-      const release = this.templates.retain(child.shape);
+      this.templateOf.set(child, template);
+      const release = this.templates.retain(child.shape, template);
       void child.exited.then(release);
     }
     // Every fork adds a layer to these chains; past the bound, merge them in the background.
@@ -286,8 +297,9 @@ export class WarmPool implements VmSource {
     shape: VmShape,
     why: "miss" | "refill",
     owner: string | null = null,
+    name = DEFAULT_TEMPLATE,
   ): Promise<Vm> {
-    const template = await this.templates.acquire(shape, owner);
+    const template = await this.templates.acquire(shape, owner, name);
     try {
       this.yieldMemory(); // a new template's charge may need room the pool holds
       await this.takeSlot(why);
@@ -301,6 +313,7 @@ export class WarmPool implements VmSource {
       } finally {
         this.releaseSlot();
       }
+      this.templateOf.set(vm, name);
       void vm.exited.then(template.release);
       this.metrics.restores.inc({ result: "ok" });
       return vm;

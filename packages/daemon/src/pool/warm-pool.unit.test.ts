@@ -63,7 +63,7 @@ function setup(opts: { target?: number; budgetMib?: number; backend?: FakeBacken
   const templates = new TemplateManager(
     backend,
     join(dir, "templates"),
-    IMAGE,
+    () => IMAGE,
     silentLogger(),
     () => {},
     {
@@ -95,6 +95,7 @@ describe("warm pool (fake backend)", () => {
     assert.equal(pool.readyPids().length, 3);
     for (const vm of backend.live) assert.equal((vm as FakeVm).nice, 10);
     assert.deepEqual(pool.templateNames(), ["default"]);
+    assert.deepEqual(pool.defaultShape("default"), SHAPE);
   });
 
   it("hands out a ready VM (renice to 0) and refills behind it", async () => {

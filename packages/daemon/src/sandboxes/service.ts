@@ -36,8 +36,6 @@ import { validateGuestPath } from "./paths.js";
 import type { StreamBudget, StreamLease } from "./stream-budget.js";
 
 export interface SandboxLimits {
-  defaultVcpuCount: number;
-  defaultMemSizeMib: number;
   maxVcpuCount: number;
   maxMemSizeMib: number;
   defaultSandboxTimeoutMs: number;
@@ -91,6 +89,8 @@ export interface AcquiredVm {
 export interface VmSource {
   /** `owner`: the tenant asking (a new shape's template build is bounded per tenant). */
   acquire(template: string, shape: VmShape, owner?: string | null): Promise<AcquiredVm>;
+  /** The shape of a create of this template that names none. */
+  defaultShape(template: string): VmShape;
   fork(parent: Vm, n: number): Promise<{ children: Vm[]; pausedMs: number }>;
   /** Merge a VM's fork layers into its overlay (frees the layers only it held). */
   flatten?(vm: Vm): Promise<void>;
@@ -143,7 +143,7 @@ export class SandboxService {
         `unknown template ${JSON.stringify(template).slice(0, 80)}; available: ${this.source.templateNames().join(", ")}`,
       );
     }
-    const shape = this.shapeOf(req);
+    const shape = this.shapeOf(req, this.source.defaultShape(template));
     const timeoutMs = req.timeout_ms ?? this.limits.defaultSandboxTimeoutMs;
     if (timeoutMs < 1 || timeoutMs > this.limits.maxSandboxTimeoutMs) {
       throw new BadRequestError(
@@ -548,9 +548,9 @@ export class SandboxService {
     return live.vm;
   }
 
-  private shapeOf(req: CreateRequest): VmShape {
-    const vcpuCount = req.vcpu_count ?? this.limits.defaultVcpuCount;
-    const memSizeMib = req.mem_size_mib ?? this.limits.defaultMemSizeMib;
+  private shapeOf(req: CreateRequest, fallback: VmShape): VmShape {
+    const vcpuCount = req.vcpu_count ?? fallback.vcpuCount;
+    const memSizeMib = req.mem_size_mib ?? fallback.memSizeMib;
     if (!Number.isInteger(vcpuCount) || vcpuCount < 1 || vcpuCount > this.limits.maxVcpuCount) {
       throw new BadRequestError(
         `vcpu_count must be an integer from 1 to ${this.limits.maxVcpuCount}`,

@@ -75,7 +75,7 @@ async function start(
   templates = new TemplateManager(
     backend,
     join(dir, "templates"),
-    { key: "0123456789abcdef" } as GuestImage,
+    () => ({ key: "0123456789abcdef" }) as GuestImage,
     silentLogger(),
     () => {},
     { admission },
@@ -97,8 +97,6 @@ async function start(
     store,
     pool,
     {
-      defaultVcpuCount: SHAPE.vcpuCount,
-      defaultMemSizeMib: SHAPE.memSizeMib,
       maxVcpuCount: 4,
       maxMemSizeMib: 4096,
       defaultSandboxTimeoutMs: 60_000,
@@ -176,7 +174,10 @@ describe("sandbox service (fake backend)", () => {
   it("refuses an unknown template and bad shapes before anything is made", async () => {
     await start();
     const restores = backend.restores;
-    await assert.rejects(service.create(ALICE, { template: "nope" }), BadRequestError);
+    await assert.rejects(
+      service.create(ALICE, { template: "nope" }),
+      (e) => e instanceof BadRequestError && /available: default$/.test(e.message),
+    );
     await assert.rejects(service.create(ALICE, { vcpu_count: 9 }), BadRequestError);
     await assert.rejects(service.create(ALICE, { mem_size_mib: 64 }), BadRequestError);
     assert.equal(backend.restores, restores);

@@ -15,6 +15,7 @@ import { join } from "node:path";
 import { Duplex } from "node:stream";
 import { AgentClient } from "../guest/agent-client.js";
 import { encodeFrame, type Frame, FrameDecoder, PROTOCOL_VERSION } from "../guest/frames.js";
+import type { GuestImage } from "../image/build.js";
 import {
   BootError,
   type ForkResult,
@@ -222,6 +223,7 @@ export class FakeBackend implements VmBackend {
   async snapshot(
     id: string,
     shape: VmShape,
+    _image: GuestImage,
     workDir: string,
     _finalDir: string,
     warm: (agent: AgentClient) => Promise<void>,

@@ -7,6 +7,7 @@
  * (jail/: per-VM uids and cgroups) is shared by backends.
  */
 import type { AgentClient } from "../guest/agent-client.js";
+import type { GuestImage } from "../image/build.js";
 
 /** A VM's size: the callers' choice, bounded by the configuration. */
 export interface VmShape {
@@ -96,12 +97,14 @@ export interface VmBackend {
   /** A VM resumed from a template; `nice` > 0 restores at low CPU priority. */
   restore(id: string, template: VmTemplate, nice?: number): Promise<VmHandle>;
   /**
-   * Boot a VM, let `warm` prepare it through its agent, and freeze it into template files
-   * in `workDir`; the caller then renames `workDir` to `finalDir` (the files may name it).
+   * Boot a VM from `image`, let `warm` prepare it through its agent, and freeze it into
+   * template files in `workDir`; the caller then renames `workDir` to `finalDir` (the
+   * files may name it).
    */
   snapshot(
     id: string,
     shape: VmShape,
+    image: GuestImage,
     workDir: string,
     finalDir: string,
     warm: (agent: AgentClient) => Promise<void>,

@@ -6,6 +6,7 @@
 import { chmod, stat } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import type { AgentClient } from "../../guest/agent-client.js";
+import type { GuestImage } from "../../image/build.js";
 import { run } from "../../util/run.js";
 import type {
   BootOptions,
@@ -73,11 +74,13 @@ export class QemuBackend implements VmBackend {
   async snapshot(
     id: string,
     shape: VmShape,
+    image: GuestImage,
     workDir: string,
     finalDir: string,
     warm: (agent: AgentClient) => Promise<void>,
   ): Promise<void> {
     const vm = await this.engine.boot(id, shape, {
+      image,
       keepFiles: { dir: workDir, memPath: join(workDir, "mem") },
     });
     try {

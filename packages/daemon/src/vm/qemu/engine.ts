@@ -101,6 +101,8 @@ export interface TemplateFiles {
 export interface BootOptions {
   accel?: Accel;
   timeoutMs?: number;
+  /** Boot from this image rather than the engine's (a template of another name). */
+  image?: GuestImage;
   /** Keep the VM's directory and memory file after destroy (a template in the making). */
   keepFiles?: { dir: string; memPath: string };
 }
@@ -307,7 +309,8 @@ export class VmEngine {
         await truncate(memPath, shape.memSizeMib * 1024 * 1024);
         await this.giveTo(memPath, jail.creds, 0o600);
         const overlay = join(dir, "root.qcow2");
-        await createOverlay(overlay, this.opts.image.rootfs, "raw");
+        const image = options.image ?? this.opts.image;
+        await createOverlay(overlay, image.rootfs, "raw");
         // Root's, 0600: QEMU gets it as an fd (disk-fds.ts); the image below is public.
         const diskFds = openDiskFds(overlay, []);
         let qemu: QemuProcess;
@@ -318,6 +321,7 @@ export class VmEngine {
             withDiskFds([], diskFds),
             0,
             jail.creds,
+            image,
           );
         } finally {
           closeFds(diskFds);
@@ -608,8 +612,8 @@ export class VmEngine {
     extraFds: (number | "ignore")[] = [],
     nice = 0,
     creds: QemuCredentials | null = null,
+    image: GuestImage = this.opts.image,
   ): QemuProcess {
-    const { image } = this.opts;
     // QEMU opens its pid file without creating it: made here, exclusively (no link is
     // followed), and given to the VM's uid by descriptor.
     const pidFile = join(dir, "qemu.pid");
