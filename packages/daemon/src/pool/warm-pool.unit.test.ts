@@ -10,6 +10,7 @@ import { afterEach, beforeEach, describe, it } from "node:test";
 import type { GuestImage } from "../image/build.js";
 import { Metrics } from "../metrics/metrics.js";
 import { Admission } from "../sandboxes/admission.js";
+import { eventually } from "../testing/eventually.js";
 import { FakeBackend, type FakeVm } from "../testing/fake-backend.js";
 import { silentLogger } from "../util/logger.js";
 import { BootError } from "../vm/backend.js";
@@ -19,15 +20,6 @@ import { WarmPool } from "./warm-pool.js";
 const SHAPE = { vcpuCount: 2, memSizeMib: 1024 };
 const OTHER = { vcpuCount: 1, memSizeMib: 256 };
 const IMAGE = { key: "0123456789abcdef" } as GuestImage;
-
-/** Polls a condition of in-process state (the pool refills in the background). */
-async function eventually(what: string, check: () => boolean, ms = 5_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
 
 interface Setup {
   backend: FakeBackend;

@@ -15,6 +15,7 @@ import { Metrics } from "../metrics/metrics.js";
 import { TemplateManager } from "../pool/templates.js";
 import { WarmPool } from "../pool/warm-pool.js";
 import { Store } from "../store/db.js";
+import { eventually } from "../testing/eventually.js";
 import { FakeBackend, type FakeVm } from "../testing/fake-backend.js";
 import { silentLogger } from "../util/logger.js";
 import { Admission } from "./admission.js";
@@ -32,14 +33,6 @@ const SHAPE = { vcpuCount: 2, memSizeMib: 1024 };
 const OVERHEAD = 64;
 const ALICE: Tenant = { id: "key_alice", quota: { maxSandboxes: null, maxMemMib: null } };
 const BOB: Tenant = { id: "key_bob", quota: { maxSandboxes: null, maxMemMib: null } };
-
-async function eventually(what: string, check: () => boolean, ms = 5_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
 
 async function run(events: AsyncIterable<ExecEvent>): Promise<{ out: string; code: number }> {
   let out = "";
