@@ -1,15 +1,16 @@
 /**
  * Wiring of podflared: configuration -> image -> accelerator -> engine -> store ->
- * reconciliation -> service -> HTTP. Each part is built here and nowhere else.
+ * reconciliation -> service -> HTTP. Each part is built here and nowhere else; this is
+ * the one module outside vm/qemu/ that imports it (the rest knows vm/backend.ts).
  */
 import { join } from "node:path";
 import { buildServer } from "./api/server.js";
 import { Authenticator, isLoopback } from "./auth/authenticator.js";
 import { KeyStore } from "./auth/keys.js";
 import type { Config } from "./config/config.js";
-import { ensureImage } from "./image/build.js";
+import { ensureImage, type GuestImage } from "./image/build.js";
 import { Metrics } from "./metrics/metrics.js";
-import { qemuVersion, TemplateManager } from "./pool/templates.js";
+import { TemplateManager } from "./pool/templates.js";
 import { WarmPool } from "./pool/warm-pool.js";
 import { Admission } from "./sandboxes/admission.js";
 import { DiskGuard } from "./sandboxes/disk-guard.js";
@@ -17,16 +18,19 @@ import { reconcile } from "./sandboxes/reconcile.js";
 import { SandboxService } from "./sandboxes/service.js";
 import { StreamBudget } from "./sandboxes/stream-budget.js";
 import { Store } from "./store/db.js";
+import { DEFAULT_TEMPLATE, TEMPLATES } from "./templates/registry.js";
 import type { Logger } from "./util/logger.js";
 import { ensureSafeDir } from "./util/safe-dir.js";
-import { type AccelDecision, chooseAccel, hostProbe, hostTscKhz } from "./vm/accel.js";
-import { VmEngine } from "./vm/engine.js";
+import { type AccelDecision, chooseAccel, hostProbe, hostTscKhz } from "./vm/qemu/accel.js";
+import { QemuBackend, qemuVersion } from "./vm/qemu/backend.js";
+import { VmEngine } from "./vm/qemu/engine.js";
 
 export interface Daemon {
   url: string;
   accel: AccelDecision;
   service: SandboxService;
   engine: VmEngine;
+  backend: QemuBackend;
   pool: WarmPool;
   templates: TemplateManager;
   metrics: Metrics;
@@ -90,6 +94,25 @@ export function daemonDirMode(config: Pick<Config, "vmUidBase">): number {
   return process.getuid?.() === 0 && (config.vmUidBase ?? 0) > 0 ? 0o711 : 0o700;
 }
 
+/** The guest image of every template in the registry (the default's is the engine's). */
+async function templateImages(
+  config: Config,
+  defaultImage: GuestImage,
+  log: Logger,
+): Promise<(template: string) => GuestImage> {
+  const images = new Map([[DEFAULT_TEMPLATE, defaultImage]]);
+  for (const { name } of TEMPLATES) {
+    if (images.has(name)) continue;
+    const opts = { imagesDir: config.imagesDir, guestDir: config.guestDir, template: name };
+    images.set(name, await ensureImage(opts, (m) => log.info({ image: name }, m)));
+  }
+  return (template) => {
+    const image = images.get(template);
+    if (!image) throw new Error(`no guest image for template ${JSON.stringify(template)}`);
+    return image;
+  };
+}
+
 /** Opens the database; refuses to expose an unauthenticated API beyond this host. */
 function openStore(config: Config): { store: Store; auth: Authenticator } {
   const store = new Store(join(config.stateDir, "podflare.db"));
@@ -122,6 +145,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     store.close();
     throw err;
   }
+  const backend = new QemuBackend(engine, await qemuVersion(config.qemuBinary));
   await reconcile(
     store,
     {
@@ -136,15 +160,14 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   const admission = new Admission({
     maxSandboxes: config.maxSandboxes,
     memoryBudgetMib: config.memoryBudgetMib,
-    vmOverheadMib: config.vmMemOverheadMib,
+    vmOverheadMib: backend.memOverheadMib,
     tenantMaxSandboxes: config.tenantMaxSandboxes,
     tenantMaxMemMib: config.tenantMaxMemMib,
   });
   const templates = new TemplateManager(
-    engine,
+    backend,
     config.templatesDir,
-    engine.opts.image,
-    await qemuVersion(config.qemuBinary),
+    await templateImages(config, engine.opts.image, log),
     log,
     () => metrics.templateBuilds.inc(),
     {
@@ -161,7 +184,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     forksMib: admission.heldMib({ kind: "fork" }),
   });
   const pool = new WarmPool(
-    engine,
+    backend,
     templates,
     admission,
     {
@@ -233,7 +256,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
           templates_mib:
             admission.heldMib({ kind: "template" }) + admission.heldMib({ kind: "template_build" }),
           forks_mib: admission.heldMib({ kind: "fork" }),
-          vm_overhead_mib: config.vmMemOverheadMib,
+          vm_overhead_mib: backend.memOverheadMib,
         },
         templates: {
           count: templates.stats().count,
@@ -275,6 +298,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     accel,
     service,
     engine,
+    backend,
     pool,
     templates,
     metrics,

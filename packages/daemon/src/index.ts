@@ -4,7 +4,7 @@ export { type Config, loadConfig, repoRoot } from "./config/config.js";
 export { type Daemon, daemonDirMode, prepareEngine, startDaemon } from "./daemon.js";
 export type { ExecEvent } from "./guest/agent-client.js";
 export { ensureImage, type GuestImage } from "./image/build.js";
-export { qemuVersion, TemplateManager, templateKey } from "./pool/templates.js";
+export { TemplateManager, templateKey } from "./pool/templates.js";
 export { Store } from "./store/db.js";
 export { CRASH_POINTS } from "./util/crash-points.js";
 export { createLogger, type Logger, silentLogger } from "./util/logger.js";

@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { rm } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { createLogger, qemuVersion, TemplateManager } from "@podflare/daemon";
+import { createLogger, TemplateManager } from "@podflare/daemon";
 import { Sandbox } from "podflare";
 import { eventually, listDir, startTestDaemon, type TestDaemon } from "./harness.js";
 
@@ -128,11 +128,10 @@ describe("templates and the warm pool", () => {
   it("rebuilds the template when the image changes", async () => {
     const dir = join(d.config.stateDir, "rebuild-templates");
     const log = createLogger("warn");
-    const qemu = await qemuVersion(d.config.qemuBinary);
     const image = d.daemon.engine.opts.image;
     const shape = { vcpuCount: 1, memSizeMib: 256 };
     try {
-      const first = new TemplateManager(d.daemon.engine, dir, image, qemu, log);
+      const first = new TemplateManager(d.daemon.backend, dir, () => image, log);
       const a = await first.ensure(shape);
       assert.equal(first.builds, 1);
       await first.ensure(shape);
@@ -140,10 +139,9 @@ describe("templates and the warm pool", () => {
 
       // The same files under another image hash stand for a changed image.
       const changed = new TemplateManager(
-        d.daemon.engine,
+        d.daemon.backend,
         dir,
-        { ...image, key: `${image.key.slice(0, 15)}x` },
-        qemu,
+        () => ({ ...image, key: `${image.key.slice(0, 15)}x` }),
         log,
       );
       const b = await changed.ensure(shape);
@@ -154,7 +152,7 @@ describe("templates and the warm pool", () => {
         [b.key],
         "the stale template is pruned",
       );
-      const vm = await d.daemon.engine.restore("vm_rebuilt", b);
+      const vm = await d.daemon.backend.restore("vm_rebuilt", b);
       try {
         let out = "";
         for await (const e of vm.agent.exec("print(1+1)")) if (e.type === "stdout") out += e.data;

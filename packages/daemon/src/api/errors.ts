@@ -1,7 +1,7 @@
 /** The one place where errors become HTTP statuses and the contract's error body. */
 import type { FastifyError } from "fastify";
 import { type ErrorCode, PodflareError } from "../sandboxes/errors.js";
-import { BootError } from "../vm/engine.js";
+import { BootError } from "../vm/backend.js";
 
 export const STATUS_BY_CODE: Readonly<Record<ErrorCode, number>> = {
   bad_request: 400,

@@ -6,7 +6,13 @@ import { availableParallelism, homedir, totalmem } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { defaultPoolSize } from "../pool/plan.js";
-import { QEMU_OVERHEAD_MIB } from "../vm/cgroup.js";
+import { defaultTemplate } from "../templates/default.js";
+
+/**
+ * The default of PODFLARE_VM_MEM_OVERHEAD_MIB: what a VM of the QEMU backend costs beyond
+ * guest RAM (vm/qemu/sizing.ts derives it; its unit test checks the two agree).
+ */
+export const DEFAULT_VM_MEM_OVERHEAD_MIB = 256;
 
 export type AccelChoice = "auto" | "kvm" | "tcg";
 
@@ -158,10 +164,10 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     vmUidBase: envInt("PODFLARE_VM_UID_BASE", 2_000_000_000),
     vmUidCount: Math.max(1, envInt("PODFLARE_VM_UID_COUNT", 65_536)),
     vmCgroups: env.PODFLARE_VM_CGROUPS !== "0",
-    vmMemOverheadMib: envInt("PODFLARE_VM_MEM_OVERHEAD_MIB", QEMU_OVERHEAD_MIB),
+    vmMemOverheadMib: envInt("PODFLARE_VM_MEM_OVERHEAD_MIB", DEFAULT_VM_MEM_OVERHEAD_MIB),
     accel: envAccel(),
-    defaultVcpuCount: envInt("PODFLARE_VCPU_COUNT", 2),
-    defaultMemSizeMib: envInt("PODFLARE_MEM_SIZE_MIB", 1024),
+    defaultVcpuCount: envInt("PODFLARE_VCPU_COUNT", defaultTemplate.defaultShape.vcpuCount),
+    defaultMemSizeMib: envInt("PODFLARE_MEM_SIZE_MIB", defaultTemplate.defaultShape.memSizeMib),
     maxVcpuCount: envInt("PODFLARE_MAX_VCPU_COUNT", 4),
     maxMemSizeMib: envInt("PODFLARE_MAX_MEM_SIZE_MIB", 4096),
     consoleLogMaxBytes: envInt("PODFLARE_CONSOLE_LOG_MAX_BYTES", 256 * 1024),

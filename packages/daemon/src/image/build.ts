@@ -17,6 +17,7 @@ import {
   writeFile,
 } from "node:fs/promises";
 import { dirname, join } from "node:path";
+import { DEFAULT_TEMPLATE, TEMPLATES, templateSpec } from "../templates/registry.js";
 import { CleanupStack } from "../util/cleanup.js";
 import { withFileLock } from "../util/lock.js";
 import { run } from "../util/run.js";
@@ -28,13 +29,12 @@ import {
   KERNEL_META_PACKAGE,
   KERNEL_MODULES,
   type KernelPackage,
-  ROOTFS_PACKAGES,
   ROOTFS_SIZE,
   recipeKey,
   rootTreeKey,
 } from "./recipe.js";
 
-/** How many built images to keep; older ones are removed after a successful build. */
+/** How many built images to keep per template; older ones are removed after a build. */
 const KEEP_IMAGES = 3;
 
 export interface GuestImage {
@@ -143,13 +143,17 @@ async function exists(path: string): Promise<boolean> {
   );
 }
 
-/** Return the cached image for the current recipe, building it first if needed. */
+/**
+ * Return the cached image of a template (templates/registry.ts; default: "default") for
+ * the current recipe, building it first if needed.
+ */
 export async function ensureImage(
-  opts: { imagesDir: string; guestDir: string },
+  opts: { imagesDir: string; guestDir: string; template?: string },
   progress: Progress = () => {},
 ): Promise<GuestImage> {
+  const { packages } = templateSpec(opts.template ?? DEFAULT_TEMPLATE);
   const kernelPackage = await resolveKernelPackage();
-  const key = await recipeKey(opts.guestDir, kernelPackage);
+  const key = await recipeKey(opts.guestDir, kernelPackage, packages);
   const image = imagePaths(opts.imagesDir, key, kernelPackage);
   const manifest = join(image.dir, "manifest.json");
   if (await exists(manifest)) return image;
@@ -179,7 +183,7 @@ export async function ensureImage(
     await mkdir(work, { recursive: true });
     cleanup.defer("remove build directory", () => rm(work, { recursive: true, force: true }));
     try {
-      await buildInto(work, opts.imagesDir, opts.guestDir, kernelPackage, progress);
+      await buildInto(work, opts.imagesDir, opts.guestDir, kernelPackage, packages, progress);
       await writeFile(
         join(work, "out", "manifest.json"),
         `${JSON.stringify({ key, kernelPackage, suite: DEBIAN_SUITE, builtAt: new Date().toISOString() }, null, 2)}\n`,
@@ -197,7 +201,10 @@ export async function ensureImage(
   }
 }
 
-/** Remove all but the newest images (running VMs keep their open files). */
+/**
+ * Remove all but the newest images, KEEP_IMAGES for each template (running VMs keep their
+ * open files).
+ */
 async function pruneImages(imagesDir: string, keep: string): Promise<void> {
   const entries = await readdir(imagesDir, { withFileTypes: true });
   const images = await Promise.all(
@@ -206,7 +213,7 @@ async function pruneImages(imagesDir: string, keep: string): Promise<void> {
       .map(async (e) => ({ name: e.name, mtime: (await stat(join(imagesDir, e.name))).mtimeMs })),
   );
   images.sort((a, b) => b.mtime - a.mtime);
-  for (const old of images.slice(KEEP_IMAGES - 1))
+  for (const old of images.slice(KEEP_IMAGES * TEMPLATES.length - 1))
     await rm(join(imagesDir, old.name), { recursive: true, force: true });
 }
 
@@ -214,9 +221,15 @@ async function pruneImages(imagesDir: string, keep: string): Promise<void> {
  * The Debian root tree from mmdebstrap, cached under .cache/ by its own key so that a
  * change to the agent does not repeat the slow package installation.
  */
-async function ensureRootTree(imagesDir: string, progress: Progress): Promise<string> {
+async function ensureRootTree(
+  imagesDir: string,
+  packages: readonly string[],
+  progress: Progress,
+): Promise<string> {
   const cacheDir = join(imagesDir, ".cache");
-  const tree = join(cacheDir, `root-${rootTreeKey()}`);
+  const tree = join(cacheDir, `root-${rootTreeKey(packages)}`);
+  // Every template's tree is kept; only trees of no template's packages go.
+  const current = new Set(TEMPLATES.map((t) => `root-${rootTreeKey(t.packages)}`));
   if (await exists(join(tree, ".podflare-complete"))) return tree;
   await mkdir(cacheDir, { recursive: true });
   const partial = `${tree}.partial-${process.pid}`;
@@ -227,7 +240,7 @@ async function ensureRootTree(imagesDir: string, progress: Progress): Promise<st
       "mmdebstrap",
       [
         "--variant=minbase",
-        `--include=${ROOTFS_PACKAGES.join(",")}`,
+        `--include=${packages.join(",")}`,
         ...DPKG_EXCLUDES.map((p) => `--dpkgopt=path-exclude=${p}`),
         DEBIAN_SUITE,
         partial,
@@ -247,11 +260,7 @@ async function ensureRootTree(imagesDir: string, progress: Progress): Promise<st
     throw err;
   }
   for (const entry of await readdir(cacheDir)) {
-    if (
-      entry.startsWith("root-") &&
-      join(cacheDir, entry) !== tree &&
-      !entry.includes(".partial-")
-    ) {
+    if (entry.startsWith("root-") && !current.has(entry) && !entry.includes(".partial-")) {
       await rm(join(cacheDir, entry), { recursive: true, force: true });
     }
   }
@@ -263,6 +272,7 @@ async function buildInto(
   imagesDir: string,
   guestDir: string,
   kernelPackage: KernelPackage,
+  packages: readonly string[],
   progress: Progress,
 ): Promise<void> {
   const out = join(work, "out");
@@ -313,9 +323,9 @@ async function buildInto(
 
   step(
     3,
-    `root file system: Debian ${DEBIAN_SUITE} minbase + ${ROOTFS_PACKAGES.join(", ")} (cached; the first build takes about a minute)`,
+    `root file system: Debian ${DEBIAN_SUITE} minbase + ${packages.join(", ")} (cached; the first build takes about a minute)`,
   );
-  const tree = await ensureRootTree(imagesDir, progress);
+  const tree = await ensureRootTree(imagesDir, packages, progress);
   const root = join(work, "root");
   await run("cp", ["-a", "--reflink=auto", tree, root]);
   await rm(join(root, ".podflare-complete"));

@@ -1,6 +1,7 @@
 /**
  * What goes into a guest image, and the content hash that names a build of it.
- * Change anything here or in guest/ and the hash changes, so the next build rebuilds.
+ * Change anything here, in a template's packages (templates/) or in guest/ and the hash
+ * changes, so the next build rebuilds.
  */
 import { createHash } from "node:crypto";
 import { readFile } from "node:fs/promises";
@@ -10,7 +11,6 @@ import { join } from "node:path";
 export const RECIPE_VERSION = 3;
 export const DEBIAN_SUITE = "bookworm";
 export const KERNEL_META_PACKAGE = "linux-image-cloud-amd64";
-export const ROOTFS_PACKAGES = ["python3", "procps"] as const;
 export const ROOTFS_SIZE = "2G";
 /** In load order: each module's dependencies come before it. */
 export const KERNEL_MODULES = [
@@ -44,10 +44,15 @@ export interface KernelPackage {
   version: string;
 }
 
-/** The key of the Debian root tree alone (the slow mmdebstrap step), reused across agent changes. */
-export function rootTreeKey(): string {
+/**
+ * The key of the Debian root tree alone (the slow mmdebstrap step), reused across agent
+ * changes. `packages`: the template's (templates/).
+ */
+export function rootTreeKey(packages: readonly string[]): string {
   return createHash("sha256")
-    .update(JSON.stringify({ RECIPE_VERSION, DEBIAN_SUITE, ROOTFS_PACKAGES, DPKG_EXCLUDES }))
+    .update(
+      JSON.stringify({ RECIPE_VERSION, DEBIAN_SUITE, ROOTFS_PACKAGES: packages, DPKG_EXCLUDES }),
+    )
     .digest("hex")
     .slice(0, 16);
 }
@@ -59,13 +64,17 @@ export const DPKG_EXCLUDES = [
   "/usr/share/info/*",
 ] as const;
 
-export async function recipeKey(guestDir: string, kernel: KernelPackage): Promise<string> {
+export async function recipeKey(
+  guestDir: string,
+  kernel: KernelPackage,
+  packages: readonly string[],
+): Promise<string> {
   const hash = createHash("sha256");
   hash.update(
     JSON.stringify({
       RECIPE_VERSION,
       DEBIAN_SUITE,
-      ROOTFS_PACKAGES,
+      ROOTFS_PACKAGES: packages,
       ROOTFS_SIZE,
       KERNEL_MODULES,
       kernel,

@@ -5,11 +5,11 @@
  * A template's memory is a file in /dev/shm (tmpfs). Clones map it privately, and a
  * private read fault on a tmpfs hole allocates the page in the file, so the file can grow
  * to the guest's size as clones touch pages: it is charged its guest size. When VMs run
- * under uids of their own, clones map a sealed memfd copy of the file instead (vm/memfd.ts):
+ * under uids of their own, clones map a sealed memfd copy of the file instead (vm/qemu/memfd.ts):
  * the file then never grows past what the template's build wrote (measured after the build)
  * while the copy can grow to the guest's size; both are charged.
  */
-import type { VmShape } from "../vm/qemu-args.js";
+import type { VmShape } from "../vm/backend.js";
 
 /** What a template may cost before its file exists (the build holds this much). */
 export function templateBoundMib(shape: VmShape, sealedCopies: boolean): number {

@@ -1,8 +1,8 @@
 /**
  * Templates: a VM booted once, warmed (interpreter started, common modules imported),
  * and frozen as a memory file plus device state. Every sandbox of that shape is a restore
- * of it. A template is keyed by everything a snapshot depends on (image, QEMU build,
- * accelerator, shape) and built at most once per key: concurrent callers in this process
+ * of it. A template is keyed by everything a snapshot depends on (image, the backend's
+ * version and accelerator, shape) and built at most once per key: concurrent callers in this process
  * share one build, other processes wait on a lock file.
  *
  * Templates are bounded (shapes are the callers' choice): at most `maxTemplates` exist for
@@ -20,19 +20,16 @@
  */
 import { createHash } from "node:crypto";
 import { existsSync, rmSync } from "node:fs";
-import { access, chmod, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { access, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { AgentClient } from "../guest/agent-client.js";
 import type { GuestImage } from "../image/build.js";
 import type { Admission } from "../sandboxes/admission.js";
 import { NoCapacityError, OverLimitError } from "../sandboxes/errors.js";
+import { DEFAULT_TEMPLATE, templateSpec } from "../templates/registry.js";
 import { alive, withFileLock } from "../util/lock.js";
 import type { Logger } from "../util/logger.js";
-import { run } from "../util/run.js";
-import type { TemplateFiles, VmEngine } from "../vm/engine.js";
-import { createOverlay } from "../vm/overlay.js";
-import type { Accel, VmShape } from "../vm/qemu-args.js";
-import { saveDeviceState } from "../vm/snapshot.js";
+import type { Accel, VmBackend, VmShape, VmTemplate } from "../vm/backend.js";
 import {
   type CachedTemplate,
   evictable,
@@ -44,64 +41,19 @@ import {
 /** Bump when the warm-up or the template layout changes. */
 export const TEMPLATE_VERSION = 3;
 
-/** Imported while the template is made, so no sandbox pays for them. */
-const WARM_MODULES = [
-  "json",
-  "re",
-  "os",
-  "sys",
-  "math",
-  "random",
-  "time",
-  "datetime",
-  "collections",
-  "itertools",
-  "functools",
-  "pathlib",
-  "subprocess",
-  "io",
-  "base64",
-  "hashlib",
-  "string",
-  "textwrap",
-  "typing",
-  "dataclasses",
-  "decimal",
-  "fractions",
-  "statistics",
-  "csv",
-  "tempfile",
-  "shutil",
-  "glob",
-  "struct",
-  "copy",
-  "pprint",
-  "traceback",
-  "enum",
-  "uuid",
-  "heapq",
-  "bisect",
-  "operator",
-  "contextlib",
-  "threading",
-  "queue",
-  "signal",
-  "socket",
-  "urllib.parse",
-  "asyncio",
-  "sqlite3",
-  "zlib",
-  "gzip",
-];
-
-// Runs in the REPL of the template: it must leave no names in the user's globals.
-const WARM_UP_PYTHON = `for _podflare_m in ${JSON.stringify(WARM_MODULES)}:
+/** Run in the REPL of the template: it must leave no names in the user's globals. */
+function warmUpPython(modules: readonly string[]): string {
+  return `for _podflare_m in ${JSON.stringify(modules)}:
     __import__(_podflare_m)
 del _podflare_m
 print("podflare: template warm")`;
+}
 
 export interface TemplateKeyInput {
+  /** A template other than the default (whose keys predate named templates: none). */
+  template?: string;
   imageKey: string;
+  /** The backend's version (named for QEMU, the first backend: keys stay as they were). */
   qemuVersion: string;
   accel: Accel;
   shape: VmShape;
@@ -118,11 +70,6 @@ export function templateKey(input: TemplateKeyInput): string {
     )
     .digest("hex")
     .slice(0, 16);
-}
-
-export async function qemuVersion(qemuBinary: string): Promise<string> {
-  const out = await run(qemuBinary, ["--version"]);
-  return out.split("\n")[0]?.trim() ?? "unknown";
 }
 
 const exists = (path: string) =>
@@ -143,7 +90,7 @@ export interface TemplateLimits {
 
 /** A template in use: give it back with `release` once the VM made from it is gone. */
 export interface TemplateLease {
-  files: TemplateFiles;
+  files: VmTemplate;
   release(): void;
 }
 
@@ -154,7 +101,7 @@ interface Entry extends CachedTemplate {
 }
 
 export class TemplateManager {
-  private readonly building = new Map<string, Promise<TemplateFiles>>();
+  private readonly building = new Map<string, Promise<VmTemplate>>();
   private readonly entries = new Map<string, Entry>();
   private readonly buildsByOwner = new Map<string, number>();
   private readonly evicting = new Set<Promise<void>>();
@@ -164,10 +111,10 @@ export class TemplateManager {
   buildSlot: <T>(build: () => Promise<T>) => Promise<T> = (build) => build();
 
   constructor(
-    private readonly engine: VmEngine,
+    private readonly backend: VmBackend,
     private readonly dir: string,
-    private readonly image: GuestImage,
-    private readonly qemu: string,
+    /** The guest image of each template (templates/registry.ts), by name. */
+    private readonly images: (template: string) => GuestImage,
     private readonly log: Logger,
     private readonly onBuilt: () => void = () => {},
     private readonly limits: TemplateLimits = {},
@@ -179,25 +126,18 @@ export class TemplateManager {
     return Math.max(1, this.limits.maxTemplates ?? 4);
   }
 
-  keyOf(shape: VmShape): string {
+  keyOf(shape: VmShape, template = DEFAULT_TEMPLATE): string {
     return templateKey({
-      imageKey: this.image.key,
-      qemuVersion: this.qemu,
-      accel: this.engine.opts.accel,
+      ...(template === DEFAULT_TEMPLATE ? {} : { template }),
+      imageKey: this.images(template).key,
+      qemuVersion: this.backend.identity.version,
+      accel: this.backend.identity.accel,
       shape,
     });
   }
 
-  filesOf(key: string, shape: VmShape): TemplateFiles {
-    const dir = join(this.dir, key);
-    return {
-      key,
-      shape,
-      memPath: join(dir, "mem"),
-      statePath: join(dir, "state"),
-      cloneOverlay: join(dir, "clone.qcow2"),
-      baseDisk: join(dir, "root.qcow2"),
-    };
+  filesOf(key: string, shape: VmShape): VmTemplate {
+    return this.backend.template(join(this.dir, key), key, shape);
   }
 
   /** Templates held, in use, and the MiB they are charged (capacity and metrics). */
@@ -211,9 +151,13 @@ export class TemplateManager {
     return { count: this.entries.size, inUse, max: this.maxTemplates, chargedMib };
   }
 
-  /** The template for this shape, built first if needed (at most once per key). */
-  ensure(shape: VmShape, owner: string | null = null): Promise<TemplateFiles> {
-    const key = this.keyOf(shape);
+  /** The template of this name and shape, built first if needed (at most once per key). */
+  ensure(
+    shape: VmShape,
+    owner: string | null = null,
+    template = DEFAULT_TEMPLATE,
+  ): Promise<VmTemplate> {
+    const key = this.keyOf(shape, template);
     let pending = this.building.get(key);
     const known = this.entries.get(key);
     // Held already (our lease keeps other daemons from deleting it): nothing to load.
@@ -228,7 +172,8 @@ export class TemplateManager {
       entry.loading = true;
       const release = building ? this.startBuild(key, shape, owner) : () => {};
       // A build boots a VM: it waits for one of the restore slots (set by the warm pool).
-      const loaded = building ? this.buildSlot(() => this.load(key, shape)) : this.load(key, shape);
+      const load = () => this.load(key, shape, template);
+      const loaded = building ? this.buildSlot(load) : load();
       pending = loaded
         .then(async (files) => {
           await this.measure(entry, files);
@@ -249,9 +194,9 @@ export class TemplateManager {
     return pending;
   }
 
-  /** Keep this shape's template whatever happens (the pool's own shape). */
-  async pin(shape: VmShape): Promise<TemplateFiles> {
-    const files = await this.ensure(shape);
+  /** Keep this template whatever happens (the pool's own). */
+  async pin(shape: VmShape, template = DEFAULT_TEMPLATE): Promise<VmTemplate> {
+    const files = await this.ensure(shape, null, template);
     const entry = this.entries.get(files.key);
     if (entry) entry.pinned = true;
     return files;
@@ -262,13 +207,17 @@ export class TemplateManager {
    * makes). Throws 503 when the cap is met and every template is in use, or the budget
    * cannot take a new one; 429 when `owner` has too many builds running.
    */
-  async acquire(shape: VmShape, owner: string | null = null): Promise<TemplateLease> {
-    const key = this.keyOf(shape);
+  async acquire(
+    shape: VmShape,
+    owner: string | null = null,
+    template = DEFAULT_TEMPLATE,
+  ): Promise<TemplateLease> {
+    const key = this.keyOf(shape, template);
     const entry = this.entries.get(key);
     if (entry) entry.users++;
-    let files: TemplateFiles;
+    let files: VmTemplate;
     try {
-      files = await this.ensure(shape, owner);
+      files = await this.ensure(shape, owner, template);
     } catch (err) {
       if (entry) entry.users--;
       throw err;
@@ -293,9 +242,9 @@ export class TemplateManager {
     }
   }
 
-  /** Mark the template of a running VM's shape in use until `release` (fork children). */
-  retain(shape: VmShape): () => void {
-    const entry = this.entries.get(this.keyOf(shape));
+  /** Mark the template of a running VM in use until `release` (fork children). */
+  retain(shape: VmShape, template = DEFAULT_TEMPLATE): () => void {
+    const entry = this.entries.get(this.keyOf(shape, template));
     if (!entry) return () => {};
     entry.users++;
     return this.releaser(entry);
@@ -328,7 +277,7 @@ export class TemplateManager {
       );
     }
     if (choice) this.evict(choice.key, "the template cap is met");
-    const sealed = this.engine.uids !== null;
+    const sealed = this.backend.sealedTemplateMemory;
     const chargeMib = templateBoundMib(shape, sealed);
     this.limits.admission?.hold(`template:${key}`, "template", chargeMib);
     const entry: Entry = {
@@ -376,10 +325,9 @@ export class TemplateManager {
   }
 
   /** Charge a loaded template what its memory file really holds (template-cache.ts). */
-  private async measure(entry: Entry, files: TemplateFiles): Promise<void> {
-    const st = await stat(files.memPath).catch(() => null);
-    const residentMib = st ? (st.blocks * 512) / 2 ** 20 : entry.shape.memSizeMib;
-    const charge = templateChargeMib(entry.shape, residentMib, this.engine.uids !== null);
+  private async measure(entry: Entry, files: VmTemplate): Promise<void> {
+    const residentMib = (await this.backend.templateResidentMib(files)) ?? entry.shape.memSizeMib;
+    const charge = templateChargeMib(entry.shape, residentMib, this.backend.sealedTemplateMemory);
     if (!this.entries.has(entry.key)) return;
     entry.chargeMib = charge;
     // Smaller than (or equal to) the bound held so far: this never fails for the budget.
@@ -431,62 +379,51 @@ export class TemplateManager {
     return false;
   }
 
-  private async load(key: string, shape: VmShape): Promise<TemplateFiles> {
+  private async load(key: string, shape: VmShape, template: string): Promise<VmTemplate> {
     await Promise.all(this.evicting); // an eviction of this key finishes before it is rebuilt
     const files = this.filesOf(key, shape);
     const ready = join(this.dir, key, "meta.json");
     // Checked before anything in it is trusted (util/safe-dir.ts): a template planted in a
     // directory someone else made would hand every clone their memory and device state.
     // VMs under their own uids (the template's own, while it is built) pass through it.
-    this.engine.makeDir(this.dir, "the templates directory (PODFLARE_TEMPLATES_DIR)");
+    this.backend.makeDir(this.dir, "the templates directory (PODFLARE_TEMPLATES_DIR)");
     return withFileLock(join(this.dir, `.lock-${key}`), async () => {
       // The lease first, under the lock: another daemon's eviction sees it and keeps the files.
       await writeFile(this.leasePath(key), "", { mode: 0o600 });
       if (!(await exists(ready))) {
-        await this.build(key, shape);
+        await this.build(key, shape, template);
         await this.prune();
       }
-      await this.exposeTemplate(key);
+      await this.backend.exposeTemplate(join(this.dir, key));
       return files;
     });
   }
 
-  private async build(key: string, shape: VmShape): Promise<void> {
+  private async build(key: string, shape: VmShape, template: string): Promise<void> {
+    const spec = templateSpec(template);
+    const image = this.images(template);
     const started = performance.now();
     const final = join(this.dir, key);
     const work = join(this.dir, `.build-${key}-${process.pid}`);
     this.log.info(
-      { template: key, shape, accel: this.engine.opts.accel },
+      { template: key, name: template, shape, accel: this.backend.identity.accel },
       "building template: booting its VM",
     );
     await rm(work, { recursive: true, force: true });
     try {
-      const vm = await this.engine.boot(`tpl_${key}`, shape, {
-        keepFiles: { dir: work, memPath: join(work, "mem") },
-      });
-      try {
-        await this.warm(vm.agent);
+      await this.backend.snapshot(`tpl_${key}`, shape, image, work, final, async (agent) => {
+        await this.warm(agent, spec.warmModules);
         this.log.info(
           { template: key, ms: Math.round(performance.now() - started) },
           "building template: warm, saving its state",
         );
-        await saveDeviceState(
-          vm.qemu.qmp,
-          join(work, "state"),
-          join(work, "migrate.sock"),
-          30_000,
-          vm.jail.creds,
-        );
-      } finally {
-        await vm.destroy(); // kills QEMU; the files stay, now frozen
-      }
+      });
       // Everything is complete before one atomic rename, so a reader (or another
-      // daemon's prune) never sees half a template. The clones' overlay names its backing
-      // file by the final, absolute path (-u: that path does not exist yet).
-      await createOverlay(join(work, "clone.qcow2"), join(final, "root.qcow2"), "qcow2");
+      // daemon's prune) never sees half a template.
+      const { version, accel } = this.backend.identity;
       await writeFile(
         join(work, "meta.json"),
-        `${JSON.stringify({ key, shape, image: this.image.key, qemu: this.qemu, accel: this.engine.opts.accel, builtAt: new Date().toISOString() })}\n`,
+        `${JSON.stringify({ key, ...(template === DEFAULT_TEMPLATE ? {} : { template }), shape, image: image.key, qemu: version, accel, builtAt: new Date().toISOString() })}\n`,
       );
       await rm(final, { recursive: true, force: true });
       await rename(work, final);
@@ -503,31 +440,9 @@ export class TemplateManager {
     }
   }
 
-  /**
-   * File modes of a frozen template, owned by the daemon. When VMs run under uids of their
-   * own, they must read its disk (the bottom of every clone's chain) by path: the
-   * directories are traversable but not listable (0711) and the disk read-only for all.
-   * Memory and device state stay the daemon's alone (clones get them as fds).
-   */
-  private async exposeTemplate(key: string): Promise<void> {
-    const open = this.engine.uids !== null;
-    const dir = join(this.dir, key);
-    await chmod(this.dir, open ? 0o711 : 0o700);
-    await chmod(dir, open ? 0o711 : 0o700);
-    for (const [file, mode] of [
-      ["root.qcow2", 0o444],
-      ["clone.qcow2", 0o600],
-      ["mem", 0o600],
-      ["state", 0o600],
-      ["meta.json", 0o444],
-      ["console.log", 0o600],
-    ] as const)
-      await chmod(join(dir, file), mode).catch(() => {});
-  }
-
-  private async warm(agent: AgentClient): Promise<void> {
+  private async warm(agent: AgentClient, modules: readonly string[]): Promise<void> {
     for (const [code, language] of [
-      [WARM_UP_PYTHON, "python"],
+      [warmUpPython(modules), "python"],
       ["true", "bash"],
     ] as const) {
       for await (const event of agent.exec(code, { language, timeoutMs: 120_000 })) {
@@ -537,8 +452,17 @@ export class TemplateManager {
     }
   }
 
+  /** The image key of a template, or null for a name the registry no longer has. */
+  private imageKeyOf(template: string): string | null {
+    try {
+      return this.images(template).key;
+    } catch {
+      return null;
+    }
+  }
+
   /**
-   * Remove templates of another image, QEMU or accelerator, unless another live process
+   * Remove templates of another image, backend version or accelerator, unless another live process
    * holds a lease on one (it may be about to restore from it). Running clones keep their
    * mappings and open files, so this is safe at any time; only new restores need them.
    */
@@ -555,9 +479,16 @@ export class TemplateManager {
       const meta = await readFile(join(this.dir, entry, "meta.json"), "utf8").catch(() => null);
       let stale = meta === null;
       if (meta) {
-        const m = JSON.parse(meta) as { image?: string; qemu?: string; accel?: string };
+        const m = JSON.parse(meta) as {
+          template?: string;
+          image?: string;
+          qemu?: string;
+          accel?: string;
+        };
         stale =
-          m.image !== this.image.key || m.qemu !== this.qemu || m.accel !== this.engine.opts.accel;
+          m.image !== this.imageKeyOf(m.template ?? DEFAULT_TEMPLATE) ||
+          m.qemu !== this.backend.identity.version ||
+          m.accel !== this.backend.identity.accel;
       }
       if (stale && !this.building.has(entry) && !(await this.heldElsewhere(entry)))
         await rm(join(this.dir, entry), { recursive: true, force: true });

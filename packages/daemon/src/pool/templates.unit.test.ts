@@ -25,3 +25,14 @@ describe("template key", () => {
     assert.equal(keys.size, variants.length + 1);
   });
 });
+
+describe("template key of a named template", () => {
+  it("the default template keeps the key it had before templates had names", () => {
+    // Computed by the code before named templates (main at f7b716f): caches stay valid.
+    assert.equal(templateKey(base), "c26ed3d2281f134c");
+  });
+
+  it("another template's key differs from the default's of the same image and shape", () => {
+    assert.notEqual(templateKey({ ...base, template: "data-science" }), templateKey(base));
+  });
+});

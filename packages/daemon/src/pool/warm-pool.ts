@@ -12,19 +12,16 @@ import { randomBytes } from "node:crypto";
 import type { Metrics } from "../metrics/metrics.js";
 import type { Admission } from "../sandboxes/admission.js";
 import type { AcquiredVm, VmSource } from "../sandboxes/service.js";
+import { DEFAULT_TEMPLATE, templateNames, templateSpec } from "../templates/registry.js";
 import type { Logger } from "../util/logger.js";
-import type { VmEngine } from "../vm/engine.js";
-import { type ForkResult, forkVm } from "../vm/fork.js";
-import type { VmShape } from "../vm/qemu-args.js";
-import type { Vm } from "../vm/vm.js";
+import type { ForkResult, VmHandle as Vm, VmBackend, VmShape } from "../vm/backend.js";
 import { backoffMs, refillsToStart } from "./plan.js";
 import type { TemplateManager } from "./templates.js";
-
-export const DEFAULT_TEMPLATE = "default";
 
 export interface PoolOptions {
   target: number;
   maxConcurrentRestores: number;
+  /** The shape of the pool's VMs (of the default template) and of a default create. */
   defaultShape: VmShape;
   /** Disk layers a VM may stack up through forks before they are merged. */
   maxDiskChain: number;
@@ -56,9 +53,11 @@ export class WarmPool implements VmSource {
   private closed = false;
   /** Refills in flight: close() waits for them, so shutdown leaves no VM behind. */
   private readonly inFlight = new Set<Promise<void>>();
+  /** The template each VM this pool made was restored from (fork children: the parent's). */
+  private readonly templateOf = new WeakMap<Vm, string>();
 
   constructor(
-    private readonly engine: VmEngine,
+    private readonly backend: VmBackend,
     private readonly templates: TemplateManager,
     private readonly admission: Admission,
     private readonly opts: PoolOptions,
@@ -90,7 +89,14 @@ export class WarmPool implements VmSource {
   }
 
   templateNames(): readonly string[] {
-    return [DEFAULT_TEMPLATE];
+    return templateNames();
+  }
+
+  /** The shape of a create that names none: the pool's for the default template. */
+  defaultShape(template: string): VmShape {
+    return template === DEFAULT_TEMPLATE
+      ? this.opts.defaultShape
+      : templateSpec(template).defaultShape;
   }
 
   stats(): { target: number; ready: number; refilling: number } {
@@ -103,11 +109,11 @@ export class WarmPool implements VmSource {
   }
 
   async acquire(
-    _template: string,
+    template: string,
     shape: VmShape,
     owner: string | null = null,
   ): Promise<AcquiredVm> {
-    if (sameShape(shape, this.opts.defaultShape)) {
+    if (template === DEFAULT_TEMPLATE && sameShape(shape, this.opts.defaultShape)) {
       // Synchronous from here to the return: no two callers can take the same VM.
       while (this.ready.length > 0) {
         const vm = this.ready.shift() as Vm;
@@ -119,27 +125,29 @@ export class WarmPool implements VmSource {
         return { vm: this.handOver(vm), pooled: true };
       }
     }
-    const takenOver = await this.makeRoom(shape);
+    const takenOver = await this.makeRoom(template === DEFAULT_TEMPLATE ? shape : null);
     if (takenOver) return { vm: this.handOver(takenOver), pooled: true };
-    const vm = await this.restore(shape, "miss", owner);
+    const vm = await this.restore(shape, "miss", owner, template);
     this.refill();
     return { vm, pooled: false };
   }
 
-  /** n children of a running VM (see vm/fork.ts); the parent keeps running. */
+  /** n children of a running VM (see VmBackend.fork); the parent keeps running. */
   async fork(parent: Vm, n: number): Promise<ForkResult> {
     const ids = Array.from({ length: n }, newVmId);
     await this.makeRoom(null); // children are restores of the fork: nothing to take over
-    const result = await forkVm(this.engine, parent, ids);
+    const result = await this.backend.fork(parent, ids);
+    const template = this.templateOf.get(parent) ?? DEFAULT_TEMPLATE;
     // The children's disks rest on the template's: it stays while any of them runs.
     for (const child of result.children) {
-      const release = this.templates.retain(child.shape);
+      this.templateOf.set(child, template);
+      const release = this.templates.retain(child.shape, template);
       void child.exited.then(release);
     }
     // Every fork adds a layer to these chains; past the bound, merge them in the background.
     for (const vm of [parent, ...result.children]) {
-      if (vm.disk.chain.length > this.opts.maxDiskChain) {
-        this.engine
+      if (vm.diskChain.length > this.opts.maxDiskChain) {
+        this.backend
           .flatten(vm)
           .catch((err) => this.log.error({ vm: vm.id, err: String(err) }, "flatten failed"));
       }
@@ -148,7 +156,7 @@ export class WarmPool implements VmSource {
   }
 
   flatten(vm: Vm): Promise<void> {
-    return this.engine.flatten(vm);
+    return this.backend.flatten(vm);
   }
 
   async close(): Promise<void> {
@@ -235,10 +243,10 @@ export class WarmPool implements VmSource {
   }
 
   private handOver(vm: Vm): Vm {
-    // Off the hand-over's path: spawning the next QEMU forks this process, and the
+    // Off the hand-over's path: starting the next VM forks this process, and the
     // renice (it was restored at refill priority) is a handful of syscalls.
     setImmediate(() => {
-      void vm.qemu.renice(0);
+      void vm.renice(0);
       this.refill();
     });
     return vm;
@@ -289,14 +297,15 @@ export class WarmPool implements VmSource {
     shape: VmShape,
     why: "miss" | "refill",
     owner: string | null = null,
+    name = DEFAULT_TEMPLATE,
   ): Promise<Vm> {
-    const template = await this.templates.acquire(shape, owner);
+    const template = await this.templates.acquire(shape, owner, name);
     try {
       this.yieldMemory(); // a new template's charge may need room the pool holds
       await this.takeSlot(why);
       let vm: Vm;
       try {
-        vm = await this.engine.restore(
+        vm = await this.backend.restore(
           newVmId(),
           template.files,
           why === "refill" ? REFILL_NICE : 0,
@@ -304,6 +313,7 @@ export class WarmPool implements VmSource {
       } finally {
         this.releaseSlot();
       }
+      this.templateOf.set(vm, name);
       void vm.exited.then(template.release);
       this.metrics.restores.inc({ result: "ok" });
       return vm;

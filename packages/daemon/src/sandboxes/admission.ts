@@ -20,7 +20,7 @@
  * one (a fork's memory is its tenant's), but is no sandbox.
  */
 import type { KeyQuota } from "../auth/keys.js";
-import type { VmShape } from "../vm/qemu-args.js";
+import type { VmShape } from "../vm/backend.js";
 import { NoCapacityError, OverLimitError } from "./errors.js";
 
 export interface AdmissionLimits {

@@ -7,9 +7,8 @@
  * so its memory and disk survive intact. Calls on such a sandbox get a 503 that says so.
  */
 import { statfs } from "node:fs/promises";
-import type { QmpEvent } from "../qmp/client.js";
 import type { Logger } from "../util/logger.js";
-import type { Vm } from "../vm/vm.js";
+import type { VmHandle as Vm } from "../vm/backend.js";
 import { NoCapacityError } from "./errors.js";
 
 const CHECK_MS = 1000;
@@ -41,10 +40,8 @@ export class DiskGuard {
 
   /** Watch a sandbox's VM for writes paused on a full host disk. */
   watch(sandboxId: string, vm: Vm): void {
-    vm.qemu.qmp.on("event", (e: QmpEvent) => {
-      if (e.event !== "BLOCK_IO_ERROR" || this.paused.has(vm)) return;
-      const data = e.data as { nospace?: unknown; action?: unknown } | undefined;
-      if (data?.nospace !== true || data.action !== "stop") return;
+    vm.onDiskFull(() => {
+      if (this.paused.has(vm)) return;
       this.paused.set(vm, sandboxId);
       this.log.warn({ sandbox: sandboxId, vm: vm.id }, "host disk full: sandbox paused");
       this.timer ??= setInterval(() => void this.resumeIfRoom(), CHECK_MS);
@@ -75,7 +72,7 @@ export class DiskGuard {
     for (const [vm, sandboxId] of [...this.paused]) {
       this.paused.delete(vm);
       try {
-        await vm.qemu.qmp.execute("cont", {});
+        await vm.resume();
         this.log.info(
           { sandbox: sandboxId, vm: vm.id, freeMib: free },
           "disk space back: sandbox resumed",

@@ -6,10 +6,9 @@
  */
 import { readdir, readFile, rm } from "node:fs/promises";
 import { dirname, join } from "node:path";
+import { CgroupManager, cgroupScopeOf } from "../jail/cgroup.js";
 import type { Store } from "../store/db.js";
 import type { Logger } from "../util/logger.js";
-import { CgroupManager } from "../vm/cgroup.js";
-import { cgroupScopeOf } from "../vm/engine.js";
 import { LIVE_STATES } from "./lifecycle.js";
 
 export interface ReconcileReport {

@@ -16,8 +16,7 @@ import type { Metrics } from "../metrics/metrics.js";
 import type { SandboxRow, Store } from "../store/db.js";
 import { crashPoint } from "../util/crash-points.js";
 import type { Logger } from "../util/logger.js";
-import type { VmShape } from "../vm/qemu-args.js";
-import type { Vm } from "../vm/vm.js";
+import type { VmHandle as Vm, VmShape } from "../vm/backend.js";
 import type { Admission } from "./admission.js";
 import type { DiskGuard } from "./disk-guard.js";
 import { chainUsageMib, mayFork } from "./disk-quota.js";
@@ -37,8 +36,6 @@ import { validateGuestPath } from "./paths.js";
 import type { StreamBudget, StreamLease } from "./stream-budget.js";
 
 export interface SandboxLimits {
-  defaultVcpuCount: number;
-  defaultMemSizeMib: number;
   maxVcpuCount: number;
   maxMemSizeMib: number;
   defaultSandboxTimeoutMs: number;
@@ -92,6 +89,8 @@ export interface AcquiredVm {
 export interface VmSource {
   /** `owner`: the tenant asking (a new shape's template build is bounded per tenant). */
   acquire(template: string, shape: VmShape, owner?: string | null): Promise<AcquiredVm>;
+  /** The shape of a create of this template that names none. */
+  defaultShape(template: string): VmShape;
   fork(parent: Vm, n: number): Promise<{ children: Vm[]; pausedMs: number }>;
   /** Merge a VM's fork layers into its overlay (frees the layers only it held). */
   flatten?(vm: Vm): Promise<void>;
@@ -144,7 +143,7 @@ export class SandboxService {
         `unknown template ${JSON.stringify(template).slice(0, 80)}; available: ${this.source.templateNames().join(", ")}`,
       );
     }
-    const shape = this.shapeOf(req);
+    const shape = this.shapeOf(req, this.source.defaultShape(template));
     const timeoutMs = req.timeout_ms ?? this.limits.defaultSandboxTimeoutMs;
     if (timeoutMs < 1 || timeoutMs > this.limits.maxSandboxTimeoutMs) {
       throw new BadRequestError(
@@ -374,7 +373,7 @@ export class SandboxService {
     await this.checkDiskLimit(id, parent);
     const row = this.store.getSandbox(id) as SandboxRow;
     const ids = Array.from({ length: n }, newSandboxId);
-    // The fork's memory file lives until its last child is gone (vm/fork.ts): its tenant's.
+    // The fork's memory file lives until its last child is gone (vm/qemu/fork.ts): its tenant's.
     const forkHold = `fork:${ids[0]}`;
     this.admission.admit(ids, row.owner, caller?.quota ?? NO_QUOTA, parent.shape, {
       id: forkHold,
@@ -425,10 +424,10 @@ export class SandboxService {
   private async checkDiskLimit(id: string, vm: Vm): Promise<void> {
     const limit = this.limits.maxDiskMib;
     if (limit === undefined) return;
-    let usage = await chainUsageMib(vm.disk.chain);
-    if (!mayFork(usage, limit) && vm.disk.chain.length > 1 && this.source.flatten) {
+    let usage = await chainUsageMib(vm.diskChain);
+    if (!mayFork(usage, limit) && vm.diskChain.length > 1 && this.source.flatten) {
       await this.source.flatten(vm);
-      usage = await chainUsageMib(vm.disk.chain);
+      usage = await chainUsageMib(vm.diskChain);
     }
     if (!mayFork(usage, limit)) {
       this.log.warn({ sandbox: id, usageMib: usage, limitMib: limit }, "fork refused: disk limit");
@@ -492,7 +491,7 @@ export class SandboxService {
 
   /** How many disk layers the sandbox's VM stacks (diagnostics and tests). */
   diskChainLength(id: string): number | undefined {
-    return this.live.get(id)?.vm.disk.chain.length;
+    return this.live.get(id)?.vm.diskChain.length;
   }
 
   private reportRunning(): void {
@@ -532,7 +531,7 @@ export class SandboxService {
     this.transition(id, "dead", { endReason });
     // Its memory is free once QEMU has exited: at once after an exit, after destroy's
     // kill for a VM ended for its agent.
-    if (vm.qemu.hasExited) this.admission.release(id);
+    if (vm.hasExited) this.admission.release(id);
     this.reportRunning();
     this.log.warn({ sandbox: id, vm: vm.id, reason: endReason }, "sandbox VM died");
     // Free its files now; the row stays until the user deletes it.
@@ -549,9 +548,9 @@ export class SandboxService {
     return live.vm;
   }
 
-  private shapeOf(req: CreateRequest): VmShape {
-    const vcpuCount = req.vcpu_count ?? this.limits.defaultVcpuCount;
-    const memSizeMib = req.mem_size_mib ?? this.limits.defaultMemSizeMib;
+  private shapeOf(req: CreateRequest, fallback: VmShape): VmShape {
+    const vcpuCount = req.vcpu_count ?? fallback.vcpuCount;
+    const memSizeMib = req.mem_size_mib ?? fallback.memSizeMib;
     if (!Number.isInteger(vcpuCount) || vcpuCount < 1 || vcpuCount > this.limits.maxVcpuCount) {
       throw new BadRequestError(
         `vcpu_count must be an integer from 1 to ${this.limits.maxVcpuCount}`,

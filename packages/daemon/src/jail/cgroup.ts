@@ -7,28 +7,21 @@
  * daemons sharing a parent group never touch each other's). Where nothing is writable
  * the daemon logs once and carries on without limits.
  */
+import { createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { mkdir, readdir, readFile, rmdir, writeFile } from "node:fs/promises";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import type { Logger } from "../util/logger.js";
-import { TCG_TB_SIZE_MIB, type VmShape } from "./qemu-args.js";
+import type { VmShape } from "../vm/backend.js";
 
 const MiB = 1024 * 1024;
 
 /**
- * QEMU's own memory beyond guest RAM, charged to the VM's group: the TCG translation
- * cache (bounded by tb-size) plus heap, device buffers, thread stacks and page tables.
- * Measured under TCG (docs/hardening.md): 30 to 60 MiB of non-guest RSS for a restored
- * 2-vCPU VM after some execs, with the translation cache still partly empty. 128 MiB on
- * top of the cache bound leaves room for block I/O bursts and migration buffers.
- */
-export const QEMU_OVERHEAD_MIB = TCG_TB_SIZE_MIB + 128;
-/**
  * QEMU threads: the main loop, RCU, one per vCPU, the block I/O thread pool (up to 64
  * workers by default), a migration thread during saves and forks, and a few more.
  */
-export const PIDS_BASE = 96;
-export const CFS_PERIOD_US = 100_000;
+const PIDS_BASE = 96;
+const CFS_PERIOD_US = 100_000;
 
 export interface CgroupLimits {
   memoryBytes: number;
@@ -50,7 +43,8 @@ export interface CgroupLimits {
  * with 600 MiB of shmem charged beside 680 MiB of private memory), though only the
  * private half is its own; the shared pages serve every later clone of the template.
  */
-export function vmCgroupLimits(shape: VmShape, overheadMib = QEMU_OVERHEAD_MIB): CgroupLimits {
+/** `overheadMib`: the VM process's own memory beyond guest RAM (the backend's figure). */
+export function vmCgroupLimits(shape: VmShape, overheadMib: number): CgroupLimits {
   return {
     memoryBytes: (2 * shape.memSizeMib + overheadMib) * MiB,
     pidsMax: PIDS_BASE + shape.vcpuCount,
@@ -329,4 +323,9 @@ export class CgroupManager {
     }
     return { groups, killed };
   }
+}
+
+/** The cgroup scope of a daemon: its state directory, hashed. */
+export function cgroupScopeOf(stateDir: string): string {
+  return createHash("sha256").update(resolve(stateDir)).digest("hex").slice(0, 12);
 }

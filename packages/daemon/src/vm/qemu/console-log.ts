@@ -41,12 +41,8 @@ export class ConsoleLog {
     } catch {
       // A full host disk (ENOSPC) must not take the daemon down: the log loses lines,
       // the in-memory tail keeps the last ones.
-      this.dropped = true;
     }
   }
-
-  /** Some output could not be written (the host disk was full). */
-  dropped = false;
 
   tail(): string {
     return this.tailText;

@@ -13,13 +13,13 @@
  * bar the children from opening the frozen layer, is gone already.
  */
 import { closeSync, constants, openSync } from "node:fs";
-import type { QmpClient } from "../qmp/client.js";
 import { FD_DISK, FD_INCOMING, TOP_FDSET } from "./qemu-args.js";
 import type { QemuProcess } from "./qemu-process.js";
+import type { QmpClient } from "./qmp-client.js";
 import type { VmDisk } from "./vm.js";
 
 /** Fdset ids for overlays added at run time start here (those of the start are below). */
-export const RUNTIME_FDSET_BASE = 100;
+const RUNTIME_FDSET_BASE = 100;
 
 // Node opens every file close-on-exec: QEMU gets only what it is handed.
 const NOFOLLOW = constants.O_NOFOLLOW;

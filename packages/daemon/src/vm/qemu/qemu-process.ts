@@ -8,10 +8,10 @@ import { readdir } from "node:fs/promises";
 import type { Socket } from "node:net";
 import { setPriority } from "node:os";
 import type { Duplex } from "node:stream";
-import { QmpClient } from "../qmp/client.js";
 import { ConsoleLog } from "./console-log.js";
 import { sendWithFd } from "./fd-pass.js";
 import { FD_AGENT, FD_CONSOLE, FD_QMP, type QemuCredentials, qemuCommand } from "./qemu-args.js";
+import { QmpClient } from "./qmp-client.js";
 
 export interface QemuExit {
   code: number | null;

@@ -7,9 +7,9 @@
  */
 import { EventEmitter } from "node:events";
 import type { Duplex } from "node:stream";
-import { count, record, str } from "../util/untrusted.js";
+import { count, record, str } from "../../util/untrusted.js";
 
-export const MAX_QMP_LINE = 1024 * 1024;
+const MAX_QMP_LINE = 1024 * 1024;
 /** Bounds on the text taken from a reply (QEMU's own are far shorter). */
 const MAX_EVENT_NAME = 128;
 const MAX_ERROR_CLASS = 128;
@@ -57,7 +57,6 @@ export interface QmpCommands {
   "query-status": { args: Record<string, never>; ret: { status: string; running: boolean } };
   stop: { args: Record<string, never>; ret: Record<string, never> };
   cont: { args: Record<string, never>; ret: Record<string, never> };
-  quit: { args: Record<string, never>; ret: Record<string, never> };
   "migrate-set-capabilities": {
     args: { capabilities: { capability: string; state: boolean }[] };
     ret: Record<string, never>;
@@ -65,8 +64,6 @@ export interface QmpCommands {
   "migrate-set-parameters": { args: Record<string, unknown>; ret: Record<string, never> };
   migrate: { args: { uri: string }; ret: Record<string, never> };
   "migrate-incoming": { args: { uri: string }; ret: Record<string, never> };
-  "query-migrate": { args: Record<string, never>; ret: { status?: string; [k: string]: unknown } };
-  getfd: { args: { fdname: string }; ret: Record<string, never> };
   "block-stream": {
     args: {
       "job-id": string;
@@ -89,10 +86,6 @@ export interface QmpCommands {
   "blockdev-add": { args: Record<string, unknown>; ret: Record<string, never> };
   "blockdev-del": { args: { "node-name": string }; ret: Record<string, never> };
   "blockdev-snapshot": { args: { node: string; overlay: string }; ret: Record<string, never> };
-  "blockdev-snapshot-sync": {
-    args: { device?: string; "node-name"?: string; "snapshot-file": string; format?: string };
-    ret: Record<string, never>;
-  };
 }
 
 /** Commands whose reply's `return` is a list, not an object. */

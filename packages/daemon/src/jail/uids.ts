@@ -9,6 +9,12 @@ import { closeSync, openSync, readFileSync, unlinkSync, writeSync } from "node:f
 import { join } from "node:path";
 import { ensureSafeDir } from "../util/safe-dir.js";
 
+/** A VM's own unprivileged uid and gid (the daemon runs as root). */
+export interface VmCredentials {
+  uid: number;
+  gid: number;
+}
+
 export interface UidRange {
   base: number;
   count: number;
@@ -27,7 +33,7 @@ export class UidExhaustedError extends Error {
   }
 }
 
-export function validateUidRange(range: UidRange): void {
+function validateUidRange(range: UidRange): void {
   if (!Number.isSafeInteger(range.base) || range.base < 1000)
     throw new RangeError(`VM uid base ${range.base} must be an integer >= 1000`);
   if (!Number.isSafeInteger(range.count) || range.count < 1)
@@ -89,7 +95,7 @@ function pidAlive(pid: number): boolean {
 }
 
 /** Claims as files `<dir>/<uid>` holding the claiming daemon's pid. */
-export class FileUidClaims implements UidClaims {
+class FileUidClaims implements UidClaims {
   constructor(private readonly dir: string) {
     ensureSafeDir(dir, 0o700, "the VM uid claims directory");
   }

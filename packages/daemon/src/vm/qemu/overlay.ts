@@ -1,8 +1,8 @@
 /** qcow2 overlays: the one place that runs `qemu-img create` for a VM disk. */
 import { constants } from "node:fs";
 import { open } from "node:fs/promises";
-import { ROOTFS_SIZE } from "../image/recipe.js";
-import { run } from "../util/run.js";
+import { ROOTFS_SIZE } from "../../image/recipe.js";
+import { run } from "../../util/run.js";
 
 /**
  * Create an empty qcow2 overlay at `path` on `backing`. Without opening the backing file

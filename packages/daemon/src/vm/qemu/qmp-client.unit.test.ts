@@ -6,7 +6,13 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Duplex, PassThrough } from "node:stream";
 import { describe, it } from "node:test";
-import { QmpClient, QmpClosedError, QmpError, type QmpEvent, QmpTimeoutError } from "./client.js";
+import {
+  QmpClient,
+  QmpClosedError,
+  QmpError,
+  type QmpEvent,
+  QmpTimeoutError,
+} from "./qmp-client.js";
 
 /** A fake QEMU end: what the client writes arrives on `fromClient`; we answer on `toClient`. */
 function pair() {

@@ -7,9 +7,9 @@ import { closeSync, constants, createWriteStream, openSync } from "node:fs";
 import { rm, stat } from "node:fs/promises";
 import { createServer } from "node:net";
 import { pipeline } from "node:stream/promises";
-import type { QmpClient } from "../qmp/client.js";
-import { handSocketTo } from "../util/safe-file.js";
+import { handSocketTo } from "../../util/safe-file.js";
 import { FD_INCOMING, type QemuCredentials } from "./qemu-args.js";
+import type { QmpClient } from "./qmp-client.js";
 
 /**
  * Let only the QEMU running as `creds` connect to a unix socket (no-op without creds),

@@ -2,7 +2,7 @@
  * The VM engine: boots guests from the image and gives back `Vm`s. Every resource a boot
  * acquires registers its undo step at once, so a failed boot leaves nothing behind.
  */
-import { createHash, randomBytes } from "node:crypto";
+import { randomBytes } from "node:crypto";
 import { closeSync, constants, openSync, rmSync, statSync } from "node:fs";
 import {
   chmod,
@@ -16,14 +16,16 @@ import {
   truncate,
   writeFile,
 } from "node:fs/promises";
-import { dirname, join, resolve } from "node:path";
-import { AgentClient, AgentError } from "../guest/agent-client.js";
-import type { GuestImage } from "../image/build.js";
-import { CleanupStack } from "../util/cleanup.js";
-import type { Logger } from "../util/logger.js";
-import { ensureSafeDir } from "../util/safe-dir.js";
-import { createExclusive, seizeTree } from "../util/safe-file.js";
-import { CgroupManager, QEMU_OVERHEAD_MIB, vmCgroupLimits } from "./cgroup.js";
+import { dirname, join } from "node:path";
+import { AgentClient, AgentError } from "../../guest/agent-client.js";
+import type { GuestImage } from "../../image/build.js";
+import { CgroupManager, cgroupScopeOf, vmCgroupLimits } from "../../jail/cgroup.js";
+import { sharedUidAllocator, type UidAllocator } from "../../jail/uids.js";
+import { CleanupStack } from "../../util/cleanup.js";
+import type { Logger } from "../../util/logger.js";
+import { ensureSafeDir } from "../../util/safe-dir.js";
+import { createExclusive, seizeTree } from "../../util/safe-file.js";
+import { BootError } from "../backend.js";
 import {
   closeFds,
   deleteMergedNodes,
@@ -44,12 +46,12 @@ import {
   type VmShape,
 } from "./qemu-args.js";
 import { QemuProcess } from "./qemu-process.js";
+import { QEMU_OVERHEAD_MIB } from "./sizing.js";
 import { loadDeviceState } from "./snapshot.js";
-import { sharedUidAllocator, type UidAllocator } from "./uids.js";
 import { Vm, type VmDisk, type VmJail, withDisk } from "./vm.js";
 
 /** Host-wide claims of VM uids (several daemons may share the range). */
-export const UID_CLAIM_DIR = "/run/podflare/vm-uids";
+const UID_CLAIM_DIR = "/run/podflare/vm-uids";
 
 export interface EngineOptions {
   stateDir: string;
@@ -71,13 +73,6 @@ export interface EngineOptions {
   vmCgroups?: boolean;
   /** QEMU's memory beyond guest RAM allowed by the VM's cgroup. */
   vmMemOverheadMib?: number;
-}
-
-export class BootError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "BootError";
-  }
 }
 
 const VM_ID = /^[a-z0-9_]{1,64}$/;
@@ -106,6 +101,8 @@ export interface TemplateFiles {
 export interface BootOptions {
   accel?: Accel;
   timeoutMs?: number;
+  /** Boot from this image rather than the engine's (a template of another name). */
+  image?: GuestImage;
   /** Keep the VM's directory and memory file after destroy (a template in the making). */
   keepFiles?: { dir: string; memPath: string };
 }
@@ -312,7 +309,8 @@ export class VmEngine {
         await truncate(memPath, shape.memSizeMib * 1024 * 1024);
         await this.giveTo(memPath, jail.creds, 0o600);
         const overlay = join(dir, "root.qcow2");
-        await createOverlay(overlay, this.opts.image.rootfs, "raw");
+        const image = options.image ?? this.opts.image;
+        await createOverlay(overlay, image.rootfs, "raw");
         // Root's, 0600: QEMU gets it as an fd (disk-fds.ts); the image below is public.
         const diskFds = openDiskFds(overlay, []);
         let qemu: QemuProcess;
@@ -323,6 +321,7 @@ export class VmEngine {
             withDiskFds([], diskFds),
             0,
             jail.creds,
+            image,
           );
         } finally {
           closeFds(diskFds);
@@ -613,8 +612,8 @@ export class VmEngine {
     extraFds: (number | "ignore")[] = [],
     nice = 0,
     creds: QemuCredentials | null = null,
+    image: GuestImage = this.opts.image,
   ): QemuProcess {
-    const { image } = this.opts;
     // QEMU opens its pid file without creating it: made here, exclusively (no link is
     // followed), and given to the VM's uid by descriptor.
     const pidFile = join(dir, "qemu.pid");
@@ -691,10 +690,6 @@ export interface Receiver {
   memfd: MemFd | null;
   finish(): Promise<void>;
   dispose(): Promise<void>;
-}
-
-export function cgroupScopeOf(stateDir: string): string {
-  return createHash("sha256").update(resolve(stateDir)).digest("hex").slice(0, 12);
 }
 
 /** chown -R (no symlinks followed). */

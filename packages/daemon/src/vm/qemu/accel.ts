@@ -6,7 +6,7 @@
  */
 import { constants } from "node:fs";
 import { access, readFile } from "node:fs/promises";
-import type { AccelChoice } from "../config/config.js";
+import type { AccelChoice } from "../../config/config.js";
 import type { Accel } from "./qemu-args.js";
 
 export interface AccelDecision {

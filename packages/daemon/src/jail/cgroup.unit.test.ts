@@ -1,11 +1,11 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
+import { QEMU_OVERHEAD_MIB } from "../vm/qemu/sizing.js";
 import {
   cgroupLayout,
   niceFactor,
   parseMountinfo,
   parseProcCgroup,
-  QEMU_OVERHEAD_MIB,
   scaledShares,
   vmCgroupLimits,
 } from "./cgroup.js";
@@ -23,7 +23,7 @@ const SELF_V1 = `9:name=systemd:/
 
 describe("cgroup limits", () => {
   it("memory is twice guest RAM (private + template pages) plus QEMU's overhead; pids and CPU follow the vCPUs", () => {
-    const l = vmCgroupLimits({ vcpuCount: 2, memSizeMib: 1024 });
+    const l = vmCgroupLimits({ vcpuCount: 2, memSizeMib: 1024 }, QEMU_OVERHEAD_MIB);
     assert.equal(l.memoryBytes, (2 * 1024 + QEMU_OVERHEAD_MIB) * 1024 * 1024);
     assert.equal(l.pidsMax, 98);
     assert.equal(l.cpuQuotaUs, 200_000);
@@ -38,7 +38,7 @@ describe("cgroup limits", () => {
 
   it("scales the group weight like the scheduler scales nice", () => {
     assert.equal(niceFactor(0), 1);
-    const l = vmCgroupLimits({ vcpuCount: 1, memSizeMib: 256 });
+    const l = vmCgroupLimits({ vcpuCount: 1, memSizeMib: 256 }, QEMU_OVERHEAD_MIB);
     const s = scaledShares(l, 10);
     // nice 10 is weight 110 against 1024 for nice 0 in the kernel's table.
     assert.ok(s.shares >= 105 && s.shares <= 115, String(s.shares));

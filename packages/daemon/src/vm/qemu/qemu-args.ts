@@ -3,7 +3,10 @@
  * tested). Host channels are inherited socketpairs, never socket paths: QMP on fd 3, the
  * agent's virtio-serial port on fd 4, the serial console on fd 5.
  */
-export type Accel = "kvm" | "tcg";
+import type { VmCredentials } from "../../jail/uids.js";
+import type { Accel, VmShape } from "../backend.js";
+
+export type { Accel, VmShape };
 
 export const FD_QMP = 3;
 export const FD_AGENT = 4;
@@ -16,7 +19,7 @@ export const FD_INCOMING = 6;
  * memory path read-write even for a private mapping, so a shared template file would
  * have to be writable by every VM; a write-sealed memfd can be opened but never written.
  */
-export const FD_MEMORY = 7;
+const FD_MEMORY = 7;
 export const MEMFD_PATH = `/proc/self/fd/${FD_MEMORY}`;
 /**
  * The disk chain comes as inherited fds, never paths (the layer files are root's, 0600,
@@ -30,7 +33,7 @@ export const TOP_FDSET = 1;
 /** The bottom layer's node (the template's disk): where a flatten streams down to. */
 export const BASE_NODE = "pfbase";
 /** A chain deeper than this is refused (config caps it far lower; see maxDiskChain). */
-export const MAX_LOWER_DISKS = 64;
+const MAX_LOWER_DISKS = 64;
 /**
  * QEMU's seccomp filter: no obsolete syscalls, no set*uid/set*gid, no fork/exec (which
  * is why snapshots go through fd: and unix:, never exec:), no scheduler/affinity calls.
@@ -42,12 +45,7 @@ export const SANDBOX_OPTION =
  * most), touched as code is translated: a bound makes the per-VM memory limit meaningful.
  */
 export const TCG_TB_SIZE_MIB = 128;
-export const AGENT_PORT_NAME = "org.podflare.agent";
-
-export interface VmShape {
-  vcpuCount: number;
-  memSizeMib: number;
-}
+const AGENT_PORT_NAME = "org.podflare.agent";
 
 export interface QemuArgsInput extends VmShape {
   accel: Accel;
@@ -169,7 +167,7 @@ export function buildQemuArgs(input: QemuArgsInput): string[] {
  * (dynamic auto-read-only would open it read-only first, leaving that descriptor's image
  * locks behind in the fdset).
  */
-export function diskArgs(lowerDisks: number): string[] {
+function diskArgs(lowerDisks: number): string[] {
   const args = [
     "-add-fd",
     `fd=${FD_DISK},set=${TOP_FDSET},opaque=rw`,
@@ -203,10 +201,7 @@ export function diskArgs(lowerDisks: number): string[] {
 }
 
 /** Who QEMU runs as: its own unprivileged uid and gid (the daemon runs as root), or unchanged. */
-export interface QemuCredentials {
-  uid: number;
-  gid: number;
-}
+export type QemuCredentials = VmCredentials;
 
 /**
  * The launcher in front of QEMU: optional `nice`, then util-linux `setpriv`, which

@@ -1,12 +1,15 @@
 /**
- * A running microVM as the rest of the daemon sees it: its agent, its QEMU, and one
- * idempotent destroy that undoes everything the VM acquired, in reverse order.
+ * A running QEMU microVM: its agent, its QEMU, and one idempotent destroy that undoes
+ * everything the VM acquired, in reverse order. The rest of the daemon sees it as a
+ * VmHandle (vm/backend.ts).
  */
-import type { AgentClient } from "../guest/agent-client.js";
-import type { CleanupStack } from "../util/cleanup.js";
-import type { VmCgroup } from "./cgroup.js";
+import type { AgentClient } from "../../guest/agent-client.js";
+import type { VmCgroup } from "../../jail/cgroup.js";
+import type { CleanupStack } from "../../util/cleanup.js";
+import type { VmHandle } from "../backend.js";
 import type { Accel, QemuCredentials, VmShape } from "./qemu-args.js";
 import type { QemuExit, QemuProcess } from "./qemu-process.js";
+import type { QmpEvent } from "./qmp-client.js";
 
 /** A VM's disk chain in the layers directory: its active overlay first (empty for cold boots). */
 export interface VmDisk {
@@ -44,7 +47,7 @@ export interface VmJail {
   cgroup: VmCgroup | null;
 }
 
-export class Vm {
+export class Vm implements VmHandle {
   private destroying: Promise<void> | null = null;
 
   constructor(
@@ -68,9 +71,35 @@ export class Vm {
     return !this.qemu.hasExited && !this.agent.closed;
   }
 
+  get hasExited(): boolean {
+    return this.qemu.hasExited;
+  }
+
   /** Resolves when QEMU exits for any reason (crash, guest poweroff, kill). */
   get exited(): Promise<QemuExit> {
     return this.qemu.exited;
+  }
+
+  get diskChain(): readonly string[] {
+    return this.disk.chain;
+  }
+
+  /** virtio-blk `werror=enospc`: QEMU stops the VM and reports the write it keeps. */
+  onDiskFull(listener: () => void): void {
+    this.qemu.qmp.on("event", (e: QmpEvent) => {
+      if (e.event !== "BLOCK_IO_ERROR") return;
+      const data = e.data as { nospace?: unknown; action?: unknown } | undefined;
+      if (data?.nospace !== true || data.action !== "stop") return;
+      listener();
+    });
+  }
+
+  async resume(): Promise<void> {
+    await this.qemu.qmp.execute("cont", {});
+  }
+
+  renice(nice: number): Promise<void> {
+    return this.qemu.renice(nice);
   }
 
   destroy(): Promise<void> {

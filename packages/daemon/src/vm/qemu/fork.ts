@@ -1,6 +1,6 @@
 /**
  * Fork a running VM n ways. The parent is paused for the whole copy (TCG figures in
- * docs/performance.md): its disk is frozen with blockdev-snapshot-sync (the parent goes
+ * docs/performance.md): its disk is frozen with blockdev-snapshot (the parent goes
  * on in a new overlay), its RAM and devices move into a receiver QEMU holding a new
  * shared memory file, and that receiver is saved as a one-off template. The parent then
  * resumes, and each child is an ordinary restore of the template: private copy-on-write
@@ -10,18 +10,13 @@
 import { randomBytes } from "node:crypto";
 import { chmod, rm } from "node:fs/promises";
 import { join } from "node:path";
-import { crashPoint } from "../util/crash-points.js";
+import { crashPoint } from "../../util/crash-points.js";
+import type { ForkResult } from "../backend.js";
 import { addOverlayNode, settleFdsets } from "./disk-fds.js";
 import type { Receiver, TemplateFiles, VmEngine } from "./engine.js";
 import { createOverlay } from "./overlay.js";
 import { saveDeviceState, transferState } from "./snapshot.js";
 import { type Vm, withDisk } from "./vm.js";
-
-export interface ForkResult {
-  children: Vm[];
-  /** How long the parent was paused. */
-  pausedMs: number;
-}
 
 export async function forkVm(
   engine: VmEngine,
