@@ -71,21 +71,18 @@ describe("the server's framework-level error answers", () => {
     assert.equal(noRoute.statusCode, 404);
     assert.equal(noRoute.body, '{"error":"no route GET /v1/nope","code":"not_found"}');
 
-    const badJson = await app.inject({
-      method: "POST",
-      url: "/v1/sandboxes",
-      headers: { ...auth, "content-type": "application/json" },
-      payload: "{",
-    });
+    const create = (payload: string) =>
+      app.inject({
+        method: "POST",
+        url: "/v1/sandboxes",
+        headers: { ...auth, "content-type": "application/json" },
+        payload,
+      });
+    const badJson = await create("{");
     assert.equal(badJson.statusCode, 400);
     assert.equal(JSON.parse(badJson.body).code, "bad_request");
 
-    const invalid = await app.inject({
-      method: "POST",
-      url: "/v1/sandboxes",
-      headers: { ...auth, "content-type": "application/json" },
-      payload: '{"vcpu_count":0}',
-    });
+    const invalid = await create('{"vcpu_count":0}');
     assert.equal(invalid.statusCode, 400);
     assert.equal(
       invalid.body,
