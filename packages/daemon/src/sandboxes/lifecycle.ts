@@ -3,12 +3,11 @@
  * sandbox row's state: every state change goes through `Lifecycle.move`, which checks
  * the edge against the table and then writes the row through the store.
  *
- *   creating ──► ready ◄──► paused        (its VM paused on a full host disk, resumed)
- *       │          │  \        │
- *       │          │   ► dead ◄┘          (QEMU or the agent died under it)
- *       │          ▼      │
- *       │      destroying ◄┘ (also from paused) ──► ended
- *       └─────────────────────────────────────────► ended   (boot failed)
+ *   creating   ─► ready | ended           (ended: the create failed, nothing is left behind)
+ *   ready      ─► paused | dead | destroying
+ *   paused     ─► ready | dead | destroying   (its VM stopped on a full host disk, resumed)
+ *   dead       ─► destroying                (its QEMU exited under it)
+ *   destroying ─► ended
  */
 import type { SandboxRow, Store } from "../store/db.js";
 import { IllegalTransitionError, SandboxNotFoundError } from "./errors.js";
