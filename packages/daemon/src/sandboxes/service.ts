@@ -302,7 +302,7 @@ export class SandboxService {
     if (!row) return;
     const live = this.live.get(id);
     if (!live) {
-      this.lifecycle.end(id, reason);
+      if (row.state !== "destroying") this.lifecycle.end(id, reason);
       this.admission.release(id);
       return;
     }
