@@ -5,9 +5,15 @@ import { join } from "node:path";
 import { after, describe, it } from "node:test";
 import { Store } from "../store/db.js";
 import { IllegalTransitionError, PodflareError } from "./errors.js";
-import { canTransition, Lifecycle, type SandboxState, TRANSITIONS } from "./lifecycle.js";
+import {
+  canTransition,
+  Lifecycle,
+  type LifecycleState,
+  type SandboxState,
+  TRANSITIONS,
+} from "./lifecycle.js";
 
-const STATES = Object.keys(TRANSITIONS) as SandboxState[];
+const STATES = Object.keys(TRANSITIONS) as LifecycleState[];
 
 describe("the lifecycle table", () => {
   it("has exactly these edges", () => {
@@ -59,6 +65,13 @@ describe("Lifecycle", () => {
     });
     return id;
   };
+  /** A sandbox in `state`; a paused one is a ready row moved to paused. */
+  const at = (state: LifecycleState): string => {
+    if (state !== "paused") return insert(state);
+    const id = insert("ready");
+    lifecycle.move(id, "paused");
+    return id;
+  };
 
   it("writes every legal edge, with its pid and end reason", () => {
     const id = insert("creating");
@@ -78,7 +91,7 @@ describe("Lifecycle", () => {
     for (const from of STATES) {
       for (const to of STATES) {
         if (canTransition(from, to)) continue;
-        const id = insert(from);
+        const id = at(from);
         assert.throws(
           () => lifecycle.move(id, to),
           (err: unknown) =>
@@ -90,14 +103,36 @@ describe("Lifecycle", () => {
             err.to === to &&
             err.message === `illegal sandbox transition ${from} -> ${to} for ${id}`,
         );
-        assert.equal(store.getSandbox(id)?.state, from);
+        assert.equal(lifecycle.state(id), from);
       }
     }
   });
 
+  it("keeps paused in memory only: the row says ready, and nothing is written", () => {
+    const id = insert("ready");
+    store.db.prepare("UPDATE sandboxes SET end_reason = 'marker' WHERE id = ?").run(id);
+    // A full host disk: the database refuses every write.
+    store.db.exec(
+      "CREATE TEMP TRIGGER full BEFORE UPDATE ON sandboxes BEGIN SELECT RAISE(ABORT, 'disk is full'); END",
+    );
+    try {
+      lifecycle.move(id, "paused");
+      assert.equal(lifecycle.state(id), "paused");
+      assert.equal(store.getSandbox(id)?.state, "ready");
+      lifecycle.move(id, "ready");
+      assert.equal(lifecycle.state(id), "ready");
+    } finally {
+      store.db.exec("DROP TRIGGER full");
+    }
+    lifecycle.move(id, "paused");
+    lifecycle.move(id, "dead", { endReason: "exited" });
+    assert.equal(store.getSandbox(id)?.state, "dead");
+    assert.equal(lifecycle.state(id), "dead");
+  });
+
   it("ends a sandbox from every live state by legal edges", () => {
     for (const from of ["creating", "ready", "paused", "dead", "destroying"] as const) {
-      const id = insert(from);
+      const id = at(from);
       lifecycle.end(id, "the daemon restarted");
       const row = store.getSandbox(id);
       assert.equal(row?.state, "ended", from);

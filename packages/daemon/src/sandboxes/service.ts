@@ -44,7 +44,7 @@ import {
 import { validateGuestPath } from "./paths.js";
 import { LiveRegistry } from "./registry.js";
 import type { StreamBudget, StreamLease } from "./stream-budget.js";
-import { LISTED_STATES, type SandboxInfo, toInfo, visibleState } from "./views.js";
+import { LISTED_STATES, type SandboxInfo, toInfo } from "./views.js";
 
 export type { CreateRequest, SandboxLimits } from "./normalize.js";
 export type { SandboxInfo } from "./views.js";
@@ -472,13 +472,13 @@ export class SandboxService {
   /** The disk guard saw `vm` paused or resumed: its sandbox follows if it is still `from`. */
   private movePaused(vm: Vm, from: "ready" | "paused", to: "ready" | "paused"): void {
     const id = this.live.idOf(vm);
-    if (id && this.store.getSandbox(id)?.state === from) this.lifecycle.move(id, to);
+    if (id && this.lifecycle.state(id) === from) this.lifecycle.move(id, to);
   }
 
   private onVmExit(vm: Vm, endReason = "the VM exited unexpectedly"): void {
     const id = this.live.idOf(vm);
     if (!id) return;
-    const state = this.store.getSandbox(id)?.state;
+    const state = this.lifecycle.state(id);
     if (state !== "ready" && state !== "paused") return; // an ordinary destroy
     this.lifecycle.move(id, "dead", { endReason });
     // Its memory is free once QEMU has exited: at once after an exit, after destroy's
@@ -494,10 +494,9 @@ export class SandboxService {
     const row = this.ownedRow(caller, id);
     if (row.state === "dead") throw new SandboxDeadError(id, row.end_reason ?? "its VM exited");
     const live = this.live.get(id);
-    if ((row.state !== "ready" && row.state !== "paused") || !live)
-      throw new WrongStateError(id, visibleState(row.state), operation);
+    if (row.state !== "ready" || !live) throw new WrongStateError(id, row.state, operation);
     if (!live.vm.alive) throw new SandboxDeadError(id, "its VM exited");
-    if (row.state === "paused") throw new SandboxPausedError(id);
+    if (this.lifecycle.stateOf(row) === "paused") throw new SandboxPausedError(id);
     return live.vm;
   }
 }

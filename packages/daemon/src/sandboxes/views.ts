@@ -2,12 +2,10 @@
 import type { SandboxRow } from "../store/db.js";
 import type { SandboxState } from "./lifecycle.js";
 
-/** The states a caller is shown: a sandbox paused for host disk space shows as ready. */
-export type VisibleState = Exclude<SandboxState, "paused">;
-
 export interface SandboxInfo {
   id: string;
-  state: VisibleState;
+  /** The row's state: a sandbox paused for host disk space shows as ready (lifecycle.ts). */
+  state: SandboxState;
   template: string;
   vcpu_count: number;
   mem_size_mib: number;
@@ -17,16 +15,12 @@ export interface SandboxInfo {
 }
 
 /** The states a caller's list shows (a destroying sandbox is already gone for its user). */
-export const LISTED_STATES: readonly SandboxState[] = ["creating", "ready", "paused", "dead"];
-
-export function visibleState(state: SandboxState): VisibleState {
-  return state === "paused" ? "ready" : state;
-}
+export const LISTED_STATES: readonly SandboxState[] = ["creating", "ready", "dead"];
 
 export function toInfo(row: SandboxRow): SandboxInfo {
   return {
     id: row.id,
-    state: visibleState(row.state),
+    state: row.state,
     template: row.template,
     vcpu_count: row.vcpu_count,
     mem_size_mib: row.mem_size_mib,
