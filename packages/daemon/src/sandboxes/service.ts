@@ -7,12 +7,7 @@ import { randomBytes } from "node:crypto";
 import { finished, type Readable } from "node:stream";
 import type { Tenant } from "../auth/authenticator.js";
 import type { KeyQuota } from "../auth/keys.js";
-import {
-  AgentClosedError,
-  AgentError,
-  type ExecEvent,
-  type Language,
-} from "../guest/agent-client.js";
+import type { ExecEvent, Language } from "../guest/agent-client.js";
 import type { Metrics } from "../metrics/metrics.js";
 import type { SandboxRow, Store } from "../store/db.js";
 import { crashPoint } from "../util/crash-points.js";
@@ -30,6 +25,7 @@ import {
   TooLargeError,
   WrongStateError,
 } from "./errors.js";
+import { guardExecStream } from "./exec-stream.js";
 import { armExpiry } from "./expiry.js";
 import { translateHostError } from "./host-errors.js";
 import { Lifecycle } from "./lifecycle.js";
@@ -43,7 +39,7 @@ import {
 } from "./normalize.js";
 import { validateGuestPath } from "./paths.js";
 import { LiveRegistry } from "./registry.js";
-import type { StreamBudget, StreamLease } from "./stream-budget.js";
+import type { StreamBudget } from "./stream-budget.js";
 import { LISTED_STATES, type SandboxInfo, toInfo } from "./views.js";
 
 export type { CreateRequest, SandboxLimits } from "./normalize.js";
@@ -212,36 +208,7 @@ export class SandboxService {
       lease?.close();
       throw mapAgentError(err, id);
     }
-    return this.guardExecStream(id, vm, events, lease);
-  }
-
-  private async *guardExecStream(
-    id: string,
-    vm: Vm,
-    events: AsyncIterable<ExecEvent>,
-    lease?: StreamLease,
-  ): AsyncGenerator<ExecEvent> {
-    // Once the stream has started, a failure can only be reported in-band: the stream
-    // still ends with exactly one exit event.
-    try {
-      yield* events;
-    } catch (err) {
-      const died = err instanceof AgentClosedError || !vm.alive;
-      const restarted = err instanceof AgentError && err.code === "agent_restarted";
-      this.log.warn({ sandbox: id, err: String(err) }, "exec ended abnormally");
-      yield {
-        type: "exit",
-        code: -1,
-        error: {
-          name: died ? "SandboxDied" : restarted ? "SandboxRestarted" : "SandboxError",
-          value: died ? `sandbox ${id} stopped while the code ran` : (err as Error).message,
-          traceback: "",
-        },
-        ...(lease?.dropped ? { truncated: true } : {}),
-      };
-    } finally {
-      lease?.close();
-    }
+    return guardExecStream(id, vm, events, this.log, lease);
   }
 
   async upload(
