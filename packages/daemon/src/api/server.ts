@@ -1,6 +1,6 @@
 /**
  * The HTTP transport: parse, validate, call one service method, serialize. Errors map to
- * statuses in api/errors.ts only.
+ * statuses and bodies in api/errors.ts only; this module wires its answers in.
  */
 import { pipeline, Readable } from "node:stream";
 import type { TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
@@ -8,11 +8,18 @@ import Fastify, { type FastifyReply, type FastifyRequest, LogController } from "
 import { ANONYMOUS, type Authenticator, isLoopback } from "../auth/authenticator.js";
 import { type HostRule, hostAllowed, requestHosts } from "../auth/host-rule.js";
 import type { ExecEvent } from "../guest/agent-client.js";
-import { type ErrorCode, PodflareError } from "../sandboxes/errors.js";
+import { PodflareError } from "../sandboxes/errors.js";
 import type { Caller, SandboxService } from "../sandboxes/service.js";
 import type { Logger } from "../util/logger.js";
 import { BodyIdleGuard } from "./body-idle.js";
-import { STATUS_BY_CODE, toHttpError } from "./errors.js";
+import {
+  clientErrorResponse,
+  frameworkError,
+  type HttpError,
+  httpError,
+  routeNotFound,
+  toHttpError,
+} from "./errors.js";
 import {
   CreateBody,
   ExecBody,
@@ -91,40 +98,14 @@ export function buildServer(deps: ServerDeps) {
     // Errors Fastify meets before routing (a malformed %-escape) get the contract's body.
     frameworkErrors: (err, request, reply) => {
       // Even a malformed URL is answered only to a caller who may call (default deny).
-      const refused = gate(request);
-      const body = refused ?? {
-        error: `invalid request: ${err.message}`,
-        code: "bad_request" as const,
-      };
-      void (reply as unknown as FastifyReply).code(STATUS_BY_CODE[body.code]).send(body);
+      const { status, body } = gate(request) ?? frameworkError(err);
+      void (reply as unknown as FastifyReply).code(status).send(body);
     },
     // A request Node cannot parse at all: answer in the contract's shape, then hang up.
     clientErrorHandler: (err, socket) => {
       const inFlight = (socket as { _httpMessage?: { headersSent?: boolean } })._httpMessage;
       if (!socket.writable || inFlight?.headersSent) return socket.destroy();
-      const code = (err as { code?: string }).code;
-      const [status, body] =
-        code === "HPE_HEADER_OVERFLOW"
-          ? [
-              "431 Request Header Fields Too Large",
-              { error: "the request headers are too large", code: "too_large" },
-            ]
-          : code === "ERR_HTTP_REQUEST_TIMEOUT"
-            ? [
-                "408 Request Timeout",
-                {
-                  error: `the request did not arrive in time (headers within ${limits.headersTimeoutMs} ms, the whole request within ${limits.requestTimeoutMs} ms: PODFLARE_HTTP_HEADERS_TIMEOUT_MS, PODFLARE_HTTP_REQUEST_TIMEOUT_MS)`,
-                  code: "bad_request",
-                },
-              ]
-            : [
-                "400 Bad Request",
-                { error: "the request could not be parsed as HTTP/1.1", code: "bad_request" },
-              ];
-      const text = JSON.stringify(body);
-      socket.end(
-        `HTTP/1.1 ${status}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(text)}\r\nconnection: close\r\n\r\n${text}`,
-      );
+      socket.end(clientErrorResponse((err as { code?: string }).code, limits));
     },
   }).withTypeProvider<TypeBoxTypeProvider>();
 
@@ -149,10 +130,8 @@ export function buildServer(deps: ServerDeps) {
     void reply.status(status).send(body);
   });
   app.setNotFoundHandler((request, reply) => {
-    void reply.status(404).send({
-      error: `no route ${request.method} ${request.url.split("?")[0]}`,
-      code: "not_found",
-    });
+    const { status, body } = routeNotFound(request.method, request.url);
+    void reply.status(status).send(body);
   });
   app.addHook("onResponse", (request, reply, done) => {
     request.log.info(
@@ -191,20 +170,19 @@ export function buildServer(deps: ServerDeps) {
   const callers = new WeakMap<object, Caller>();
   const caller = (request: object): Caller => callers.get(request) ?? null;
   /** Why this request may not go on (null: it may). Records the caller when it may. */
-  function gate(request: FastifyRequest): { error: string; code: ErrorCode } | null {
+  function gate(request: FastifyRequest): HttpError | null {
     const auth = deps.auth.authenticate(request.headers.authorization);
     if (auth.ok && auth.tenant === ANONYMOUS) {
       const hosts = requestHosts(request.raw.rawHeaders, request.raw.url ?? "");
       const bad = hosts.find((h) => !hostAllowed(h, hostRule));
       if (hosts.length > 0 && bad === undefined) return null;
-      return {
-        error:
-          `${bad === undefined ? "refusing a request without a Host header" : `refusing a request for Host ${JSON.stringify(bad).slice(0, 80)}`}: ` +
+      return httpError(
+        "forbidden",
+        `${bad === undefined ? "refusing a request without a Host header" : `refusing a request for Host ${JSON.stringify(bad).slice(0, 80)}`}: ` +
           "with no API key configured, this daemon answers only requests addressed to localhost, 127.0.0.1 or [::1] " +
           "(so no web page can reach it by DNS rebinding). Call it at http://127.0.0.1:<port>, " +
           `or create a key (podflare keys create --name <name>)${isLoopback(hostRule.bindHost) ? "" : ", or list the name in PODFLARE_ALLOWED_HOSTS"}`,
-        code: "forbidden",
-      };
+      );
     }
     const isPublic = !request.is404 && request.routeOptions.config?.public === true;
     if (isPublic) return null;
@@ -212,12 +190,12 @@ export function buildServer(deps: ServerDeps) {
       callers.set(request, auth.tenant);
       return null;
     }
-    return { error: auth.reason, code: "unauthorized" };
+    return httpError("unauthorized", auth.reason);
   }
   app.addHook("onRequest", (request, reply, done) => {
     const refused = gate(request);
     if (!refused) return done();
-    void reply.header("connection", "close").status(STATUS_BY_CODE[refused.code]).send(refused);
+    void reply.header("connection", "close").status(refused.status).send(refused.body);
   });
 
   app.get("/v1/healthz", { config: { public: true } }, async (_req, reply) =>

@@ -177,10 +177,6 @@ export class Admission {
     if (charge) charge.memMib = shape.memSizeMib;
   }
 
-  holds(id: string): boolean {
-    return this.charges.has(id);
-  }
-
   /** Totals over the host's sandboxes, or over one owner's. */
   usage(owner?: string | null): Usage {
     let sandboxes = 0;

@@ -4,7 +4,8 @@
  * A running VM whose disk write meets a full host disk is paused by QEMU (virtio-blk
  * `werror=enospc`: the write is kept and retried, never failed to the guest); the guard
  * then checks the free space every second and resumes the VM once there is room again,
- * so its memory and disk survive intact. Calls on such a sandbox get a 503 that says so.
+ * so its memory and disk survive intact. Meanwhile the sandbox is `paused` (lifecycle.ts)
+ * and calls on it get a 503 that says so.
  */
 import { statfs } from "node:fs/promises";
 import type { Logger } from "../util/logger.js";
@@ -13,8 +14,16 @@ import { NoCapacityError } from "./errors.js";
 
 const CHECK_MS = 1000;
 
+/** How the guard tells the service of a VM it saw paused, or resumed. */
+export interface DiskPauseHooks {
+  /** The sandbox the VM runs for now (for the log). */
+  sandboxId(): string | undefined;
+  onPause(): void;
+  onResume(): void;
+}
+
 export class DiskGuard {
-  private readonly paused = new Map<Vm, string>();
+  private readonly paused = new Map<Vm, DiskPauseHooks>();
   private timer: NodeJS.Timeout | null = null;
 
   constructor(
@@ -38,23 +47,19 @@ export class DiskGuard {
     }
   }
 
-  /** Watch a sandbox's VM for writes paused on a full host disk. */
-  watch(sandboxId: string, vm: Vm): void {
+  /**
+   * Watch a VM for writes paused on a full host disk. The guard tracks which VMs QEMU
+   * paused (to resume them); the sandbox's state is the lifecycle's, told through `hooks`.
+   */
+  watch(vm: Vm, hooks: DiskPauseHooks): void {
     vm.onDiskFull(() => {
       if (this.paused.has(vm)) return;
-      this.paused.set(vm, sandboxId);
-      this.log.warn({ sandbox: sandboxId, vm: vm.id }, "host disk full: sandbox paused");
+      this.paused.set(vm, hooks);
+      this.log.warn({ sandbox: hooks.sandboxId(), vm: vm.id }, "host disk full: sandbox paused");
+      hooks.onPause();
       this.timer ??= setInterval(() => void this.resumeIfRoom(), CHECK_MS);
     });
     void vm.exited.then(() => this.paused.delete(vm));
-  }
-
-  /** Throws a 503 if the sandbox's VM is paused for disk space. */
-  assertRunning(sandboxId: string, vm: Vm): void {
-    if (!this.paused.has(vm)) return;
-    throw new NoCapacityError(
-      `sandbox ${sandboxId} is paused because the host's disk is full; its memory and files are kept and it resumes by itself once disk space is freed on the host`,
-    );
   }
 
   get pausedCount(): number {
@@ -69,8 +74,10 @@ export class DiskGuard {
     }
     const free = await this.freeMib().catch(() => 0);
     if (free < this.minFreeMib) return;
-    for (const [vm, sandboxId] of [...this.paused]) {
+    for (const [vm, hooks] of [...this.paused]) {
       this.paused.delete(vm);
+      const sandboxId = hooks.sandboxId();
+      hooks.onResume();
       try {
         await vm.resume();
         this.log.info(

@@ -1,7 +1,8 @@
 /**
  * Domain errors: one class per failure, each with a stable `code` and a message that says
  * what to change. The HTTP layer maps codes to statuses in exactly one place
- * (api/errors.ts); nothing here knows about HTTP.
+ * (api/errors.ts); nothing here knows about HTTP. The `not_implemented` code is the
+ * contract's (spec/openapi.yaml) though nothing raises it today.
  */
 export class PodflareError extends Error {
   constructor(
@@ -49,9 +50,28 @@ export class FileNotFoundError extends PodflareError {
   }
 }
 
+/** A caller's operation on a sandbox that is not ready (409). */
 export class WrongStateError extends PodflareError {
-  constructor(id: string, state: string, operation: string) {
-    super("wrong_state", `sandbox ${id} is ${state}; ${operation} needs a ready sandbox`);
+  constructor(
+    readonly sandboxId: string,
+    readonly state: string,
+    readonly operation: string,
+  ) {
+    super("wrong_state", `sandbox ${sandboxId} is ${state}; ${operation} needs a ready sandbox`);
+  }
+}
+
+/**
+ * A state change the lifecycle table (sandboxes/lifecycle.ts) forbids: a bug in the
+ * daemon, never the caller's doing (500).
+ */
+export class IllegalTransitionError extends PodflareError {
+  constructor(
+    readonly sandboxId: string,
+    readonly from: string,
+    readonly to: string,
+  ) {
+    super("internal", `illegal sandbox transition ${from} -> ${to} for ${sandboxId}`);
   }
 }
 
@@ -86,8 +106,18 @@ export class NoCapacityError extends PodflareError {
   }
 }
 
-export class NotImplementedError extends PodflareError {
-  constructor(message: string) {
-    super("not_implemented", message);
+/** A call on a sandbox its VM paused on a full host disk (sandboxes/disk-guard.ts). */
+export class SandboxPausedError extends NoCapacityError {
+  constructor(id: string) {
+    super(
+      `sandbox ${id} is paused because the host's disk is full; its memory and files are kept and it resumes by itself once disk space is freed on the host`,
+    );
+  }
+}
+
+/** A VM that could not be started (the engine's BootError, translated in host-errors.ts). */
+export class VmStartError extends NoCapacityError {
+  constructor(detail: string) {
+    super(`could not start a VM: ${detail.split("\n")[0]}`);
   }
 }

@@ -1,8 +1,7 @@
 /** Validation of guest file paths given by API callers (the guest re-checks them). */
 import { posix } from "node:path";
 import { BadRequestError } from "./errors.js";
-
-export const MAX_PATH_BYTES = 4096;
+import { MAX_PATH_BYTES } from "./limits.js";
 
 export function validateGuestPath(path: unknown): string {
   if (typeof path !== "string" || path.length === 0) {

@@ -9,7 +9,7 @@ import { dirname, join } from "node:path";
 import { CgroupManager, cgroupScopeOf } from "../jail/cgroup.js";
 import type { Store } from "../store/db.js";
 import type { Logger } from "../util/logger.js";
-import { LIVE_STATES } from "./lifecycle.js";
+import { LIVE_STATES, Lifecycle } from "./lifecycle.js";
 
 export interface ReconcileReport {
   sandboxesEnded: number;
@@ -50,8 +50,9 @@ export async function reconcile(
     filesRemoved: 0,
     cgroupsRemoved: 0,
   };
+  const lifecycle = new Lifecycle(store);
   for (const row of store.listSandboxes(LIVE_STATES)) {
-    store.setState(row.id, "ended", { endReason: "the daemon restarted" });
+    lifecycle.end(row.id, "the daemon restarted"); // a running one passes through destroying
     report.sandboxesEnded++;
   }
   for (const pid of await findStrayQemus(dirs.vmsDir, dirs.forksDir)) {
