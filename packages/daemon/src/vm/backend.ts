@@ -20,8 +20,9 @@ export type Accel = "kvm" | "tcg";
 
 /** A VM did not come up (boot, restore or fork); api/ maps it to an HTTP status. */
 export class BootError extends Error {
-  constructor(message: string) {
-    super(message);
+  /** `cause`: the error that stopped the VM, if any (a host disk full is told by its code). */
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
     this.name = "BootError";
   }
 }

@@ -408,7 +408,9 @@ export class VmEngine {
           await settleFdsets(qemu.qmp, disk);
         } catch (err) {
           await Promise.race([qemu.exited, new Promise((r) => setTimeout(r, 100))]);
-          throw new BootError(`restore failed: ${(err as Error).message}\n${qemu.diagnostics()}`);
+          throw new BootError(`restore failed: ${(err as Error).message}\n${qemu.diagnostics()}`, {
+            cause: err,
+          });
         }
         return { qemu, agent };
       },
@@ -487,7 +489,7 @@ export class VmEngine {
     } catch (err) {
       await cleanup.unwind();
       if (err instanceof BootError) throw err;
-      throw new BootError(`VM ${id} failed to start: ${(err as Error).message}`);
+      throw new BootError(`VM ${id} failed to start: ${(err as Error).message}`, { cause: err });
     }
   }
 
@@ -670,7 +672,7 @@ export class VmEngine {
       } catch (err) {
         if (!(err instanceof AgentError && err.code === "timeout")) {
           await Promise.race([qemu.exited, new Promise((r) => setTimeout(r, 200))]);
-          throw new BootError(`${(err as Error).message}\n${qemu.diagnostics()}`);
+          throw new BootError(`${(err as Error).message}\n${qemu.diagnostics()}`, { cause: err });
         }
       }
     }
