@@ -146,16 +146,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     throw err;
   }
   const backend = new QemuBackend(engine, await qemuVersion(config.qemuBinary));
-  await reconcile(
-    store,
-    {
-      vmsDir: engine.vmsDir,
-      vmMemDir: engine.vmMemDir,
-      layersDir: engine.layers.dir,
-      forksDir: engine.forksDir,
-    },
-    log,
-  );
+  await reconcile(store, backend, log);
   const metrics = new Metrics();
   const admission = new Admission({
     maxSandboxes: config.maxSandboxes,

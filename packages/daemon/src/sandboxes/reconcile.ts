@@ -1,79 +1,30 @@
 /**
- * Start-up reconciliation. A sandbox cannot outlive the daemon that ran it (QEMU dies
- * with its parent and the host channels were socketpairs), so whatever a previous run
- * left is ended and removed: rows marked ended, stray QEMU processes killed, VM
- * directories and memory files deleted, the VMs' cgroups emptied and removed.
+ * Start-up reconciliation. A sandbox cannot outlive the daemon that ran it (its VM dies
+ * with its parent), so whatever a previous run left is ended and removed: rows marked
+ * ended (through the lifecycle's edges), and what the VM backend left behind (its
+ * processes, directories, memory files and cgroups: the backend's removeLeftovers()).
  */
-import { readdir, readFile, rm } from "node:fs/promises";
-import { dirname, join } from "node:path";
-import { CgroupManager, cgroupScopeOf } from "../jail/cgroup.js";
 import type { Store } from "../store/db.js";
 import type { Logger } from "../util/logger.js";
+import type { LeftoversReport, VmBackend } from "../vm/backend.js";
 import { LIVE_STATES, Lifecycle } from "./lifecycle.js";
 
-export interface ReconcileReport {
+export interface ReconcileReport extends LeftoversReport {
   sandboxesEnded: number;
-  processesKilled: number;
-  filesRemoved: number;
-  cgroupsRemoved: number;
-}
-
-/**
- * QEMU processes whose command line points into one of our directories (a VM's
- * directory, or a fork's for a receiver): their -pidfile is there. They run under
- * per-VM uids, so the uid tells nothing; the path does.
- */
-export async function findStrayQemus(...dirs: string[]): Promise<number[]> {
-  const pids: number[] = [];
-  for (const entry of await readdir("/proc").catch(() => [] as string[])) {
-    if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
-    const cmdline = await readFile(`/proc/${entry}/cmdline`, "utf8").catch(() => "");
-    const argv = cmdline.split("\0");
-    if (
-      argv.some((a) => a.includes("qemu-system")) &&
-      argv.some((a) => dirs.some((d) => a.startsWith(`${d}/`)))
-    ) {
-      pids.push(Number(entry));
-    }
-  }
-  return pids;
 }
 
 export async function reconcile(
   store: Store,
-  dirs: { vmsDir: string; vmMemDir: string; layersDir: string; forksDir: string },
+  backend: Pick<VmBackend, "removeLeftovers">,
   log: Logger,
 ): Promise<ReconcileReport> {
-  const report: ReconcileReport = {
-    sandboxesEnded: 0,
-    processesKilled: 0,
-    filesRemoved: 0,
-    cgroupsRemoved: 0,
-  };
+  let sandboxesEnded = 0;
   const lifecycle = new Lifecycle(store);
   for (const row of store.listSandboxes(LIVE_STATES)) {
     lifecycle.end(row.id, "the daemon restarted"); // a running one passes through destroying
-    report.sandboxesEnded++;
+    sandboxesEnded++;
   }
-  for (const pid of await findStrayQemus(dirs.vmsDir, dirs.forksDir)) {
-    try {
-      process.kill(pid, "SIGKILL");
-      report.processesKilled++;
-    } catch {}
-  }
-  // This state directory's VM groups (what is left in one is killed first).
-  const cgroups = await CgroupManager.detect(cgroupScopeOf(dirname(dirs.vmsDir)), log);
-  if (cgroups) {
-    const stale = await cgroups.removeStale();
-    report.cgroupsRemoved += stale.groups;
-    report.processesKilled += stale.killed;
-  }
-  for (const dir of [dirs.vmsDir, dirs.vmMemDir, dirs.layersDir, dirs.forksDir]) {
-    for (const entry of await readdir(dir).catch(() => [] as string[])) {
-      await rm(join(dir, entry), { recursive: true, force: true });
-      report.filesRemoved++;
-    }
-  }
+  const report: ReconcileReport = { sandboxesEnded, ...(await backend.removeLeftovers(log)) };
   store.pruneEnded(7 * 24 * 3600_000);
   if (
     report.sandboxesEnded + report.processesKilled + report.filesRemoved + report.cgroupsRemoved >

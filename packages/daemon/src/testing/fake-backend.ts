@@ -19,6 +19,7 @@ import type { GuestImage } from "../image/build.js";
 import {
   BootError,
   type ForkResult,
+  type LeftoversReport,
   type VmBackend,
   type VmExit,
   type VmHandle,
@@ -203,6 +204,11 @@ export class FakeBackend implements VmBackend {
   makeDir(dir: string): string {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     return dir;
+  }
+
+  /** Fake VMs live in this process only: an earlier run leaves nothing. */
+  async removeLeftovers(): Promise<LeftoversReport> {
+    return { processesKilled: 0, filesRemoved: 0, cgroupsRemoved: 0 };
   }
 
   async boot(id: string, shape: VmShape): Promise<FakeVm> {

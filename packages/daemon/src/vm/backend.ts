@@ -8,6 +8,7 @@
  */
 import type { AgentClient } from "../guest/agent-client.js";
 import type { GuestImage } from "../image/build.js";
+import type { Logger } from "../util/logger.js";
 
 /** A VM's size: the callers' choice, bounded by the configuration. */
 export interface VmShape {
@@ -78,6 +79,13 @@ export interface BootOptions {
   timeoutMs?: number;
 }
 
+/** What removeLeftovers() found and removed. */
+export interface LeftoversReport {
+  processesKilled: number;
+  filesRemoved: number;
+  cgroupsRemoved: number;
+}
+
 export interface VmBackend {
   /** What a snapshot depends on besides the image and the shape (template cache keys). */
   readonly identity: { version: string; accel: Accel };
@@ -93,6 +101,11 @@ export interface VmBackend {
    * of this backend need to pass through it).
    */
   makeDir(dir: string, what?: string): string;
+  /**
+   * Remove what an earlier run of the daemon left (its VMs' processes, directories,
+   * memory files, cgroups): at start-up, before any VM of this run exists.
+   */
+  removeLeftovers(log: Logger): Promise<LeftoversReport>;
   /** Cold-boot a VM and wait until its agent answers. */
   boot(id: string, shape: VmShape, options?: BootOptions): Promise<VmHandle>;
   /** A VM resumed from a template; `nice` > 0 restores at low CPU priority. */

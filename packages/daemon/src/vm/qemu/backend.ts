@@ -7,10 +7,12 @@ import { chmod, stat } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import type { AgentClient } from "../../guest/agent-client.js";
 import type { GuestImage } from "../../image/build.js";
+import type { Logger } from "../../util/logger.js";
 import { run } from "../../util/run.js";
 import type {
   BootOptions,
   ForkResult,
+  LeftoversReport,
   VmBackend,
   VmHandle,
   VmShape,
@@ -18,6 +20,7 @@ import type {
 } from "../backend.js";
 import type { TemplateFiles, VmEngine } from "./engine.js";
 import { forkVm } from "./fork.js";
+import { removeLeftovers } from "./leftovers.js";
 import { createOverlay } from "./overlay.js";
 import { QEMU_OVERHEAD_MIB } from "./sizing.js";
 import { saveDeviceState } from "./snapshot.js";
@@ -61,6 +64,19 @@ export class QemuBackend implements VmBackend {
 
   makeDir(dir: string, what?: string): string {
     return this.engine.makeDir(dir, what);
+  }
+
+  removeLeftovers(log: Logger): Promise<LeftoversReport> {
+    const { engine } = this;
+    return removeLeftovers(
+      {
+        vmsDir: engine.vmsDir,
+        vmMemDir: engine.vmMemDir,
+        layersDir: engine.layers.dir,
+        forksDir: engine.forksDir,
+      },
+      log,
+    );
   }
 
   boot(id: string, shape: VmShape, options?: BootOptions): Promise<Vm> {
