@@ -252,10 +252,9 @@ program
 async function withKeyStore<T>(fn: (keys: import("@podflare/daemon").KeyStore) => T): Promise<T> {
   const { KeyStore, Store, loadConfig } = await import("@podflare/daemon");
   const { mkdir } = await import("node:fs/promises");
-  const { join } = await import("node:path");
   const config = loadConfig();
   await mkdir(config.stateDir, { recursive: true, mode: 0o700 });
-  const store = new Store(join(config.stateDir, "podflare.db"));
+  const store = new Store(config.paths.database);
   try {
     return fn(new KeyStore(store.db));
   } finally {

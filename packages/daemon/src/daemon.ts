@@ -3,6 +3,7 @@
  * reconciliation -> service -> HTTP. Each part is built here and nowhere else; this is
  * the one module outside vm/qemu/ that imports it (the rest knows vm/backend.ts).
  */
+
 import { join } from "node:path";
 import { buildServer } from "./api/server.js";
 import { Authenticator, isLoopback } from "./auth/authenticator.js";
@@ -19,6 +20,7 @@ import { SandboxService } from "./sandboxes/service.js";
 import { StreamBudget } from "./sandboxes/stream-budget.js";
 import { Store } from "./store/db.js";
 import { DEFAULT_TEMPLATE, TEMPLATES } from "./templates/registry.js";
+import { armCrashPoint } from "./util/crash-points.js";
 import type { Logger } from "./util/logger.js";
 import { ensureSafeDir } from "./util/safe-dir.js";
 import { type AccelDecision, chooseAccel, hostProbe, hostTscKhz } from "./vm/qemu/accel.js";
@@ -46,8 +48,8 @@ export async function prepareEngine(
     log.info({ image: true }, m),
   );
   const base = {
-    stateDir: config.stateDir,
-    shmDir: config.shmDir,
+    paths: config.paths,
+    hostPython: config.hostPython,
     qemuBinary: config.qemuBinary,
     consoleLogMaxBytes: config.consoleLogMaxBytes,
     bootTimeoutMs: config.bootTimeoutMs,
@@ -115,7 +117,7 @@ async function templateImages(
 
 /** Opens the database; refuses to expose an unauthenticated API beyond this host. */
 function openStore(config: Config): { store: Store; auth: Authenticator } {
-  const store = new Store(join(config.stateDir, "podflare.db"));
+  const store = new Store(config.paths.database);
   const auth = new Authenticator(new KeyStore(store.db), config.apiKeys);
   if (!isLoopback(config.host) && !auth.required() && !config.allowUnauthenticated) {
     store.close();
@@ -132,6 +134,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   // -wal and -shm, the log (when it is a file), sockets, VM files. What VM uids must read
   // (directories they pass, template disks, the image) gets its mode explicitly.
   process.umask(0o077);
+  armCrashPoint(config.crashAt);
   ensureStateDir(config);
   const { store, auth } = openStore(config);
   let engine: VmEngine;

@@ -2,11 +2,14 @@
  * Daemon configuration, resolved once into a frozen object:
  * explicit option > PODFLARE_* environment variable > default.
  */
+import { existsSync } from "node:fs";
 import { availableParallelism, homedir, totalmem } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { defaultPoolSize } from "../pool/plan.js";
 import { defaultTemplate } from "../templates/default.js";
+import { CRASH_POINTS, type CrashPoint } from "../util/crash-points.js";
+import { type DaemonPaths, resolvePaths } from "./paths.js";
 
 /**
  * The default of PODFLARE_VM_MEM_OVERHEAD_MIB: what a VM of the QEMU backend costs beyond
@@ -101,6 +104,16 @@ export interface Config {
   /** HTTP: connections open at once (0: no cap). */
   readonly httpMaxConnections: number;
   readonly logLevel: string;
+  /**
+   * Host Python for the QEMU backend's fd helpers (PODFLARE_PYTHON; default Debian's
+   * /usr/bin/python3, which setup installs: a version manager's shim on PATH costs about
+   * 250 ms a start under load; else `python3` from PATH).
+   */
+  readonly hostPython: string;
+  /** Fault tests only (PODFLARE_CRASH_AT): the crash point where the daemon kills itself. */
+  readonly crashAt: CrashPoint | null;
+  /** Every path, derived once from the directories above (config/paths.ts). */
+  readonly paths: DaemonPaths;
 }
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -136,19 +149,30 @@ function envAccel(): AccelChoice {
   throw new Error(`PODFLARE_ACCEL=${raw} is not one of auto, kvm, tcg`);
 }
 
+function envCrashPoint(): CrashPoint | null {
+  const raw = process.env.PODFLARE_CRASH_AT || null;
+  if (raw === null || (CRASH_POINTS as readonly string[]).includes(raw))
+    return raw as CrashPoint | null;
+  throw new Error(`PODFLARE_CRASH_AT=${raw} is not one of ${CRASH_POINTS.join(", ")}`);
+}
+
+function defaultHostPython(): string {
+  return existsSync("/usr/bin/python3") ? "/usr/bin/python3" : "python3";
+}
+
 function defaultStateDir(): string {
   if (process.getuid?.() === 0) return "/var/lib/podflare";
   return join(process.env.XDG_DATA_HOME ?? join(homedir(), ".local/share"), "podflare");
 }
 
-export function loadConfig(overrides: Partial<Config> = {}): Config {
+export function loadConfig(overrides: Partial<Omit<Config, "paths">> = {}): Config {
   const env = process.env;
   const stateDir = overrides.stateDir ?? (env.PODFLARE_STATE_DIR || defaultStateDir());
   const shmDir = overrides.shmDir ?? (env.PODFLARE_SHM_DIR || "/dev/shm/podflare");
   const maxSandboxes = overrides.maxSandboxes ?? envInt("PODFLARE_MAX_SANDBOXES", 64);
   const memoryBudgetMib =
     overrides.memoryBudgetMib ?? envInt("PODFLARE_MEMORY_BUDGET_MIB", defaultMemoryBudgetMib());
-  const config: Config = {
+  const config: Omit<Config, "paths"> = {
     stateDir,
     imagesDir: env.PODFLARE_IMAGES_DIR || join(stateDir, "images"),
     shmDir,
@@ -208,6 +232,8 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     httpKeepAliveTimeoutMs: envInt("PODFLARE_HTTP_KEEP_ALIVE_TIMEOUT_MS", 10_000),
     httpMaxConnections: envInt("PODFLARE_HTTP_MAX_CONNECTIONS", 1024),
     logLevel: env.PODFLARE_LOG_LEVEL || "info",
+    hostPython: env.PODFLARE_PYTHON || defaultHostPython(),
+    crashAt: envCrashPoint(),
     ...overrides,
   };
   if (
@@ -218,5 +244,5 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
       `PODFLARE_HTTP_HEADERS_TIMEOUT_MS (${config.httpHeadersTimeoutMs}) exceeds PODFLARE_HTTP_REQUEST_TIMEOUT_MS (${config.httpRequestTimeoutMs}); the headers are part of the request: lower the first or raise the second`,
     );
   }
-  return Object.freeze(config);
+  return Object.freeze({ ...config, paths: resolvePaths(config) });
 }

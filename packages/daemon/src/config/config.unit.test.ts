@@ -32,4 +32,45 @@ describe("HTTP settings", () => {
       Object.assign(process.env, saved);
     }
   });
+
+  it("resolve every path once, from the directories as overridden", () => {
+    const c = loadConfig({ stateDir: "/s", shmDir: "/m", imagesDir: "/i", templatesDir: "/t" });
+    assert.deepEqual(
+      { ...c.paths },
+      {
+        stateDir: "/s",
+        database: "/s/podflare.db",
+        vmsDir: "/s/vms",
+        layersDir: "/s/layers",
+        shmDir: "/m",
+        vmMemDir: "/m/vms",
+        forksDir: "/m/forks",
+        imagesDir: "/i",
+        templatesDir: "/t",
+        uidClaimsDir: "/run/podflare/vm-uids",
+      },
+    );
+    assert.ok(Object.isFrozen(c.paths));
+  });
+
+  it("take the crash point and the host Python from the environment, once", () => {
+    const saved = { ...process.env };
+    try {
+      process.env.PODFLARE_CRASH_AT = "fork:admitted";
+      process.env.PODFLARE_PYTHON = "/opt/py/bin/python3";
+      const c = loadConfig({ stateDir: "/nonexistent" });
+      assert.equal(c.crashAt, "fork:admitted");
+      assert.equal(c.hostPython, "/opt/py/bin/python3");
+      process.env.PODFLARE_CRASH_AT = "fork:nowhere";
+      assert.throws(
+        () => loadConfig({ stateDir: "/nonexistent" }),
+        /PODFLARE_CRASH_AT=fork:nowhere is not one of create:admitted/,
+      );
+      delete process.env.PODFLARE_CRASH_AT;
+      assert.equal(loadConfig({ stateDir: "/nonexistent" }).crashAt, null);
+    } finally {
+      for (const k of Object.keys(process.env)) if (!(k in saved)) delete process.env[k];
+      Object.assign(process.env, saved);
+    }
+  });
 });

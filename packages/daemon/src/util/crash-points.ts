@@ -1,9 +1,10 @@
 /**
- * Crash points for fault tests: with PODFLARE_CRASH_AT=<name>, the daemon kills itself
- * with SIGKILL when it reaches that point, exactly as `kill -9` would at that instant.
- * Unset (always, outside tests), a crash point is one comparison.
+ * Crash points for fault tests: with PODFLARE_CRASH_AT=<name> (config.crashAt, armed by
+ * startDaemon), the daemon kills itself with SIGKILL when it reaches that point, exactly
+ * as `kill -9` would at that instant. Unarmed (always, outside tests), a crash point is
+ * one comparison.
  */
-const armed = process.env.PODFLARE_CRASH_AT || null;
+let armed: CrashPoint | null = null;
 
 export type CrashPoint =
   | "create:admitted"
@@ -25,6 +26,11 @@ export const CRASH_POINTS: readonly CrashPoint[] = [
   "destroy:marked",
   "destroy:vm-gone",
 ];
+
+/** Called once, by startDaemon, with the configured point (null: none). */
+export function armCrashPoint(name: CrashPoint | null): void {
+  armed = name;
+}
 
 export function crashPoint(name: CrashPoint): void {
   if (armed !== name) return;

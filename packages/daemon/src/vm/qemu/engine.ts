@@ -2,6 +2,7 @@
  * The VM engine: boots guests from the image and gives back `Vm`s. Every resource a boot
  * acquires registers its undo step at once, so a failed boot leaves nothing behind.
  */
+
 import { randomBytes } from "node:crypto";
 import { closeSync, constants, openSync, rmSync, statSync } from "node:fs";
 import {
@@ -17,6 +18,7 @@ import {
   writeFile,
 } from "node:fs/promises";
 import { dirname, join } from "node:path";
+import type { DaemonPaths } from "../../config/paths.js";
 import { AgentClient, AgentError } from "../../guest/agent-client.js";
 import type { GuestImage } from "../../image/build.js";
 import { CgroupManager, cgroupScopeOf, vmCgroupLimits } from "../../jail/cgroup.js";
@@ -35,7 +37,7 @@ import {
   withDiskFds,
 } from "./disk-fds.js";
 import { DiskLayers } from "./layers.js";
-import { freshMemFd, type MemFd, sealedCopy } from "./memfd.js";
+import { freshMemFd, type MemFd, sealedCopy, useHostPython } from "./memfd.js";
 import { createOverlay } from "./overlay.js";
 import {
   type Accel,
@@ -51,11 +53,15 @@ import { loadDeviceState } from "./snapshot.js";
 import { Vm, type VmDisk, type VmJail, withDisk } from "./vm.js";
 
 /** Host-wide claims of VM uids (several daemons may share the range). */
-const UID_CLAIM_DIR = "/run/podflare/vm-uids";
 
 export interface EngineOptions {
-  stateDir: string;
-  shmDir: string;
+  /** Where the engine's files go (config/paths.ts resolves them). */
+  paths: Pick<
+    DaemonPaths,
+    "stateDir" | "shmDir" | "vmsDir" | "vmMemDir" | "forksDir" | "layersDir" | "uidClaimsDir"
+  >;
+  /** Host Python for the fd helpers (memfd.ts, fd-pass.ts). */
+  hostPython: string;
   qemuBinary: string;
   consoleLogMaxBytes: number;
   bootTimeoutMs: number;
@@ -123,12 +129,13 @@ export class VmEngine {
   private readonly templateMems = new Map<string, TemplateMem>();
 
   constructor(readonly opts: EngineOptions) {
-    this.layers = new DiskLayers(join(opts.stateDir, "layers"));
+    useHostPython(opts.hostPython);
+    this.layers = new DiskLayers(opts.paths.layersDir);
     const base = opts.vmUidBase ?? 0;
     const root = process.getuid?.() === 0;
     this.uids =
       root && base > 0
-        ? sharedUidAllocator({ base, count: opts.vmUidCount ?? 65_536 }, UID_CLAIM_DIR)
+        ? sharedUidAllocator({ base, count: opts.vmUidCount ?? 65_536 }, opts.paths.uidClaimsDir)
         : null;
     if (!this.uids)
       opts.log.info(
@@ -139,7 +146,7 @@ export class VmEngine {
 
   /** The cgroup scope of this daemon: its state directory, hashed. */
   get cgroupScope(): string {
-    return cgroupScopeOf(this.opts.stateDir);
+    return cgroupScopeOf(this.opts.paths.stateDir);
   }
 
   /** Per-VM cgroups, found once (null where the host offers none we can write). */
@@ -172,8 +179,8 @@ export class VmEngine {
   /** Our directories. Nothing is writable by anyone but the daemon. */
   private ensureDirs(): Promise<void> {
     this.dirsReady ??= (async () => {
-      this.makeDir(this.opts.stateDir, "the state directory (PODFLARE_STATE_DIR)");
-      this.makeDir(this.opts.shmDir, "the shm directory (PODFLARE_SHM_DIR)");
+      this.makeDir(this.opts.paths.stateDir, "the state directory (PODFLARE_STATE_DIR)");
+      this.makeDir(this.opts.paths.shmDir, "the shm directory (PODFLARE_SHM_DIR)");
       for (const dir of [this.vmsDir, this.vmMemDir, this.forksDir]) this.makeDir(dir);
       // Disk layers hold tenants' data and reach QEMU as fds (disk-fds.ts): root's alone.
       ensureSafeDir(this.layers.dir, 0o700);
@@ -269,17 +276,17 @@ export class VmEngine {
   }
 
   get vmsDir(): string {
-    return join(this.opts.stateDir, "vms");
+    return this.opts.paths.vmsDir;
   }
 
   /** Memory files of cold-booted VMs (clones have none: they map their template's). */
   get vmMemDir(): string {
-    return join(this.opts.shmDir, "vms");
+    return this.opts.paths.vmMemDir;
   }
 
   /** Working files of forks in progress (memory on a tmpfs). */
   get forksDir(): string {
-    return join(this.opts.shmDir, "forks");
+    return this.opts.paths.forksDir;
   }
 
   vmDir(id: string): string {

@@ -11,7 +11,7 @@
  * the helper exits.
  */
 import { spawn } from "node:child_process";
-import { closeSync, constants, existsSync, openSync } from "node:fs";
+import { closeSync, constants, openSync } from "node:fs";
 import { createInterface } from "node:readline";
 
 const HELPER = String.raw`
@@ -60,14 +60,15 @@ export interface MemFd {
   close(): void;
 }
 
-/**
- * The host Python for the fd helpers: PODFLARE_PYTHON, else Debian's /usr/bin/python3
- * (setup installs it; a version manager's `python3` shim on PATH costs about 250 ms a
- * start under load), else whatever `python3` PATH finds.
- */
+let hostPython = "/usr/bin/python3";
+
+/** The host Python the fd helpers run (config.hostPython: PODFLARE_PYTHON, resolved once). */
+export function useHostPython(path: string): void {
+  hostPython = path;
+}
+
 export function python(): string {
-  if (process.env.PODFLARE_PYTHON) return process.env.PODFLARE_PYTHON;
-  return existsSync("/usr/bin/python3") ? "/usr/bin/python3" : "python3";
+  return hostPython;
 }
 
 async function helper(args: string[], writable: boolean): Promise<MemFd> {
