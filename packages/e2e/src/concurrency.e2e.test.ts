@@ -2,7 +2,7 @@
  * Many concurrent execs on one sandbox through the TypeScript SDK: each caller gets
  * exactly its own output (stdout, stderr, large outputs), nothing of anyone else's, and
  * the calls run one at a time in the order the daemon received them. The guest agent
- * queues at most 64 execs; the daemon holds the rest in its own FIFO (agent-client.ts)
+ * queues at most 64 execs; the daemon holds the rest in its own FIFO (guest/exec.ts)
  * and refuses with 429 only past a generous bound.
  */
 import assert from "node:assert/strict";
@@ -11,7 +11,7 @@ import { RateLimitError, Sandbox } from "podflare";
 import { startTestDaemon, type TestDaemon } from "./harness.js";
 
 const N = 100;
-/** packages/daemon/src/guest/agent-client.ts: execs kept in the guest, and waiting on the host. */
+/** packages/daemon/src/guest/exec.ts (exported by agent-client.ts): execs kept in the guest, and waiting on the host. */
 const MAX_AGENT_EXECS = 4;
 const MAX_QUEUED_EXECS = 256;
 const BIG = 50_000; // repetitions of a 6-character token: 300 KB of stdout

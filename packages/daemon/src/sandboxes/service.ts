@@ -87,7 +87,7 @@ export interface ExecTransport {
 
 /**
  * Charged to a download while it runs: the most it can hold in the host, its credit
- * window (guest/agent-client.ts READ_WINDOW, 4 MiB) plus one data frame and the socket's
+ * window (guest/files.ts READ_WINDOW, 4 MiB) plus one data frame and the socket's
  * buffer.
  */
 export const DOWNLOAD_HELD_BYTES = 4 * 1024 * 1024 + 512 * 1024;
