@@ -31,6 +31,32 @@ _AGENT_HOME = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 _interrupt_pending = False  # the running exec is being interrupted: its forks die at birth
 
 
+REAP_WINDOW = 1.0  # seconds after an interrupted exec in which execs reap killed children
+
+
+def _reap_killed_children():
+    """Reaps this process's children that died of SIGKILL: processes that user code
+    started in the REPL (os.fork, subprocess.Popen) and that the control process killed
+    at a timeout or cancel. As zombies they would each hold one of the sandbox's pids
+    (pids.max) for as long as the REPL lives, and user code cannot use them any more. A
+    child that exited by itself, or is still running, is left for user code to wait on
+    (a Popen whose killed process was reaped here reports returncode 0)."""
+    pids = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.extend(int(pid) for pid in f.read().split())
+    except (OSError, ValueError):
+        return
+    for pid in pids:
+        try:
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            if info is not None and info.si_code == os.CLD_KILLED and info.si_status == signal.SIGKILL:
+                os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # user code reaped it meanwhile
+            pass
+
+
 def _is_agent_file(filename):
     return os.path.dirname(filename) == _AGENT_DIR
 
@@ -116,6 +142,9 @@ class ExecRunner(ExecQueue):
         self._main_ident = threading.get_ident()
         self._idle_cpus = None
         self._cells = 0
+        # After an interrupted exec: until then (monotonic s), each exec first reaps the
+        # children the control process killed (its kill lands just after the exit frame).
+        self._reap_until = 0.0
         # A real module, so pickle, dataclasses and typing find cell-defined names in
         # sys.modules["__main__"].
         self._main_module = types.ModuleType("__main__")
@@ -173,6 +202,10 @@ class ExecRunner(ExecQueue):
 
     def _run(self, job):
         global _interrupt_pending
+        if self._reap_until:
+            _reap_killed_children()
+            if time.monotonic() >= self._reap_until:
+                self._reap_until = 0.0
         _interrupt_pending = job.reason is not None
         self._collector.begin(job.id, job.max_output)
         try:
@@ -181,6 +214,9 @@ class ExecRunner(ExecQueue):
             log(f"exec {job.id}: {traceback.format_exc()}")
             result = {"code": 1, "error": _error_info(exc, "")}
         if job.reason is not None:
+            # The control process kills what this exec started once its exit is sent: the
+            # execs of the next second reap those of them that were this process's children.
+            self._reap_until = time.monotonic() + REAP_WINDOW
             # The interrupt took: the user code on the main thread has stopped. What is left
             # is the agent sending the exec's last output, which takes as long as the host
             # takes it: while it moves, the control process must not kill the REPL as stuck.

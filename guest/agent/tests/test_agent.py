@@ -859,6 +859,18 @@ class CgroupTests(AgentCase):
         self.assertTrue(_alive(keeper))
         self.assertEqual(self.run_code("keeper.kill()\n_ = keeper.wait()").code, 0)
 
+    def test_children_killed_at_a_timeout_are_reaped_and_free_their_pids(self):
+        children = "import os\nprint(sum(len(open(f'/proc/self/task/{t}/children').read().split()) for t in os.listdir('/proc/self/task')))"
+        code = "import subprocess, time\nps = [subprocess.Popen(['sleep', '1000']) for _ in range(5)]\nkept = subprocess.Popen(['true'])\nprint(*(p.pid for p in ps), flush=True)\ntime.sleep(100)"
+        result = self.run_code(code, timeout_ms=1500)
+        self.assertEqual(result.code, 124)
+        self.assertTrue(all(_gone(int(pid)) for pid in result.stdout.split()))  # zombies count
+        # The next exec reaped the five killed ones; `kept` exited by itself and is left
+        # for user code to wait on.
+        self.assertEqual(self.run_code(children).stdout, "1\n")
+        self.assertEqual(self.run_code("print(kept.wait())").stdout, "0\n")
+        self.assertEqual(self.run_code(children).stdout, "0\n")
+
     def test_bash_timeout_kills_double_forked_processes(self):
         result = self.run_code("(setsid sh -c 'sleep 1000 & echo $!' &) ; sleep 100", language="bash", timeout_ms=300)
         self.assertEqual(result.code, 124)
