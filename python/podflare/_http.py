@@ -74,6 +74,7 @@ class Http:
             finally:
                 conn.close()
             raise error_from_response(resp.status, data)
+        resp._podflare_connection = conn  # closed with the response: one connection a request
         return resp
 
     @contextlib.contextmanager
@@ -92,13 +93,22 @@ class Http:
         data = self.read(self.request(method, path, json_body=json_body))
         return json.loads(data) if data else None
 
+    @staticmethod
+    def release(resp: http.client.HTTPResponse) -> None:
+        """Closes a response and the connection it came on (its socket, else left open
+        until garbage collection)."""
+        resp.close()
+        conn = getattr(resp, "_podflare_connection", None)
+        if conn is not None:
+            conn.close()
+
     def read(self, resp: http.client.HTTPResponse) -> bytes:
         """The whole body of a response, which is then closed."""
         try:
             with self.reading():
                 return resp.read()
         finally:
-            resp.close()
+            self.release(resp)
 
     def ndjson(self, resp: http.client.HTTPResponse, make: Callable[[Dict[str, Any]], Any] = dict) -> Iterator[Any]:
         try:
@@ -112,7 +122,7 @@ class Http:
                 if line:
                     yield make(json.loads(line))
         finally:
-            resp.close()
+            self.release(resp)
 
     def chunks(self, resp: http.client.HTTPResponse) -> Iterator[bytes]:
         try:
@@ -123,4 +133,4 @@ class Http:
                     return
                 yield block
         finally:
-            resp.close()
+            self.release(resp)

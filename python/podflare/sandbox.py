@@ -121,7 +121,7 @@ class Sandbox:
     def merge_into(self, winner: Union["Sandbox", str]) -> None:
         """Afterwards this sandbox's id runs the winner's VM; the winner's id is gone."""
         winner_id = winner if isinstance(winner, str) else winner.id
-        self._http.request("POST", sandbox_path(self.id, "merge_into", winner_id)).close()
+        self._http.read(self._http.request("POST", sandbox_path(self.id, "merge_into", winner_id)))
 
     def upload(self, path: str, data: UploadData) -> None:
         """Write a file in the sandbox, atomically; file objects and iterables are streamed."""
@@ -135,7 +135,7 @@ class Sandbox:
             body = iter(lambda: stream.read(256 * 1024), b"")  # type: ignore[union-attr]
         else:
             body = data
-        self._http.request("PUT", f"{self._path}/files", body=body, query={"path": path}).close()
+        self._http.read(self._http.request("PUT", f"{self._path}/files", body=body, query={"path": path}))
 
     def download(self, path: str) -> bytes:
         return self._http.read(self._http.request("GET", f"{self._path}/files", query={"path": path}))
@@ -152,7 +152,7 @@ class Sandbox:
         """Destroy the sandbox. Idempotent."""
         if self._closed:
             return
-        self._http.request("DELETE", self._path).close()
+        self._http.read(self._http.request("DELETE", self._path))
         self._closed = True
 
     def __enter__(self) -> "Sandbox":

@@ -1,5 +1,6 @@
 """The Python SDK's calls, their keywords and their failures, against a local HTTP server
 that answers as the daemon would (or goes quiet, or cuts its answer short)."""
+import gc
 import inspect
 import json
 import os
@@ -7,6 +8,7 @@ import sys
 import threading
 import unittest
 import urllib.parse
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -131,6 +133,22 @@ class SdkTests(unittest.TestCase):
                 f"DELETE /v1/sandboxes/{sid}",
             ],
         )
+
+    def test_every_call_closes_its_connection(self):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            s = podflare.Sandbox.connect(ODD, host=self.host)
+            s.get_info()
+            s.run_code("1")
+            [child] = s.fork()
+            s.upload("/root/f", b"x")
+            s.download("/root/f")
+            b"".join(s.download_stream("/root/f"))
+            s.merge_into(ODD)
+            child.close()
+            del s, child
+            gc.collect()
+        self.assertEqual([str(w.message) for w in caught if issubclass(w.category, ResourceWarning)], [])
 
     def test_get_info_answers_the_daemons_view(self):
         self.assertEqual(podflare.Sandbox.connect(ODD, host=self.host).get_info(), INFO)
