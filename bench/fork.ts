@@ -1,0 +1,257 @@
+/**
+ * The fork rows of the benchmark (issue 12), each beside a reference measured on the same
+ * daemon in the same run: a pool-miss create until its first exec answers (a restore on
+ * demand: what a fork child is), the parent's normal exec, and the PSS of a sandbox that
+ * was created, not forked. The daemon runs with no pool (nothing restores in the
+ * background) and the host's own memory budget, so n=32 meets the budget a user would.
+ * Everything goes through the TypeScript SDK; the rows measure behaviour, not mechanism.
+ */
+import { readFile, rm } from "node:fs/promises";
+import { CapacityError, Sandbox } from "podflare";
+import { fmt, pct, qemuPidsUnder, startDaemon } from "./daemon.js";
+
+export interface RowSink {
+  /** A timed row: p50 and p99 of the samples. */
+  record(what: string, samples: number[], reference: string, target: string): void;
+  /** A row with one figure (or an outcome) instead of percentiles. */
+  value(what: string, value: string, reference: string, target: string): void;
+  /** A line of context (printed, not a row). */
+  note(line: string): void;
+}
+
+interface Capacity {
+  running: number;
+  memory: {
+    budget_mib: number;
+    sandboxes_mib: number;
+    forks_mib: number;
+    vm_overhead_mib: number;
+    templates_mib: number;
+  };
+}
+
+const now = () => performance.now();
+
+/** PSS (MiB) of a process, from smaps_rollup. */
+async function pssMib(pid: number): Promise<number> {
+  const rollup = await readFile(`/proc/${pid}/smaps_rollup`, "utf8").catch(() => "");
+  return Number(/^Pss:\s+(\d+)/m.exec(rollup)?.[1] ?? 0) / 1024;
+}
+
+/** QEMU processes of this daemon (their command lines name its state or memory dirs). */
+async function qemus(dirs: string[]): Promise<Set<number>> {
+  const all = await Promise.all(dirs.map((d) => qemuPidsUnder(d)));
+  return new Set(all.flat());
+}
+
+const WRITE_10_MIB = "import os\nblob = os.urandom(10 << 20)\nprint(len(blob) >> 20)";
+
+export async function forkBench(
+  env: Record<string, string>,
+  stateDir: string,
+  rounds: number,
+  out: RowSink,
+): Promise<void> {
+  const state = `${stateDir}-fork`;
+  const d = await startDaemon({ ...env, PODFLARE_POOL_SIZE: "0", PODFLARE_STATE_DIR: state });
+  const host = d.url;
+  const dirs = [state, env.PODFLARE_SHM_DIR as string];
+  const capacity = async () => (await (await fetch(`${host}/v1/capacity`)).json()) as Capacity;
+  /** The QEMU processes that appeared since `before`, and their PSS. */
+  const newPss = async (before: Set<number>) => {
+    const pids = [...(await qemus(dirs))].filter((p) => !before.has(p));
+    return Promise.all(pids.map(pssMib));
+  };
+  try {
+    // The references: pool-miss creates until the first exec answers, and what one such
+    // sandbox costs the host (PSS) after that exec and after it wrote 10 MiB.
+    const misses: number[] = [];
+    const missPss: number[] = [];
+    const missPss10: number[] = [];
+    for (let i = 0; i < Math.max(3, Math.min(rounds, 10)); i++) {
+      const before = await qemus(dirs);
+      const t0 = now();
+      const s = await Sandbox.create({ host });
+      await s.runCode("print(6*7)");
+      misses.push(now() - t0);
+      missPss.push(...(await newPss(before)));
+      await s.runCode(WRITE_10_MIB);
+      missPss10.push(...(await newPss(before)));
+      await s.close();
+    }
+    const miss = pct(misses, 50);
+    const missRef = `pool miss p50 ${fmt(miss)} ms`;
+    out.note("fork (TypeScript SDK, a daemon with no pool and the host's memory budget):");
+    out.record("reference: create (miss) until the first exec answers", misses, "-", "-");
+
+    // n = 1 and 4, until every child answers an exec; the parent's exec sent right after
+    // the fork request, against its normal exec; each child's PSS.
+    const forks: Record<number, number[]> = { 1: [], 4: [] };
+    const normal: number[] = [];
+    const afterFork: number[] = [];
+    const pss: Record<number, { fork: number[]; written: number[]; parent: number[] }> = {
+      1: { fork: [], written: [], parent: [] },
+      4: { fork: [], written: [], parent: [] },
+    };
+    for (const n of [1, 4]) {
+      for (let i = 0; i < rounds; i++) {
+        const before = await qemus(dirs);
+        const parent = await Sandbox.create({ host });
+        await parent.runCode("import os\nstate = list(range(1000))");
+        for (let k = 0; k < 5; k++) {
+          const t = now();
+          await parent.runCode("print(len(state))");
+          normal.push(now() - t);
+        }
+        pss[n]?.parent.push(...(await newPss(before)));
+        const withParent = await qemus(dirs);
+        const t0 = now();
+        const forking = parent.fork(n);
+        await new Promise((r) => setTimeout(r, 5)); // the fork request is in
+        const sent = now();
+        const back = parent.runCode("print(len(state))").then(() => now() - sent);
+        const children = await forking;
+        await Promise.all(children.map((c) => c.runCode("print(len(state))")));
+        forks[n]?.push(now() - t0);
+        afterFork.push(await back);
+        pss[n]?.fork.push(...(await newPss(withParent)));
+        await Promise.all(children.map((c) => c.runCode(WRITE_10_MIB)));
+        pss[n]?.written.push(...(await newPss(withParent)));
+        await Promise.all([parent, ...children].map((s) => s.close()));
+      }
+    }
+    out.record(
+      "fork n=1 until the child answers an exec",
+      forks[1] ?? [],
+      missRef,
+      "p50 <= pool miss",
+    );
+    out.record(
+      "fork n=4 until every child answers an exec",
+      forks[4] ?? [],
+      missRef,
+      "p50 <= 2 x pool miss",
+    );
+    const normalP50 = pct(normal, 50);
+    out.record("parent's normal exec (reference)", normal, "-", "-");
+    out.record(
+      "parent's exec sent right after the fork request",
+      afterFork,
+      `its normal exec p50 ${fmt(normalP50)} ms`,
+      `<= normal + 30 ms (${fmt(normalP50 + 30)} ms)`,
+    );
+
+    // A depth-3 line: a fork of a fork of a fork, each level timed until its child answers.
+    const depth: number[][] = [[], [], []];
+    for (let i = 0; i < rounds; i++) {
+      const root = await Sandbox.create({ host });
+      const line: Sandbox[] = [root];
+      await root.runCode("depth = 0");
+      for (let level = 0; level < 3; level++) {
+        const t0 = now();
+        const [child] = await (line[level] as Sandbox).fork(1);
+        if (!child) throw new Error("fork(1) returned no child");
+        await child.runCode("print(depth)");
+        depth[level]?.push(now() - t0);
+        line.push(child);
+        await child.runCode(`depth = ${level + 1}`);
+      }
+      await Promise.all(line.map((s) => s.close()));
+    }
+    const depth1 = pct(depth[0] ?? [], 50);
+    for (const [level, samples] of depth.entries())
+      out.record(
+        `fork line: depth ${level + 1} until its child answers`,
+        samples,
+        level === 0 ? missRef : `depth 1 p50 ${fmt(depth1)} ms`,
+        level === 2 ? "p50 <= depth 1" : "-",
+      );
+
+    // Memory: the PSS of each child's QEMU, right after the fork and after it wrote 10 MiB.
+    const missPssRef = `created sandbox ${pct(missPss, 50).toFixed(1)} MiB`;
+    for (const n of [1, 4]) {
+      const m = pss[n] as { fork: number[]; written: number[]; parent: number[] };
+      out.value(
+        `host memory per child, n=${n}, right after the fork (PSS)`,
+        `p50 ${pct(m.fork, 50).toFixed(1)} MiB (${m.fork.length} children)`,
+        `${missPssRef}; parent ${pct(m.parent, 50).toFixed(1)} MiB`,
+        "<= pool-hit sandbox + inherited private pages",
+      );
+      out.value(
+        `host memory per child, n=${n}, after each wrote 10 MiB (PSS)`,
+        `p50 ${pct(m.written, 50).toFixed(1)} MiB`,
+        `created sandbox after 10 MiB ${pct(missPss10, 50).toFixed(1)} MiB`,
+        "<= pool-hit sandbox + inherited private pages + 10 MiB",
+      );
+    }
+
+    await fork32(host, capacity, missRef, out);
+  } finally {
+    await d.stop();
+    await rm(state, { recursive: true, force: true });
+  }
+}
+
+/**
+ * fork(n=32) until all 32 answer. When the host's budget cannot take 32 children of the
+ * default shape, the daemon answers 503 before it makes anything: that is printed (with
+ * the budget), and the fork is tried again from a parent small enough to fit.
+ */
+async function fork32(
+  host: string,
+  capacity: () => Promise<Capacity>,
+  missRef: string,
+  out: RowSink,
+): Promise<void> {
+  const attempt = async (memSizeMib?: number): Promise<boolean> => {
+    const parent = await Sandbox.create({ host, ...(memSizeMib ? { memSizeMib } : {}) });
+    const shape = `${parent.info.mem_size_mib} MiB sandboxes`;
+    const children: Sandbox[] = [];
+    try {
+      await parent.runCode("state = list(range(1000))");
+      const before = await capacity();
+      const t0 = now();
+      try {
+        children.push(...(await parent.fork(32)));
+      } catch (err) {
+        if (!(err instanceof CapacityError)) throw err;
+        const after = await capacity();
+        const made = after.running - before.running;
+        out.value(
+          `fork n=32 (${shape})`,
+          `503 after ${fmt(now() - t0)} ms, ${made} sandbox(es) made`,
+          `budget ${before.memory.budget_mib} MiB, ${before.memory.sandboxes_mib} MiB held by sandboxes`,
+          "works, or 503 before anything is made",
+        );
+        out.note(`    the daemon said: ${err.message}`);
+        return false;
+      }
+      const forked = now() - t0;
+      const answers = await Promise.all(children.map((c) => c.runCode("print(len(state))")));
+      const all = now() - t0;
+      const ok = answers.filter((r) => r.stdout === "1000\n").length;
+      out.value(
+        `fork n=32 until all answer (${shape})`,
+        `${fmt(all)} ms (${ok}/32 answered; fork call ${fmt(forked)} ms)`,
+        missRef,
+        "works on this host",
+      );
+      return true;
+    } finally {
+      await Promise.all([parent, ...children].map((s) => s.close()));
+    }
+  };
+  if (await attempt()) return;
+  // The largest of a few shapes that 32 children, the parent and what the fork and a new
+  // template may hold fit in, by the budget the daemon reports.
+  const cap = await capacity();
+  const room = cap.memory.budget_mib - cap.memory.templates_mib - cap.memory.sandboxes_mib;
+  const fits = [512, 384, 256].find(
+    (mem) => 33 * (mem + cap.memory.vm_overhead_mib) + 2 * mem <= room,
+  );
+  if (fits === undefined) {
+    out.note(`    no smaller shape fits 32 children in ${room} MiB of budget: n=32 not measured`);
+    return;
+  }
+  await attempt(fits);
+}
