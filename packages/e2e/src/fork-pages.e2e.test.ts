@@ -62,7 +62,7 @@ describe("fork pages", () => {
   it("200 MiB of Python objects built in the parent arrive intact in each child", {
     timeout: 240_000,
   }, async () => {
-    const parent = await Sandbox.create({ host: d.url, memSizeMib: 1024 });
+    const parent = await Sandbox.create({ host: d.url });
     const boxes: Sandbox[] = [parent];
     try {
       const built = await parent.runCode(BUILD, SLOW);
