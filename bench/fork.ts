@@ -64,6 +64,19 @@ export async function forkBench(
   const host = d.url;
   const dirs = [state, env.PODFLARE_SHM_DIR as string];
   const capacity = async () => (await (await fetch(`${host}/v1/capacity`)).json()) as Capacity;
+  /**
+   * Wait until what earlier rounds made is gone (no sandbox, no fork memory held): a
+   * destroy returns before its QEMU has exited and its charges are released.
+   */
+  const settle = async () => {
+    const deadline = now() + 120_000;
+    for (;;) {
+      const cap = await capacity();
+      if (cap.running === 0 && cap.memory.sandboxes_mib === 0 && cap.memory.forks_mib === 0) return;
+      if (now() > deadline) throw new Error(`the daemon did not settle: ${JSON.stringify(cap)}`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  };
   /** The QEMU processes that appeared since `before`, and their PSS. */
   const newPss = async (before: Set<number>) => {
     const pids = [...(await qemus(dirs))].filter((p) => !before.has(p));
@@ -76,6 +89,7 @@ export async function forkBench(
     const missPss: number[] = [];
     const missPss10: number[] = [];
     for (let i = 0; i < Math.max(3, Math.min(rounds, 10)); i++) {
+      await settle();
       const before = await qemus(dirs);
       const t0 = now();
       const s = await Sandbox.create({ host });
@@ -102,6 +116,7 @@ export async function forkBench(
     };
     for (const n of [1, 4]) {
       for (let i = 0; i < rounds; i++) {
+        await settle();
         const before = await qemus(dirs);
         const parent = await Sandbox.create({ host });
         await parent.runCode("import os\nstate = list(range(1000))");
@@ -151,6 +166,7 @@ export async function forkBench(
     // A depth-3 line: a fork of a fork of a fork, each level timed until its child answers.
     const depth: number[][] = [[], [], []];
     for (let i = 0; i < rounds; i++) {
+      await settle();
       const root = await Sandbox.create({ host });
       const line: Sandbox[] = [root];
       await root.runCode("depth = 0");
@@ -192,7 +208,7 @@ export async function forkBench(
       );
     }
 
-    await fork32(host, capacity, missRef, out);
+    await fork32(host, capacity, settle, missRef, out);
   } finally {
     await d.stop();
     await rm(state, { recursive: true, force: true });
@@ -207,10 +223,12 @@ export async function forkBench(
 async function fork32(
   host: string,
   capacity: () => Promise<Capacity>,
+  settle: () => Promise<void>,
   missRef: string,
   out: RowSink,
 ): Promise<void> {
   const attempt = async (memSizeMib?: number): Promise<boolean> => {
+    await settle();
     const parent = await Sandbox.create({ host, ...(memSizeMib ? { memSizeMib } : {}) });
     const shape = `${parent.info.mem_size_mib} MiB sandboxes`;
     const children: Sandbox[] = [];
@@ -235,7 +253,9 @@ async function fork32(
         return false;
       }
       const forked = now() - t0;
-      const answers = await Promise.all(children.map((c) => c.runCode("print(len(state))")));
+      const answers = await Promise.all(
+        children.map((c) => c.runCode("print(len(state))", { timeoutMs: 300_000 })),
+      );
       const all = now() - t0;
       const ok = answers.filter((r) => r.stdout === "1000\n").length;
       out.value(
@@ -252,6 +272,7 @@ async function fork32(
   if (await attempt()) return;
   // The largest of a few shapes that 32 children, the parent and what the fork and a new
   // template may hold fit in, by the budget the daemon reports.
+  await settle();
   const cap = await capacity();
   const room = cap.memory.budget_mib - cap.memory.templates_mib - cap.memory.sandboxes_mib;
   const fits = [512, 384, 256].find(
