@@ -133,27 +133,26 @@ describe("fork pages", () => {
 
     const p = await Sandbox.create({ host: d.url });
     const boxes: Sandbox[] = [p];
+    /** One child of `from`, closed with the rest at the end. */
+    const forkOne = async (from: Sandbox) => {
+      const [child] = await from.fork(1);
+      assert.ok(child);
+      boxes.push(child);
+      return child;
+    };
     try {
       await p.runCode("lineage = []");
       const p0 = await write(p, "p");
-      const [c1] = await p.fork(1);
-      assert.ok(c1);
-      boxes.push(c1);
+      const c1 = await forkOne(p);
       const c10 = await write(c1, "c1");
       const pLate = await later(p, "p");
       // C1 forked twice: C2 and its sibling S.
-      const [c2] = await c1.fork(1);
-      assert.ok(c2);
-      boxes.push(c2);
-      const [s] = await c1.fork(1);
-      assert.ok(s);
-      boxes.push(s);
+      const c2 = await forkOne(c1);
+      const s = await forkOne(c1);
       const c20 = await write(c2, "c2");
       const s0 = await write(s, "s");
       const c1Late = await later(c1, "c1");
-      const [c3] = await c2.fork(1);
-      assert.ok(c3);
-      boxes.push(c3);
+      const c3 = await forkOne(c2);
       const c30 = await write(c3, "c3");
       const c2Late = await later(c2, "c2");
       sums.p = { lineage: "p,p-late", mine: "p-late", p: pLate };
