@@ -4,7 +4,10 @@
  * shared and noisy and only ratios survive that. Everything user-facing goes through the
  * SDKs over HTTP to a real daemon running as its own process.
  *
- *   node bench/dist/bench.js [--rounds N] [--hold N] [--json]
+ *   node bench/dist/bench.js [--rounds N] [--hold N] [--json] [--fork-only]
+ *
+ * `--fork-only` runs only the fork rows (bench/fork.ts) with their own same-run
+ * references: a pool-miss create, the parent's normal exec, a created sandbox's PSS.
  */
 import { spawn } from "node:child_process";
 import { readFile, rm } from "node:fs/promises";
@@ -14,14 +17,28 @@ import { parseArgs } from "node:util";
 import { createLogger, loadConfig, prepareEngine, repoRoot } from "@podflare/daemon";
 import { Sandbox } from "podflare";
 import { benchDirs, fmt, pct, poolFull, procStats, qemuPidsUnder, startDaemon } from "./daemon.js";
+import { forkBench, type RowSink } from "./fork.js";
 
 const { values: argv } = parseArgs({
   options: {
     rounds: { type: "string", default: "20" },
     hold: { type: "string", default: "24" },
     json: { type: "boolean", default: false },
+    "fork-only": { type: "boolean", default: false },
+    help: { type: "boolean", default: false },
   },
 });
+if (argv.help) {
+  console.log(
+    "usage: node bench/dist/bench.js [--rounds N] [--hold N] [--json] [--fork-only]\n" +
+      "  --rounds N    samples per timed row (default 20; fork rows take N forks each)\n" +
+      "  --hold N      idle sandboxes to create at once (default 24; 0 skips)\n" +
+      "  --json        print the rows as JSON at the end\n" +
+      "  --fork-only   only the fork rows (n=1, 4, 32, the parent's exec, a depth-3 line,\n" +
+      "                PSS per child), each beside a same-run pool-miss reference",
+  );
+  process.exit(0);
+}
 const ROUNDS = Number(argv.rounds);
 const HOLD = Number(argv.hold);
 
@@ -43,6 +60,17 @@ function record(what: string, samples: number[], reference: string, target: stri
       `  ${what}: p50 ${f(pct(samples, 50))} ms, p99 ${f(pct(samples, 99))} ms (n=${samples.length})`,
     );
 }
+const sink: RowSink = {
+  record,
+  value: (what, value, reference, target) => {
+    rows.push({ what, value, reference, target });
+    if (!argv.json) console.log(`  ${what}: ${value} (${reference})`);
+  },
+  note: (line) => {
+    if (!argv.json) console.log(line);
+  },
+};
+
 async function time<T>(fn: () => Promise<T>): Promise<[number, T]> {
   const t0 = performance.now();
   const value = await fn();
@@ -64,6 +92,12 @@ async function main(): Promise<void> {
     createLogger("warn"),
   );
   console.log(`accelerator: ${accel.accel} (${accel.reason})`);
+  if (argv["fork-only"]) {
+    await forkBench(env, state, ROUNDS, sink);
+    printTable();
+    await dirs.remove();
+    return;
+  }
   const coldBoots: number[] = [];
   const coldExec: number[] = [];
   for (let i = 0; i < 3; i++) {
@@ -275,6 +309,14 @@ async function main(): Promise<void> {
     await rm(`${state}-miss`, { recursive: true, force: true });
   }
 
+  // The fork rows (issue 12), on a daemon of their own with their own same-run references.
+  await forkBench(env, state, Math.min(ROUNDS, 5), sink);
+
+  printTable();
+  await dirs.remove();
+}
+
+function printTable(): void {
   console.log(
     "\n| what | p50 | p99 | target | reference (same run) |\n| --- | --- | --- | --- | --- |",
   );
@@ -284,7 +326,6 @@ async function main(): Promise<void> {
     console.log(`| ${r.what} | ${p50} | ${p99} | ${r.target ?? ""} | ${r.reference ?? ""} |`);
   }
   if (argv.json) console.log(JSON.stringify(rows));
-  await dirs.remove();
 }
 
 main().catch((err) => {
