@@ -11,7 +11,6 @@ import {
   copyFile,
   lchown,
   lstat,
-  mkdir,
   readdir,
   rm,
   truncate,
@@ -26,7 +25,7 @@ import { sharedUidAllocator, type UidAllocator } from "../../jail/uids.js";
 import { CleanupStack } from "../../util/cleanup.js";
 import type { Logger } from "../../util/logger.js";
 import { ensureSafeDir } from "../../util/safe-dir.js";
-import { createExclusive, seizeTree } from "../../util/safe-file.js";
+import { createExclusive } from "../../util/safe-file.js";
 import { BootError } from "../backend.js";
 import {
   closeFds,

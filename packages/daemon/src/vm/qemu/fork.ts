@@ -42,7 +42,6 @@ export async function forkVm(
   cleanup.defer("remove the fork's directory", () => rm(dir, { recursive: true, force: true }));
   const capture: Steps = {};
   const childSteps: Steps[] = childIds.map(() => ({}));
-  let pages: CapturedPages | null = null;
   try {
     // Root's, 0600, empty until the parent's devices are saved into it. Each child opens it
     // when it spawns (before that) and reads it once its RAM holds the parent's pages.
@@ -83,7 +82,6 @@ export async function forkVm(
           capture,
           startChildren,
         );
-        pages = r.pages;
         captured(r.pages);
         return r.pausedMs;
       });
@@ -93,7 +91,6 @@ export async function forkVm(
       throw err;
     }
     const settled = await children;
-    pages = null; // every child holds its pages now: the buffer goes
     const failed = settled.find((r) => r.status === "rejected");
     if (failed) {
       await destroyAll(settled);
@@ -111,7 +108,7 @@ export async function forkVm(
     );
     return { children: settled.map((r) => (r as PromiseFulfilledResult<Vm>).value), pausedMs };
   } finally {
-    pages = null;
+    // The page buffer is only reachable through the children's start, ended now: it goes.
     await cleanup.unwind();
   }
 }
@@ -146,8 +143,12 @@ async function captureParent(
   // Made before the pause: the parent's next overlay and the children's clone overlay (both
   // root's, 0600, like every layer: QEMU gets them as fds, see disk-fds.ts).
   const next = engine.layers.pathFor(`${parent.id}-${randomBytes(4).toString("hex")}`);
-  await createOverlay(next, frozen, "qcow2");
   const cloneOverlay = join(dir, "clone.qcow2");
+  const made = Promise.all([
+    createOverlay(next, frozen, "qcow2"),
+    createOverlay(cloneOverlay, frozen, "qcow2"),
+  ]);
+  made.catch(() => {});
   let snapshotted = false;
   let overlay: Awaited<ReturnType<typeof addOverlayNode>> | null = null;
   const stateSet = parent.disk.nextFdset++;
@@ -159,10 +160,11 @@ async function captureParent(
   };
   let started = t;
   try {
-    await createOverlay(cloneOverlay, frozen, "qcow2");
-    // The next overlay's node and the state file's descriptor, sent before the pause.
-    overlay = await addOverlayNode(parent.qemu, parent.disk, next);
+    // The state file's descriptor and the next overlay's node, sent before the pause (the
+    // first while qemu-img makes the overlays).
     await addStateFd(parent.qemu, stateSet, statePath);
+    await made;
+    overlay = await addOverlayNode(parent.qemu, parent.disk, next);
     lap("prepare");
     started = t;
     await qmp.execute("stop", {});
@@ -197,6 +199,7 @@ async function captureParent(
       steps.pagemapScan = pages.scanMs;
       steps.pageRead = pages.readMs;
       steps.privateMib = pages.data.length / 2 ** 20;
+      steps.runs = pages.runs.length;
       lap("capture");
     } finally {
       await qmp.execute("cont", {}); // from paused, whatever happened
@@ -207,6 +210,7 @@ async function captureParent(
     }
     return { pages, pausedMs: performance.now() - started };
   } catch (err) {
+    await made.catch(() => {}); // qemu-img is done with `next` before it is removed
     await qmp.execute("remove-fd", { "fdset-id": stateSet }).catch(() => {});
     if (!snapshotted) {
       await overlay?.undo();

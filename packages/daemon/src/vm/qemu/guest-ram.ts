@@ -14,8 +14,8 @@ import {
   readFileSync,
   readSync,
   statSync,
+  writeSync,
 } from "node:fs";
-import { type FileHandle, open } from "node:fs/promises";
 
 export const PAGE = 4096;
 /** pagemap entry bits, in the entry's high 32 bits: present, swapped, file-page/shared-anon. */
@@ -26,6 +26,8 @@ const FILE = 0x2000_0000;
 const SCAN_CHUNK = 1 << 18;
 /** A run of pages is read or written at most this many bytes at a time. */
 const IO_CHUNK = 8 << 20;
+/** Page copies give the event loop a turn this often. */
+const YIELD_BYTES = 4 << 20;
 
 /** What identifies the template memory a VM maps privately. */
 export interface RamSource {
@@ -119,51 +121,54 @@ export async function capturePrivatePages(
   const t1 = performance.now();
   const total = runs.reduce((sum, r) => sum + r.length, 0);
   const data = Buffer.allocUnsafe(total);
-  // Asynchronous reads: the children being started meanwhile get the event loop.
-  const absolute = runs.map((r) => ({ offset: addr + r.offset, length: r.length }));
-  await eachChunk(pid, "r", absolute, (file, at, len, position) =>
-    file.read(data, at, len, position).then((r) => r.bytesRead),
+  await eachChunk(pid, addr, "r", runs, (fd, at, len, position) =>
+    readSync(fd, data, at, len, position),
   );
   return { runs, data, scanMs: t1 - t0, readMs: performance.now() - t1 };
 }
 
 /** Write captured pages into QEMU `pid`'s guest RAM at `addr` (before its devices load). */
 export async function writePages(pid: number, addr: number, pages: CapturedPages): Promise<void> {
-  const runs = pages.runs.map((r) => ({ offset: addr + r.offset, length: r.length }));
-  await eachChunk(pid, "w", runs, (file, at, len, position) =>
-    file.write(pages.data, at, len, position).then((r) => r.bytesWritten),
+  await eachChunk(pid, addr, "w", pages.runs, (fd, at, len, position) =>
+    writeSync(fd, pages.data, at, len, position),
   );
 }
 
 /**
- * `io` over /proc/<pid>/mem for each run (its offset an address there), in chunks, the
- * runs' bytes packed back to back in the buffer.
+ * `io` over /proc/<pid>/mem for each run (at `addr` + its offset), in chunks, the runs'
+ * bytes packed back to back in the buffer. Synchronous calls (one per run: thousands,
+ * too small for the thread pool's overhead), giving the event loop a turn every
+ * YIELD_BYTES so the other children of a fork go on meanwhile.
  */
 async function eachChunk(
   pid: number,
+  addr: number,
   mode: "r" | "w",
   runs: CapturedPages["runs"],
-  io: (file: FileHandle, at: number, len: number, position: number) => Promise<number>,
+  io: (fd: number, at: number, len: number, position: number) => number,
 ): Promise<void> {
-  const file = await open(
-    `/proc/${pid}/mem`,
-    mode === "r" ? constants.O_RDONLY : constants.O_WRONLY,
-  );
+  const fd = openSync(`/proc/${pid}/mem`, mode === "r" ? constants.O_RDONLY : constants.O_WRONLY);
   try {
     let at = 0;
+    let sinceYield = 0;
     for (const run of runs) {
       for (let done = 0; done < run.length; ) {
         const len = Math.min(IO_CHUNK, run.length - done);
-        const n = await io(file, at, len, run.offset + done);
+        const n = io(fd, at, len, addr + run.offset + done);
         if (n <= 0)
           throw new Error(
             `QEMU ${pid}'s guest RAM: ${mode === "r" ? "read" : "write"} stopped short`,
           );
         done += n;
         at += n;
+        sinceYield += n;
+      }
+      if (sinceYield >= YIELD_BYTES) {
+        sinceYield = 0;
+        await new Promise((resolve) => setImmediate(resolve));
       }
     }
   } finally {
-    await file.close();
+    closeSync(fd);
   }
 }
