@@ -15,7 +15,7 @@ export const FD_CONSOLE = 5;
 export const FD_INCOMING = 6;
 /**
  * Where QEMU finds guest RAM when it is handed over as an inherited memfd (VMs under their
- * own uid: a sealed template memfd, or a fork receiver's fresh one). QEMU 7.2 opens the
+ * own uid: the sealed memfd of their lineage's template). QEMU 7.2 opens the
  * memory path read-write even for a private mapping, so a shared template file would
  * have to be writable by every VM; a write-sealed memfd can be opened but never written.
  */
