@@ -121,7 +121,8 @@ export async function capturePrivatePages(
   const t1 = performance.now();
   const total = runs.reduce((sum, r) => sum + r.length, 0);
   const data = Buffer.allocUnsafe(total);
-  await eachChunk(pid, addr, "r", runs, (fd, at, len, position) =>
+  // In one go: the parent is paused meanwhile (the children start once it resumes).
+  await eachChunk(pid, addr, "r", runs, Number.POSITIVE_INFINITY, (fd, at, len, position) =>
     readSync(fd, data, at, len, position),
   );
   return { runs, data, scanMs: t1 - t0, readMs: performance.now() - t1 };
@@ -129,7 +130,7 @@ export async function capturePrivatePages(
 
 /** Write captured pages into QEMU `pid`'s guest RAM at `addr` (before its devices load). */
 export async function writePages(pid: number, addr: number, pages: CapturedPages): Promise<void> {
-  await eachChunk(pid, addr, "w", pages.runs, (fd, at, len, position) =>
+  await eachChunk(pid, addr, "w", pages.runs, YIELD_BYTES, (fd, at, len, position) =>
     writeSync(fd, pages.data, at, len, position),
   );
 }
@@ -138,13 +139,14 @@ export async function writePages(pid: number, addr: number, pages: CapturedPages
  * `io` over /proc/<pid>/mem for each run (at `addr` + its offset), in chunks, the runs'
  * bytes packed back to back in the buffer. Synchronous calls (one per run: thousands,
  * too small for the thread pool's overhead), giving the event loop a turn every
- * YIELD_BYTES so the other children of a fork go on meanwhile.
+ * `yieldBytes` so the other children of a fork go on meanwhile.
  */
 async function eachChunk(
   pid: number,
   addr: number,
   mode: "r" | "w",
   runs: CapturedPages["runs"],
+  yieldBytes: number,
   io: (fd: number, at: number, len: number, position: number) => number,
 ): Promise<void> {
   const fd = openSync(`/proc/${pid}/mem`, mode === "r" ? constants.O_RDONLY : constants.O_WRONLY);
@@ -163,7 +165,7 @@ async function eachChunk(
         at += n;
         sinceYield += n;
       }
-      if (sinceYield >= YIELD_BYTES) {
+      if (sinceYield >= yieldBytes) {
         sinceYield = 0;
         await new Promise((resolve) => setImmediate(resolve));
       }
