@@ -21,7 +21,7 @@ import type { ForkResult } from "../backend.js";
 import { addOverlayNode, settleFdsets } from "./disk-fds.js";
 import type { TemplateFiles, VmEngine } from "./engine.js";
 import { type CapturedPages, capturePrivatePages, ramAddress, writePages } from "./guest-ram.js";
-import { createOverlay } from "./overlay.js";
+import { createOverlay, createOverlayFile, formatOverlay } from "./overlay.js";
 import { addStateFd, saveDevicesOnly } from "./snapshot.js";
 import { type Vm, type VmLineage, withDisk } from "./vm.js";
 
@@ -144,8 +144,9 @@ async function captureParent(
   // root's, 0600, like every layer: QEMU gets them as fds, see disk-fds.ts).
   const next = engine.layers.pathFor(`${parent.id}-${randomBytes(4).toString("hex")}`);
   const cloneOverlay = join(dir, "clone.qcow2");
+  await createOverlayFile(next);
   const made = Promise.all([
-    createOverlay(next, frozen, "qcow2"),
+    formatOverlay(next, frozen, "qcow2"),
     createOverlay(cloneOverlay, frozen, "qcow2"),
   ]);
   made.catch(() => {});
@@ -160,11 +161,10 @@ async function captureParent(
   };
   let started = t;
   try {
-    // The state file's descriptor and the next overlay's node, sent before the pause (the
-    // first while qemu-img makes the overlays).
+    // The state file's and the next overlay's descriptors, sent before the pause while
+    // qemu-img writes the overlays; then the overlay's node.
     await addStateFd(parent.qemu, stateSet, statePath);
-    await made;
-    overlay = await addOverlayNode(parent.qemu, parent.disk, next);
+    overlay = await addOverlayNode(parent.qemu, parent.disk, next, made);
     lap("prepare");
     started = t;
     await qmp.execute("stop", {});
