@@ -164,8 +164,9 @@ async function captureParent(
     // The state file's and the next overlay's descriptors, sent before the pause while
     // qemu-img writes the overlays; then the overlay's node.
     await addStateFd(parent.qemu, stateSet, statePath);
+    lap("prepareStateFd");
     overlay = await addOverlayNode(parent.qemu, parent.disk, next, made);
-    lap("prepare");
+    lap("prepareOverlays");
     started = t;
     await qmp.execute("stop", {});
     lap("stop");
