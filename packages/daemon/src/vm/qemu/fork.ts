@@ -160,6 +160,7 @@ async function captureParent(
     t = now;
   };
   let started = t;
+  let pausedMs = 0;
   try {
     // The state file's and the next overlay's descriptors, sent before the pause while
     // qemu-img writes the overlays; then the overlay's node.
@@ -183,7 +184,8 @@ async function captureParent(
       // root's and 0600: the children get it as an fd like the rest of their chain.
       await chmod(frozen, 0o600);
       lap("diskFreeze");
-      // The children open the frozen layer: they may start now, while the capture goes on.
+      // The children open the frozen layer: they start now (their QEMUs spawn while the
+      // pages are read and the parent resumes; the read itself runs in one go).
       startChildren({
         key: `fork-${parent.id}`,
         shape: parent.shape,
@@ -205,11 +207,12 @@ async function captureParent(
     } finally {
       await qmp.execute("cont", {}); // from paused, whatever happened
       lap("cont");
+      pausedMs = t - started;
       // Running again: QEMU drops the fds it no longer needs at once (disk-fds.ts), the
       // state file's among them.
       await settleFdsets(qmp, parent.disk).catch(() => {});
     }
-    return { pages, pausedMs: performance.now() - started };
+    return { pages, pausedMs };
   } catch (err) {
     await made.catch(() => {}); // qemu-img is done with `next` before it is removed
     await qmp.execute("remove-fd", { "fdset-id": stateSet }).catch(() => {});
