@@ -117,13 +117,15 @@ print(json.dumps(stats), flush=True)
 
 /**
  * Watches the forks directory as root; in each fork's directory, as the uid the daemon
- * gave part of it to (the receiver's), plants links to the canary where root writes, swaps
+ * gave part of it to (a receiver's, when forks had one), else as the forking VM's uid
+ * (argv[5]: what a compromised parent QEMU runs as during its fork), plants links to the canary where root writes, swaps
  * the receiver's socket for a link, and leaves links to the canary's directory for the
  * removal, until the fork's directory is gone.
  */
 const ATTACK_FORKS = `
 import errno, json, os, signal, sys, time
 forks, canary, canary_dir, swap = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "swap"
+vm_uid = int(sys.argv[5])
 stop = False
 def end(*_):
     global stop
@@ -171,7 +173,7 @@ while not stop:
         if e in seen:
             continue
         fdir = os.path.join(forks, e)
-        uid = None
+        uid = vm_uid if os.path.isdir(fdir) else None
         for cand in (os.path.join(fdir, "rcv"), fdir):
             try:
                 st = os.lstat(cand)
@@ -323,6 +325,7 @@ describe("no root-followed links", { skip: !root && "needs root (per-VM uids)" }
           canary.file,
           canary.dir,
           mode,
+          String((await vmOf(d, parent)).uid),
         ]);
         attackers.push(watch);
         let outcome: string;

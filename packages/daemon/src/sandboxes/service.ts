@@ -308,7 +308,7 @@ export class SandboxService {
     );
     const row = this.store.getSandbox(id) as SandboxRow;
     const ids = Array.from({ length: n }, newSandboxId);
-    // The fork's memory file lives until its last child is gone (vm/qemu/fork.ts): its tenant's.
+    // Charged until its last child is gone (the pages they inherited; vm/qemu/fork.ts): its tenant's.
     const forkHold = `fork:${ids[0]}`;
     this.admission.admit(ids, row.owner, caller?.quota ?? NO_QUOTA, parent.shape, {
       id: forkHold,

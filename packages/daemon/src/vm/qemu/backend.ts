@@ -1,7 +1,8 @@
 /**
  * The QEMU backend (vm/backend.ts's VmBackend): microVMs booted by the engine, templates
- * frozen as a memory file plus device state (snapshot.ts), forks through a receiver QEMU
- * (fork.ts). Built by daemon.ts, the one module outside this folder that imports it.
+ * frozen as a memory file plus device state (snapshot.ts), forks by device state plus the
+ * parent's private pages (fork.ts). Built by daemon.ts, the one module outside this folder
+ * that imports it.
  */
 import { chmod, stat } from "node:fs/promises";
 import { dirname, join } from "node:path";

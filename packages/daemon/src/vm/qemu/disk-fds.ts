@@ -88,13 +88,16 @@ export async function settleFdsets(qmp: QmpClient, disk: VmDisk): Promise<void> 
 
 /**
  * Make the overlay at `path` a block node of a running QEMU, not yet attached: its file
- * sent over QMP read-write and read-only in a new fdset. Returns the node's name and the
- * fdset for `blockdev-snapshot`; `undo` removes both if the snapshot does not happen.
+ * sent over QMP read-write and read-only in a new fdset, then, once `formatted` resolves
+ * (the file may still be being written when its descriptors go), the node. Returns the
+ * node's name and the fdset for `blockdev-snapshot`; `undo` removes both if the snapshot
+ * does not happen.
  */
 export async function addOverlayNode(
   qemu: QemuProcess,
   disk: VmDisk,
   path: string,
+  formatted: Promise<unknown> = Promise.resolve(),
 ): Promise<{ node: string; fdset: number; undo: () => Promise<void> }> {
   const fdset = disk.nextFdset++;
   const node = `layer${fdset}`;
@@ -108,6 +111,7 @@ export async function addOverlayNode(
   try {
     await qemu.addFd(fdset, fds[0] as number, "rw");
     await qemu.addFd(fdset, fds[1] as number, "ro");
+    await formatted;
     await qmp.execute("blockdev-add", {
       driver: "qcow2",
       "node-name": node,

@@ -11,7 +11,6 @@ import {
   copyFile,
   lchown,
   lstat,
-  mkdir,
   readdir,
   rm,
   truncate,
@@ -26,7 +25,7 @@ import { sharedUidAllocator, type UidAllocator } from "../../jail/uids.js";
 import { CleanupStack } from "../../util/cleanup.js";
 import type { Logger } from "../../util/logger.js";
 import { ensureSafeDir } from "../../util/safe-dir.js";
-import { createExclusive, seizeTree } from "../../util/safe-file.js";
+import { createExclusive } from "../../util/safe-file.js";
 import { BootError } from "../backend.js";
 import {
   closeFds,
@@ -36,8 +35,9 @@ import {
   settleFdsets,
   withDiskFds,
 } from "./disk-fds.js";
+import { type RamSource, ramSource } from "./guest-ram.js";
 import { DiskLayers } from "./layers.js";
-import { freshMemFd, type MemFd, sealedCopy, useHostPython } from "./memfd.js";
+import { type MemFd, type SharedMemFd, sealedCopy, useHostPython } from "./memfd.js";
 import { createOverlay } from "./overlay.js";
 import {
   type Accel,
@@ -50,7 +50,7 @@ import {
 import { QemuProcess } from "./qemu-process.js";
 import { QEMU_OVERHEAD_MIB } from "./sizing.js";
 import { loadDeviceState } from "./snapshot.js";
-import { Vm, type VmDisk, type VmJail, withDisk } from "./vm.js";
+import { Vm, type VmDisk, type VmJail, type VmLineage, withDisk } from "./vm.js";
 
 /** Host-wide claims of VM uids (several daemons may share the range). */
 
@@ -96,12 +96,20 @@ export interface TemplateFiles {
   /** Frozen layers (from forks) below the clone overlay, which each clone must keep alive. */
   layers?: string[];
   /**
-   * The memory as a sealed memfd held by the daemon (a fork's one-off template); clones
-   * under their own uids map it instead of `memPath`.
+   * The sealed memfd of `memPath` a running VM of the lineage holds already (a fork's
+   * children share their parent's); clones under their own uids take a reference to it.
    */
-  memFd?: number;
+  memory?: SharedMemFd;
   /** The template's own frozen disk, at the bottom of every clone's chain. */
   baseDisk: string;
+}
+
+/** A fork child's start (fork.ts): its RAM gets the parent's pages before devices load. */
+export interface ForkLoad {
+  /** Once the child's QEMU answers, before its device state loads: write its RAM. */
+  beforeLoad(qemu: QemuProcess, ram: RamSource): Promise<void>;
+  /** Milliseconds of each step of the child's start, filled in as it goes. */
+  steps: Record<string, number>;
 }
 
 export interface BootOptions {
@@ -242,8 +250,11 @@ export class VmEngine {
     await chmod(path, mode);
   }
 
-  /** The sealed memfd of a template's memory file (one copy per file version, shared). */
-  private async templateMem(memPath: string): Promise<{ fd: number; release: () => void }> {
+  /**
+   * The sealed memfd of a template's memory file (one copy per file version, shared by its
+   * clones and their forks: `retain` takes one more reference to the same copy).
+   */
+  private async templateMem(memPath: string): Promise<SharedMemFd> {
     const st = statSync(memPath);
     const key = `${memPath}:${st.ino}:${st.mtimeMs}`;
     let entry = this.templateMems.get(key);
@@ -254,21 +265,27 @@ export class VmEngine {
       created.memfd.catch(() => this.templateMems.delete(key));
     }
     const e = entry;
-    e.refs++;
-    if (e.timer) clearTimeout(e.timer);
-    e.timer = undefined;
-    const release = () => {
-      if (--e.refs > 0) return;
-      // Kept a little while: pool refills come one after another.
-      e.timer = setTimeout(() => {
-        if (e.refs > 0) return;
-        this.templateMems.delete(key);
-        e.memfd.then((m) => m.close()).catch(() => {});
-      }, 10_000);
-      e.timer.unref();
+    const retain = () => {
+      e.refs++;
+      if (e.timer) clearTimeout(e.timer);
+      e.timer = undefined;
+      let released = false;
+      return () => {
+        if (released) return;
+        released = true;
+        if (--e.refs > 0) return;
+        // Kept a little while: pool refills come one after another.
+        e.timer = setTimeout(() => {
+          if (e.refs > 0) return;
+          this.templateMems.delete(key);
+          e.memfd.then((m) => m.close()).catch(() => {});
+        }, 10_000);
+        e.timer.unref();
+      };
     };
+    const release = retain();
     try {
-      return { fd: (await e.memfd).fd, release };
+      return { fd: (await e.memfd).fd, retain, release };
     } catch (err) {
       release();
       throw err;
@@ -351,13 +368,15 @@ export class VmEngine {
    * `nice` > 0 restores at low CPU priority (pool refills yield to sandboxes in use);
    * the pool renices the VM to 0 when it hands it out.
    */
-  async restore(id: string, template: TemplateFiles, nice = 0): Promise<Vm> {
+  async restore(id: string, template: TemplateFiles, nice = 0, fork?: ForkLoad): Promise<Vm> {
     const accel = this.opts.accel;
-    return this.launch(
+    let lineage: VmLineage | null = null;
+    const vm = await this.launch(
       id,
       template.shape,
       accel,
       async (cleanup, dir, disk, jail) => {
+        const started = performance.now();
         const overlay = this.layers.pathFor(id);
         disk.chain = [overlay, ...(template.layers ?? [])];
         disk.base = template.baseDisk;
@@ -370,16 +389,23 @@ export class VmEngine {
         await chmod(overlay, 0o600);
         // A VM under its own uid maps the memory from a write-sealed memfd (see memfd.ts).
         let memPath = template.memPath;
-        let memFd: number | null = null;
+        let memory: SharedMemFd | null = null;
         if (jail.creds) {
           memPath = MEMFD_PATH;
-          if (template.memFd !== undefined) memFd = template.memFd;
-          else {
-            const mem = await this.templateMem(template.memPath);
-            cleanup.defer("release template memory", () => mem.release());
-            memFd = mem.fd;
-          }
+          if (template.memory) {
+            const shared = template.memory;
+            const release = shared.retain();
+            memory = { fd: shared.fd, retain: shared.retain, release };
+          } else memory = await this.templateMem(template.memPath);
+          const held = memory;
+          cleanup.defer("release template memory", () => held.release());
         }
+        const bytes = template.shape.memSizeMib * 1024 * 1024;
+        lineage = {
+          memPath: template.memPath,
+          memory,
+          ram: ramSource(memory ? { fd: memory.fd } : { path: template.memPath }, bytes),
+        };
         const lower = [...disk.chain.slice(1), disk.base];
         const diskFds = openDiskFds(overlay, lower);
         let stateFd: number | null = null;
@@ -395,8 +421,9 @@ export class VmEngine {
               memPath,
               memShared: false,
               incoming: true,
+              deviceStateOnly: fork !== undefined,
             },
-            withDiskFds(memFd === null ? [stateFd] : [stateFd, memFd], diskFds),
+            withDiskFds(memory === null ? [stateFd] : [stateFd, memory.fd], diskFds),
             nice,
             jail.creds,
           );
@@ -410,8 +437,16 @@ export class VmEngine {
         agent.assumeHandshake(); // the restored agent is the template's, already greeted
         try {
           await qemu.qmp.connect();
+          let t = performance.now();
+          if (fork) {
+            fork.steps.spawn = t - started;
+            await fork.beforeLoad(qemu, lineage.ram);
+            fork.steps.pageWrite = performance.now() - t;
+            t = performance.now();
+          }
           await loadDeviceState(qemu.qmp);
           await qemu.qmp.execute("cont", {});
+          if (fork) fork.steps.deviceLoad = performance.now() - t;
           await settleFdsets(qemu.qmp, disk);
         } catch (err) {
           await Promise.race([qemu.exited, new Promise((r) => setTimeout(r, 100))]);
@@ -423,7 +458,10 @@ export class VmEngine {
       },
       undefined,
       nice,
+      fork?.steps,
     );
+    vm.lineage = lineage;
+    return vm;
   }
 
   private async launch(
@@ -438,6 +476,7 @@ export class VmEngine {
     ) => Promise<{ qemu: QemuProcess; agent: AgentClient }>,
     keepDir?: string,
     nice = 0,
+    steps?: Record<string, number>,
   ): Promise<Vm> {
     if (!VM_ID.test(id)) throw new RangeError(`invalid VM id ${JSON.stringify(id)}`);
     const { log } = this.opts;
@@ -459,6 +498,7 @@ export class VmEngine {
       }
       const disk: VmDisk = { chain: [], base: "", queue: Promise.resolve(), ...newDiskState() };
       const { qemu, agent } = await start(cleanup, dir, disk, jail);
+      const restoreStarted = performance.now();
       await agent.restore(
         {
           entropy: randomBytes(64),
@@ -468,6 +508,7 @@ export class VmEngine {
         },
         10_000,
       );
+      if (steps) steps.restoreRequest = performance.now() - restoreStarted;
       const vm = new Vm(
         id,
         dir,
@@ -534,81 +575,6 @@ export class VmEngine {
     });
   }
 
-  /**
-   * A QEMU that only receives a VM's state into shared memory of its own (fork), under its
-   * own uid and cgroup like any VM. Its directory `dir` (made by the caller) stays the
-   * daemon's; it gets the subdirectory `socketDir` (its own, 0711: the parent's QEMU must
-   * reach the socket the receiver listens on), in which the daemon writes nothing. Under a
-   * VM uid the memory is a fresh memfd, sealed against writes once the receiver is gone;
-   * otherwise a file at `memPath`. `dispose` kills it and undoes everything.
-   */
-  async spawnReceiver(
-    dir: string,
-    shape: VmShape,
-    rootDisk: string,
-    baseDisk: string,
-    memPath: string,
-  ): Promise<Receiver> {
-    const cleanup = new CleanupStack();
-    try {
-      const jail = await this.confine(cleanup, `rcv_${randomBytes(6).toString("hex")}`, shape);
-      const socketDir = join(dir, "rcv");
-      await mkdir(socketDir, { mode: 0o700 });
-      // Taken back (after the kill below) before the fork's directory is removed.
-      cleanup.defer("take back the receiver's directory", () => seizeTree(socketDir));
-      await this.giveTo(socketDir, jail.creds, 0o711);
-      // Its throwaway disk reaches it as an fd (disk-fds.ts), like every disk: root's.
-      await chmod(rootDisk, 0o600);
-      let memfd: MemFd | null = null;
-      if (jail.creds) {
-        const m = await freshMemFd(shape.memSizeMib * 1024 * 1024);
-        memfd = m;
-        cleanup.defer("close receiver memory", () => m.close());
-      }
-      const diskFds = openDiskFds(rootDisk, [baseDisk]);
-      let qemu: QemuProcess;
-      try {
-        qemu = this.spawn(
-          dir,
-          {
-            ...shape,
-            accel: this.opts.accel,
-            lowerDisks: 1,
-            memPath: memfd ? MEMFD_PATH : memPath,
-            memShared: true,
-            incoming: true,
-          },
-          withDiskFds(memfd ? ["ignore", memfd.fd] : [], diskFds),
-          0,
-          jail.creds,
-        );
-      } finally {
-        closeFds(diskFds);
-      }
-      cleanup.defer("kill receiver", async () => void (await qemu.kill()));
-      await this.enter(jail, qemu);
-      const failures = async () => {
-        for (const f of await cleanup.unwind())
-          this.opts.log.error({ step: f.name, err: String(f.error) }, "receiver cleanup failed");
-      };
-      return {
-        qemu,
-        creds: jail.creds,
-        socketDir,
-        memfd,
-        // The memfd outlives the receiver: keep its undo step out of the stack's way.
-        finish: async () => {
-          await qemu.kill();
-          if (memfd) await memfd.seal();
-        },
-        dispose: failures,
-      };
-    } catch (err) {
-      await cleanup.unwind();
-      throw err;
-    }
-  }
-
   private spawn(
     dir: string,
     vm: VmShape & {
@@ -617,6 +583,7 @@ export class VmEngine {
       memPath: string;
       memShared: boolean;
       incoming?: boolean;
+      deviceStateOnly?: boolean;
     },
     extraFds: (number | "ignore")[] = [],
     nice = 0,
@@ -687,18 +654,6 @@ export class VmEngine {
       `the guest agent did not answer within ${timeoutMs} ms.\n${qemu.diagnostics()}`,
     );
   }
-}
-
-/** A fork's receiver QEMU: `finish` kills it and seals its memory; `dispose` undoes the rest. */
-export interface Receiver {
-  qemu: QemuProcess;
-  creds: QemuCredentials | null;
-  /** The one directory it may write: where it listens for the parent's state. */
-  socketDir: string;
-  /** Its guest memory when it runs under its own uid (null: the file at memPath). */
-  memfd: MemFd | null;
-  finish(): Promise<void>;
-  dispose(): Promise<void>;
 }
 
 /** chown -R (no symlinks followed). */

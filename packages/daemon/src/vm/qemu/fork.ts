@@ -1,96 +1,178 @@
 /**
- * Fork a running VM n ways. The parent is paused for the whole copy (TCG figures in
- * docs/performance.md): its disk is frozen with blockdev-snapshot (the parent goes
- * on in a new overlay), its RAM and devices move into a receiver QEMU holding a new
- * shared memory file, and that receiver is saved as a one-off template. The parent then
- * resumes, and each child is an ordinary restore of the template: private copy-on-write
- * memory, its own overlay on the frozen disk, fresh entropy, clock and identity.
+ * Fork a running VM n ways without moving its RAM. Every VM of a lineage maps its root
+ * template's memory privately; what a sandbox changed since is its own anonymous pages.
+ * The parent is paused only to capture itself: its disk is frozen with blockdev-snapshot
+ * (it goes on in a new overlay), its devices are saved without RAM
+ * (xen-save-devices-state) into a file of the daemon's, and its private pages are read
+ * into the daemon's memory (guest-ram.ts). Each child, spawned as soon as the disk is
+ * frozen, maps the same root template privately, gets those pages written into its RAM
+ * before its devices load, and then is an ordinary restore: its own overlay on the frozen
+ * disk, fresh entropy, clock and identity. No file the size of guest RAM is made, and a
+ * fork of a fork costs the same: the pages are the sandbox's own, however deep it is.
  */
 
 import { randomBytes } from "node:crypto";
 import { chmod, rm } from "node:fs/promises";
 import { join } from "node:path";
+import { CleanupStack } from "../../util/cleanup.js";
 import { crashPoint } from "../../util/crash-points.js";
+import { createExclusive } from "../../util/safe-file.js";
 import type { ForkResult } from "../backend.js";
 import { addOverlayNode, settleFdsets } from "./disk-fds.js";
-import type { Receiver, TemplateFiles, VmEngine } from "./engine.js";
-import { createOverlay } from "./overlay.js";
-import { saveDeviceState, transferState } from "./snapshot.js";
-import { type Vm, withDisk } from "./vm.js";
+import type { TemplateFiles, VmEngine } from "./engine.js";
+import { type CapturedPages, capturePrivatePages, ramAddress, writePages } from "./guest-ram.js";
+import { createOverlay, createOverlayFile, formatOverlay } from "./overlay.js";
+import { addStateFd, saveDevicesOnly } from "./snapshot.js";
+import { type Vm, type VmLineage, withDisk } from "./vm.js";
+
+type Steps = Record<string, number>;
 
 export async function forkVm(
   engine: VmEngine,
   parent: Vm,
   childIds: readonly string[],
 ): Promise<ForkResult> {
-  if (parent.disk.chain.length === 0)
+  const lineage = parent.lineage;
+  if (parent.disk.chain.length === 0 || !lineage)
     throw new Error(`VM ${parent.id} was cold-booted and cannot be forked`);
+  const started = performance.now();
+  const cleanup = new CleanupStack();
   const dir = join(engine.forksDir, `fork_${randomBytes(6).toString("hex")}`);
-  engine.makeDir(dir); // the daemon's: the receiver writes only in its socketDir below
-  let receiver: Receiver | null = null;
+  engine.makeDir(dir); // the daemon's: no VM uid writes in it
+  cleanup.defer("remove the fork's directory", () => rm(dir, { recursive: true, force: true }));
+  const capture: Steps = {};
+  const childSteps: Steps[] = childIds.map(() => ({}));
   try {
-    const template = await withDisk(parent.disk, async () => {
-      const frozen = await freeze(engine, parent, dir);
-      receiver = frozen.receiver;
-      return frozen;
+    // Root's, 0600, empty until the parent's devices are saved into it. Each child opens it
+    // when it spawns (before that) and reads it once its RAM holds the parent's pages.
+    const statePath = join(dir, "state");
+    createExclusive(statePath, 0o600);
+    let captured!: (p: CapturedPages) => void;
+    let notCaptured!: (err: unknown) => void;
+    const pagesReady = new Promise<CapturedPages>((resolve, reject) => {
+      captured = resolve;
+      notCaptured = reject;
     });
-    const children: Vm[] = [];
+    pagesReady.catch(() => {});
+    let children: Promise<PromiseSettledResult<Vm>[]> = Promise.resolve([]);
+    const startChildren = (files: TemplateFiles) => {
+      children = Promise.allSettled(
+        childIds.map((id, i) =>
+          engine.restore(id, files, 0, {
+            steps: childSteps[i] as Steps,
+            beforeLoad: async (qemu, ram) => {
+              const p = await pagesReady;
+              const pid = qemu.pid;
+              if (!pid) throw new Error(`child ${id} has no QEMU process`);
+              await writePages(pid, ramAddress(pid, ram), p);
+            },
+          }),
+        ),
+      );
+    };
+    let pausedMs: number;
     try {
-      for (const vm of await Promise.allSettled(
-        childIds.map((id) => engine.restore(id, template.files)),
-      )) {
-        if (vm.status === "fulfilled") children.push(vm.value);
-        else throw vm.reason;
-      }
+      pausedMs = await withDisk(parent.disk, async () => {
+        const r = await captureParent(
+          engine,
+          parent,
+          lineage,
+          dir,
+          statePath,
+          capture,
+          startChildren,
+        );
+        captured(r.pages);
+        return r.pausedMs;
+      });
     } catch (err) {
-      await Promise.all(children.map((c) => c.destroy()));
+      notCaptured(err);
+      await destroyAll(await children);
       throw err;
     }
-    return { children, pausedMs: template.pausedMs };
+    const settled = await children;
+    const failed = settled.find((r) => r.status === "rejected");
+    if (failed) {
+      await destroyAll(settled);
+      throw failed.reason;
+    }
+    engine.opts.log.debug(
+      {
+        vm: parent.id,
+        n: childIds.length,
+        capture: rounded(capture),
+        children: childSteps.map(rounded),
+        ms: Math.round(performance.now() - started),
+      },
+      "fork steps (ms)",
+    );
+    return { children: settled.map((r) => (r as PromiseFulfilledResult<Vm>).value), pausedMs };
   } finally {
-    // The children map the memory privately and have read the state: both may go.
-    await (receiver as Receiver | null)?.dispose();
-    await rm(dir, { recursive: true, force: true });
+    // The page buffer is only reachable through the children's start, ended now: it goes.
+    await cleanup.unwind();
   }
 }
 
-async function freeze(
+async function destroyAll(settled: PromiseSettledResult<Vm>[]): Promise<void> {
+  await Promise.all(settled.map((r) => (r.status === "fulfilled" ? r.value.destroy() : null)));
+}
+
+function rounded(steps: Steps): Steps {
+  return Object.fromEntries(Object.entries(steps).map(([k, v]) => [k, Math.round(v * 10) / 10]));
+}
+
+/**
+ * Pause the parent, freeze its disk, start the children (`startChildren`, given the
+ * files they restore from), save its devices and read its private pages, resume it.
+ */
+async function captureParent(
   engine: VmEngine,
   parent: Vm,
+  lineage: VmLineage,
   dir: string,
-): Promise<{ files: TemplateFiles; pausedMs: number; receiver: Receiver }> {
+  statePath: string,
+  steps: Steps,
+  startChildren: (files: TemplateFiles) => void,
+): Promise<{ pages: CapturedPages; pausedMs: number }> {
   // Read inside the disk queue: a flatten that ran before may have changed the chain.
   const frozen = parent.disk.chain[0] as string;
   const qmp = parent.qemu.qmp;
-  const creds = parent.jail.creds;
-  // Made before the pause: the parent's next overlay (root's, 0600, like every layer:
-  // QEMU gets it as an fd, see disk-fds.ts), and the receiver with a throwaway disk on the
-  // template's (it never runs, and stays off the parent's locked overlay).
+  const pid = parent.qemu.pid;
+  if (!pid) throw new Error(`VM ${parent.id} has no QEMU process`);
+  const ram = ramAddress(pid, lineage.ram);
+  // Made before the pause: the parent's next overlay and the children's clone overlay (both
+  // root's, 0600, like every layer: QEMU gets them as fds, see disk-fds.ts).
   const next = engine.layers.pathFor(`${parent.id}-${randomBytes(4).toString("hex")}`);
-  await createOverlay(next, frozen, "qcow2");
-  const receiverDisk = join(dir, "receiver.qcow2");
-  await createOverlay(receiverDisk, parent.disk.base, "qcow2");
-  let receiver: Receiver;
-  try {
-    receiver = await engine.spawnReceiver(
-      dir,
-      parent.shape,
-      receiverDisk,
-      parent.disk.base,
-      join(dir, "mem"),
-    );
-  } catch (err) {
-    await rm(next, { force: true });
-    throw err;
-  }
+  const cloneOverlay = join(dir, "clone.qcow2");
+  await createOverlayFile(next);
+  const made = Promise.all([
+    formatOverlay(next, frozen, "qcow2"),
+    createOverlay(cloneOverlay, frozen, "qcow2"),
+  ]);
+  made.catch(() => {});
   let snapshotted = false;
   let overlay: Awaited<ReturnType<typeof addOverlayNode>> | null = null;
-  const started = performance.now();
+  const stateSet = parent.disk.nextFdset++;
+  let t = performance.now();
+  const lap = (step: string) => {
+    const now = performance.now();
+    steps[step] = now - t;
+    t = now;
+  };
+  let started = t;
+  let pausedMs = 0;
   try {
-    // The next overlay's node, opened before the pause (sent over QMP as an fd).
-    overlay = await addOverlayNode(parent.qemu, parent.disk, next);
+    // The state file's and the next overlay's descriptors, sent before the pause while
+    // qemu-img writes the overlays; then the overlay's node.
+    await addStateFd(parent.qemu, stateSet, statePath);
+    lap("prepareStateFd");
+    overlay = await addOverlayNode(parent.qemu, parent.disk, next, made);
+    lap("prepareOverlays");
+    started = t;
     await qmp.execute("stop", {});
+    lap("stop");
     crashPoint("fork:parent-paused");
+    let pages: CapturedPages;
     try {
       await qmp.execute("blockdev-snapshot", { node: "root", overlay: overlay.node });
       snapshotted = true;
@@ -101,52 +183,43 @@ async function freeze(
       // Frozen now: QEMU reopened it read-only (from its fdset's read-only fd). It stays
       // root's and 0600: the children get it as an fd like the rest of their chain.
       await chmod(frozen, 0o600);
-
-      await receiver.qemu.qmp.connect();
-      await transferState(
-        qmp,
-        receiver.qemu.qmp,
-        join(receiver.socketDir, "transfer.sock"),
-        120_000,
-        creds,
-        receiver.creds?.uid ?? null,
-      );
-      await saveDeviceState(
-        receiver.qemu.qmp,
-        join(dir, "state"),
-        join(dir, "save.sock"),
-        30_000,
-        receiver.creds,
-      );
+      lap("diskFreeze");
+      // The children open the frozen layer: they start now (their QEMUs spawn while the
+      // pages are read and the parent resumes; the read itself runs in one go).
+      startChildren({
+        key: `fork-${parent.id}`,
+        shape: parent.shape,
+        memPath: lineage.memPath,
+        ...(lineage.memory ? { memory: lineage.memory } : {}),
+        statePath,
+        cloneOverlay,
+        layers: parent.disk.chain.slice(1), // the frozen layer and those below it
+        baseDisk: parent.disk.base,
+      });
+      await saveDevicesOnly(parent.qemu, stateSet, statePath);
+      lap("deviceState");
+      pages = await capturePrivatePages(pid, ram, lineage.ram.bytes);
+      steps.pagemapScan = pages.scanMs;
+      steps.pageRead = pages.readMs;
+      steps.privateMib = pages.data.length / 2 ** 20;
+      steps.runs = pages.runs.length;
+      lap("capture");
     } finally {
-      await qmp.execute("cont", {}); // from paused or post-migration alike
-      // Running again: QEMU drops the fds it no longer needs at once (disk-fds.ts).
+      await qmp.execute("cont", {}); // from paused, whatever happened
+      lap("cont");
+      pausedMs = t - started;
+      // Running again: QEMU drops the fds it no longer needs at once (disk-fds.ts), the
+      // state file's among them.
       await settleFdsets(qmp, parent.disk).catch(() => {});
     }
-    await receiver.finish(); // killed, and its memory sealed against writes
+    return { pages, pausedMs };
   } catch (err) {
-    await receiver.dispose();
+    await made.catch(() => {}); // qemu-img is done with `next` before it is removed
+    await qmp.execute("remove-fd", { "fdset-id": stateSet }).catch(() => {});
     if (!snapshotted) {
       await overlay?.undo();
       await rm(next, { force: true });
     }
     throw err;
   }
-  const pausedMs = performance.now() - started;
-  const cloneOverlay = join(dir, "clone.qcow2");
-  await createOverlay(cloneOverlay, frozen, "qcow2");
-  return {
-    files: {
-      key: `fork-${parent.id}`,
-      shape: parent.shape,
-      memPath: join(dir, "mem"),
-      ...(receiver.memfd ? { memFd: receiver.memfd.fd } : {}),
-      statePath: join(dir, "state"),
-      cloneOverlay,
-      layers: parent.disk.chain.slice(1), // the frozen layer and those below it
-      baseDisk: parent.disk.base,
-    },
-    pausedMs,
-    receiver,
-  };
 }

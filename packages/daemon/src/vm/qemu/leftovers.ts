@@ -12,7 +12,7 @@ import type { LeftoversReport } from "../backend.js";
 
 /**
  * QEMU processes whose command line points into one of our directories (a VM's
- * directory, or a fork's for a receiver): their -pidfile is there. They run under
+ * directory; a fork's, for receivers of runs before issue 12): their -pidfile is there. They run under
  * per-VM uids, so the uid tells nothing; the path does.
  */
 export async function findStrayQemus(...dirs: string[]): Promise<number[]> {

@@ -60,6 +60,15 @@ export interface MemFd {
   close(): void;
 }
 
+/** A template's sealed memfd shared by its clones and their forks (reference counted). */
+export interface SharedMemFd {
+  fd: number;
+  /** One more reference to the same memfd; call what it returns to drop it. */
+  retain(): () => void;
+  /** Drop the reference this handle was given with. */
+  release(): void;
+}
+
 let hostPython = "/usr/bin/python3";
 
 /** The host Python the fd helpers run (config.hostPython: PODFLARE_PYTHON, resolved once). */
@@ -123,9 +132,4 @@ export async function sealedCopy(path: string): Promise<MemFd> {
   const m = await helper(["copy", path], false);
   await m.seal(); // already sealed by the helper: this only confirms it and ends the helper
   return m;
-}
-
-/** A fresh memfd of `bytes` for a QEMU that writes guest RAM into it (share=on); seal it after. */
-export function freshMemFd(bytes: number): Promise<MemFd> {
-  return helper(["new", String(bytes)], true);
 }

@@ -16,8 +16,22 @@ export async function createOverlay(
   backing: string,
   backingFormat: "qcow2" | "raw",
 ): Promise<void> {
+  await createOverlayFile(path);
+  await formatOverlay(path, backing, backingFormat);
+}
+
+/** createOverlay's first half: the new, empty file (it can be opened from now on). */
+export async function createOverlayFile(path: string): Promise<void> {
   const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
   await (await open(path, flags, 0o600)).close();
+}
+
+/** createOverlay's second half: qemu-img writes the overlay into the file made for it. */
+export async function formatOverlay(
+  path: string,
+  backing: string,
+  backingFormat: "qcow2" | "raw",
+): Promise<void> {
   await run("qemu-img", [
     "create",
     "-q",

@@ -15,7 +15,7 @@ export const FD_CONSOLE = 5;
 export const FD_INCOMING = 6;
 /**
  * Where QEMU finds guest RAM when it is handed over as an inherited memfd (VMs under their
- * own uid: a sealed template memfd, or a fork receiver's fresh one). QEMU 7.2 opens the
+ * own uid: the sealed memfd of their lineage's template). QEMU 7.2 opens the
  * memory path read-write even for a private mapping, so a shared template file would
  * have to be writable by every VM; a write-sealed memfd can be opened but never written.
  */
@@ -64,6 +64,12 @@ export interface QemuArgsInput extends VmShape {
   tscKhz: number;
   /** Wait for an incoming migration (restore from a snapshot) instead of booting. */
   incoming?: boolean;
+  /**
+   * The incoming state is devices only (a fork's `xen-save-devices-state`: no RAM, no
+   * configuration section, recorded as running): the VM stays paused after it loads (-S)
+   * and expects neither a configuration nor a vmdescription section.
+   */
+  deviceStateOnly?: boolean;
   /** Map guest memory shared (template/parent) or private copy-on-write (clones). */
   memShared?: boolean;
   /** QEMU's seccomp sandbox (default on). */
@@ -120,7 +126,7 @@ export function buildQemuArgs(input: QemuArgsInput): string[] {
     "-pidfile",
     input.pidFile,
     "-M",
-    "microvm,pit=on,pic=on,rtc=on,isa-serial=on,memory-backend=mem",
+    `microvm,pit=on,pic=on,rtc=on,isa-serial=on,memory-backend=mem${input.deviceStateOnly ? ",suppress-vmdesc=on" : ""}`,
     "-accel",
     input.accel === "kvm" ? "kvm" : `tcg,thread=multi,tb-size=${TCG_TB_SIZE_MIB}`,
     "-cpu",
@@ -155,6 +161,8 @@ export function buildQemuArgs(input: QemuArgsInput): string[] {
     "virtio-blk-device,drive=root",
   ];
   if (input.incoming) args.push("-incoming", "defer");
+  if (input.incoming && input.deviceStateOnly)
+    args.push("-S", "-global", "migration.send-configuration=off");
   return args;
 }
 

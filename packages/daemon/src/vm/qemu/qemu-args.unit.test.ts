@@ -64,6 +64,19 @@ describe("QEMU arguments", () => {
     assert.match(kernelCommandLine(base), /tsc_early_khz=2096000 .*clocksource=tsc tsc=reliable/);
   });
 
+  it("prepares fork children: devices-only state, paused after the load", () => {
+    const args = buildQemuArgs({
+      ...base,
+      incoming: true,
+      memShared: false,
+      deviceStateOnly: true,
+    });
+    assert.deepEqual(value(args, "-incoming"), ["defer"]);
+    assert.ok(args.includes("-S"));
+    assert.deepEqual(value(args, "-global"), ["migration.send-configuration=off"]);
+    assert.match(value(args, "-M")[0] as string, /,suppress-vmdesc=on$/);
+  });
+
   it("prepares restores: -incoming defer and a private memory mapping", () => {
     const args = buildQemuArgs({ ...base, incoming: true, memShared: false });
     assert.deepEqual(value(args, "-incoming"), ["defer"]);

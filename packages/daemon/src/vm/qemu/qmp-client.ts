@@ -86,6 +86,10 @@ export interface QmpCommands {
   "blockdev-add": { args: Record<string, unknown>; ret: Record<string, never> };
   "blockdev-del": { args: { "node-name": string }; ret: Record<string, never> };
   "blockdev-snapshot": { args: { node: string; overlay: string }; ret: Record<string, never> };
+  "xen-save-devices-state": {
+    args: { filename: string; live: boolean };
+    ret: Record<string, never>;
+  };
 }
 
 /** Commands whose reply's `return` is a list, not an object. */

@@ -9,6 +9,7 @@ import { createServer } from "node:net";
 import { pipeline } from "node:stream/promises";
 import { handSocketTo } from "../../util/safe-file.js";
 import { FD_INCOMING, type QemuCredentials } from "./qemu-args.js";
+import type { QemuProcess } from "./qemu-process.js";
 import type { QmpClient } from "./qmp-client.js";
 
 /**
@@ -86,48 +87,34 @@ export async function loadDeviceState(qmp: QmpClient, timeoutMs = 30_000): Promi
 }
 
 /**
- * Move a paused VM's whole state, RAM included, into `receiver` (started with
- * `-incoming defer` and its own `share=on` memory file). Used by fork: a clone's RAM is a
- * private mapping, which `x-ignore-shared` cannot skip.
+ * Write a stopped VM's device state, without RAM, into `statePath` (a fork: its RAM is
+ * captured page by page, guest-ram.ts). The file, made by the caller and the daemon's
+ * (0600), reaches QEMU as a write-only descriptor in fdset `fdset`, which QEMU opens as
+ * `/dev/fdset/N`: it never opens a path. `live: false` keeps the disks active (the VM goes
+ * on); the state records the VM as running, so its loader starts paused (-S).
  */
-export async function transferState(
-  source: QmpClient,
-  receiver: QmpClient,
-  socketPath: string,
-  timeoutMs = 120_000,
-  /** The source QEMU's uid/gid: the receiver's listening socket is handed to it alone. */
-  sourceCreds: QemuCredentials | null = null,
-  /** The receiver's uid: the socket must be its (the directory it listens in is its own). */
-  receiverUid: number | null = null,
+export async function saveDevicesOnly(
+  qemu: QemuProcess,
+  fdset: number,
+  statePath: string,
 ): Promise<void> {
-  await receiver.execute("migrate-set-capabilities", {
-    capabilities: [{ capability: "events", state: true }],
-  });
-  const received = receiver.waitForEvent(
-    "MIGRATION",
-    timeoutMs,
-    (e) => e.data.status === "completed" || e.data.status === "failed",
-  );
-  received.catch(() => {});
-  await receiver.execute("migrate-incoming", { uri: `unix:${socketPath}` });
-  if (sourceCreds) allowConnect(socketPath, sourceCreds, receiverUid ?? sourceCreds.uid);
-  await source.execute("migrate-set-capabilities", {
-    capabilities: [
-      { capability: "x-ignore-shared", state: false },
-      { capability: "events", state: true },
-    ],
-  });
-  // The default cap is 32 MiB/s; the VM is paused, so there is no reason to throttle.
-  await source.execute("migrate-set-parameters", { "max-bandwidth": 64 * 1024 * 1024 * 1024 });
-  await migrate(
-    source,
-    () => source.execute("migrate", { uri: `unix:${socketPath}` }),
-    timeoutMs,
-    "copying",
-  );
-  const event = await received;
-  if (event.data.status !== "completed")
-    throw new Error(`the receiving VM failed to load the state (${String(event.data.status)})`);
+  const qmp = qemu.qmp;
+  await qmp.execute("xen-save-devices-state", { filename: `/dev/fdset/${fdset}`, live: false });
+  if ((await stat(statePath)).size === 0) throw new Error("the device state came back empty");
+}
+
+/** Hand QEMU the file its devices are saved into (write-only, in fdset `fdset`). */
+export async function addStateFd(
+  qemu: QemuProcess,
+  fdset: number,
+  statePath: string,
+): Promise<void> {
+  const fd = openSync(statePath, constants.O_WRONLY | constants.O_NOFOLLOW);
+  try {
+    await qemu.addFd(fdset, fd, "state");
+  } finally {
+    closeSync(fd);
+  }
 }
 
 /** Start a migration and wait for its end (the `events` capability reports it). */

@@ -7,6 +7,8 @@ import type { AgentClient } from "../../guest/agent-client.js";
 import type { VmCgroup } from "../../jail/cgroup.js";
 import type { CleanupStack } from "../../util/cleanup.js";
 import type { VmHandle } from "../backend.js";
+import type { RamSource } from "./guest-ram.js";
+import type { SharedMemFd } from "./memfd.js";
 import type { Accel, QemuCredentials, VmShape } from "./qemu-args.js";
 import type { QemuExit, QemuProcess } from "./qemu-process.js";
 import type { QmpEvent } from "./qmp-client.js";
@@ -47,8 +49,23 @@ export interface VmJail {
   cgroup: VmCgroup | null;
 }
 
+/**
+ * The template memory a restored VM maps privately: its lineage's root template (a fork's
+ * children map the same, plus the pages their parent owned).
+ */
+export interface VmLineage {
+  /** The root template's memory file. */
+  memPath: string;
+  /** Its sealed memfd (VMs under their own uids), or null: the file itself is mapped. */
+  memory: SharedMemFd | null;
+  /** How to find the mapping in QEMU's address space (guest-ram.ts). */
+  ram: RamSource;
+}
+
 export class Vm implements VmHandle {
   private destroying: Promise<void> | null = null;
+  /** Set by restore (null: a cold boot, which cannot be forked). */
+  lineage: VmLineage | null = null;
 
   constructor(
     readonly id: string,

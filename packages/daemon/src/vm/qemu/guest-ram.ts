@@ -1,0 +1,176 @@
+/**
+ * A VM's own guest-RAM pages, read from one QEMU and written into another (fork). A
+ * restored VM's RAM is a private (copy-on-write) mapping of its lineage's template
+ * memory: the pages it changed are anonymous in that mapping (kernel pagemap: present and
+ * not a file page, or swapped), every other page still equals the template. The daemon
+ * (root) reads and writes them through /proc/<pid>/mem, QEMU's uid notwithstanding.
+ * Everything here stays in the daemon's memory: no file holds the pages.
+ */
+import {
+  closeSync,
+  constants,
+  fstatSync,
+  openSync,
+  readFileSync,
+  readSync,
+  statSync,
+  writeSync,
+} from "node:fs";
+
+export const PAGE = 4096;
+/** pagemap entry bits, in the entry's high 32 bits: present, swapped, file-page/shared-anon. */
+const PRESENT = 0x8000_0000;
+const SWAPPED = 0x4000_0000;
+const FILE = 0x2000_0000;
+/** Pagemap is read this many entries at a time (2 MiB: a 1 GiB guest in one read). */
+const SCAN_CHUNK = 1 << 18;
+/** A run of pages is read or written at most this many bytes at a time. */
+const IO_CHUNK = 8 << 20;
+/** Page copies give the event loop a turn this often. */
+const YIELD_BYTES = 4 << 20;
+
+/** What identifies the template memory a VM maps privately. */
+export interface RamSource {
+  /** The memory file's device ("major:minor" in hex, as /proc/<pid>/maps spells it). */
+  dev: string;
+  /** Its inode (the template's file, or its sealed memfd). */
+  inode: number;
+  bytes: number;
+}
+
+/** The RAM source of a memory file given by path or by an open descriptor of ours. */
+export function ramSource(where: { path: string } | { fd: number }, bytes: number): RamSource {
+  const st = "fd" in where ? fstatSync(where.fd) : statSync(where.path);
+  const major = Math.floor(st.dev / 256) & 0xfff;
+  const minor = (st.dev & 0xff) | (Math.floor(st.dev / 4096) & ~0xff);
+  const hex = (n: number) => n.toString(16).padStart(2, "0");
+  return { dev: `${hex(major)}:${hex(minor)}`, inode: st.ino, bytes };
+}
+
+/**
+ * The host address of QEMU `pid`'s guest-RAM mapping: its mapping of the memory file at
+ * offset 0, `bytes` long (contiguous pieces of one mapping are joined).
+ */
+export function ramAddress(pid: number, source: RamSource): number {
+  const maps = readFileSync(`/proc/${pid}/maps`, "utf8");
+  let start = -1;
+  let end = -1;
+  for (const line of maps.split("\n")) {
+    const m = /^([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) ([0-9a-f:]+) (\d+)/.exec(line);
+    if (!m || m[4] !== source.dev || Number(m[5]) !== source.inode) continue;
+    const lo = Number.parseInt(m[1] as string, 16);
+    const hi = Number.parseInt(m[2] as string, 16);
+    const offset = Number.parseInt(m[3] as string, 16);
+    if (offset === 0 && start < 0) {
+      start = lo;
+      end = hi;
+    } else if (start >= 0 && lo === end && offset === end - start) end = hi;
+  }
+  if (start < 0 || end - start < source.bytes)
+    throw new Error(`QEMU ${pid} has no mapping of its guest RAM (inode ${source.inode})`);
+  return start;
+}
+
+/** The private pages of a guest's RAM: runs (offsets into RAM) and their bytes, back to back. */
+export interface CapturedPages {
+  runs: { offset: number; length: number }[];
+  data: Buffer;
+  scanMs: number;
+  readMs: number;
+}
+
+/** Runs of pages in [addr, addr + bytes) that `pid` holds privately (pagemap). */
+function privateRuns(pid: number, addr: number, bytes: number): CapturedPages["runs"] {
+  const runs: CapturedPages["runs"] = [];
+  const pages = bytes / PAGE;
+  const fd = openSync(`/proc/${pid}/pagemap`, constants.O_RDONLY);
+  try {
+    const buf = Buffer.allocUnsafe(Math.min(pages, SCAN_CHUNK) * 8);
+    let runStart = -1;
+    for (let first = 0; first < pages; first += SCAN_CHUNK) {
+      const n = Math.min(SCAN_CHUNK, pages - first);
+      const got = readSync(fd, buf, 0, n * 8, (addr / PAGE + first) * 8);
+      if (got !== n * 8) throw new Error(`short pagemap read for QEMU ${pid}`);
+      const words = new Uint32Array(buf.buffer, buf.byteOffset, n * 2);
+      for (let i = 0; i < n; i++) {
+        const hi = words[i * 2 + 1] as number; // little-endian: bits 32..63
+        const own = ((hi & PRESENT) !== 0 && (hi & FILE) === 0) || (hi & SWAPPED) !== 0;
+        const page = first + i;
+        if (own && runStart < 0) runStart = page;
+        else if (!own && runStart >= 0) {
+          runs.push({ offset: runStart * PAGE, length: (page - runStart) * PAGE });
+          runStart = -1;
+        }
+      }
+    }
+    if (runStart >= 0) runs.push({ offset: runStart * PAGE, length: (pages - runStart) * PAGE });
+  } finally {
+    closeSync(fd);
+  }
+  return runs;
+}
+
+/** Read the pages QEMU `pid` (stopped) holds privately in its guest RAM at `addr`. */
+export async function capturePrivatePages(
+  pid: number,
+  addr: number,
+  bytes: number,
+): Promise<CapturedPages> {
+  const t0 = performance.now();
+  const runs = privateRuns(pid, addr, bytes);
+  const t1 = performance.now();
+  const total = runs.reduce((sum, r) => sum + r.length, 0);
+  const data = Buffer.allocUnsafe(total);
+  // In one go: the parent is paused meanwhile (the children start once it resumes).
+  await eachChunk(pid, addr, "r", runs, Number.POSITIVE_INFINITY, (fd, at, len, position) =>
+    readSync(fd, data, at, len, position),
+  );
+  return { runs, data, scanMs: t1 - t0, readMs: performance.now() - t1 };
+}
+
+/** Write captured pages into QEMU `pid`'s guest RAM at `addr` (before its devices load). */
+export async function writePages(pid: number, addr: number, pages: CapturedPages): Promise<void> {
+  await eachChunk(pid, addr, "w", pages.runs, YIELD_BYTES, (fd, at, len, position) =>
+    writeSync(fd, pages.data, at, len, position),
+  );
+}
+
+/**
+ * `io` over /proc/<pid>/mem for each run (at `addr` + its offset), in chunks, the runs'
+ * bytes packed back to back in the buffer. Synchronous calls (one per run: thousands,
+ * too small for the thread pool's overhead), giving the event loop a turn every
+ * `yieldBytes` so the other children of a fork go on meanwhile.
+ */
+async function eachChunk(
+  pid: number,
+  addr: number,
+  mode: "r" | "w",
+  runs: CapturedPages["runs"],
+  yieldBytes: number,
+  io: (fd: number, at: number, len: number, position: number) => number,
+): Promise<void> {
+  const fd = openSync(`/proc/${pid}/mem`, mode === "r" ? constants.O_RDONLY : constants.O_WRONLY);
+  try {
+    let at = 0;
+    let sinceYield = 0;
+    for (const run of runs) {
+      for (let done = 0; done < run.length; ) {
+        const len = Math.min(IO_CHUNK, run.length - done);
+        const n = io(fd, at, len, addr + run.offset + done);
+        if (n <= 0)
+          throw new Error(
+            `QEMU ${pid}'s guest RAM: ${mode === "r" ? "read" : "write"} stopped short`,
+          );
+        done += n;
+        at += n;
+        sinceYield += n;
+      }
+      if (sinceYield >= yieldBytes) {
+        sinceYield = 0;
+        await new Promise((resolve) => setImmediate(resolve));
+      }
+    }
+  } finally {
+    closeSync(fd);
+  }
+}
