@@ -95,6 +95,8 @@ export const DOWNLOAD_HELD_BYTES = 4 * 1024 * 1024 + 512 * 1024;
 export class SandboxService {
   private readonly live = new LiveRegistry();
   private readonly lifecycle: Lifecycle;
+  /** Sandboxes ended while still `creating`, with why: ended once their VM is live. */
+  private readonly doomed = new Map<string, string>();
 
   constructor(
     private readonly store: Store,
@@ -140,6 +142,7 @@ export class SandboxService {
       crashPoint("create:vm-started");
     } catch (err) {
       this.admission.release(id);
+      this.doomed.delete(id);
       ignoreFailure(() => this.lifecycle.abandon(id)); // a failed create leaves no trace
       throw translateHostError(err, "create a sandbox");
     }
@@ -153,7 +156,8 @@ export class SandboxService {
       { sandbox: id, vm: vm.id, template, pooled, owner: row.owner },
       "sandbox created",
     );
-    return this.info(caller, id);
+    // Destroyed meanwhile (by another call of its tenant): the answer says so.
+    return toInfo(this.store.getSandbox(id) as SandboxRow);
   }
 
   list(caller: Caller): SandboxInfo[] {
@@ -269,6 +273,12 @@ export class SandboxService {
     if (!row) return;
     const live = this.live.get(id);
     if (!live) {
+      if (row.state === "creating") {
+        // Its create or fork still runs and holds its charge: the sandbox is ended the
+        // moment its VM is live (goLive), or by that operation's own failure path.
+        this.doomed.set(id, reason);
+        return;
+      }
       if (row.state !== "destroying") this.lifecycle.end(id, reason);
       this.admission.release(id);
       return;
@@ -336,6 +346,7 @@ export class SandboxService {
     } catch (err) {
       for (const childId of ids) {
         this.admission.release(childId);
+        this.doomed.delete(childId);
         ignoreFailure(() => this.lifecycle.abandon(childId));
       }
       this.admission.unhold(forkHold); // the children are destroyed: the memory is gone
@@ -418,6 +429,15 @@ export class SandboxService {
 
   private goLive(id: string, vm: Vm, expiresAt: number): void {
     this.lifecycle.move(id, "ready", { pid: vm.pid ?? null });
+    this.registerLive(id, vm, expiresAt);
+    const doomed = this.doomed.get(id);
+    if (doomed !== undefined) {
+      this.doomed.delete(id);
+      this.end(id, doomed); // destroyed (or expired, shut down) while it was being created
+    }
+  }
+
+  private registerLive(id: string, vm: Vm, expiresAt: number): void {
     this.live.add(
       id,
       vm,

@@ -226,6 +226,67 @@ describe("sandbox service (fake backend)", () => {
     await assert.rejects(service.fork(ALICE, parent.id, 0), BadRequestError);
   });
 
+  it("a sandbox destroyed while its fork runs is ended once its VM is live: no VM escapes", async () => {
+    await start({ poolSize: 0 });
+    const parent = await service.create(ALICE, {});
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => {
+      open = resolve;
+    });
+    const fork = backend.fork.bind(backend);
+    backend.fork = async (p, ids) => {
+      await gate;
+      return fork(p, ids);
+    };
+    const forking = service.fork(ALICE, parent.id, 2);
+    await eventually("the children's rows", () =>
+      service.list(ALICE).some((s) => s.state === "creating"),
+    );
+    const doomed = service.list(ALICE).find((s) => s.state === "creating")?.id as string;
+    await service.destroy(ALICE, doomed);
+    open();
+    const ids = await forking;
+    assert.ok(ids.includes(doomed));
+    await service.settled();
+    assert.equal(store.getSandbox(doomed)?.state, "ended");
+    assert.equal(store.getSandbox(doomed)?.end_reason, "destroyed");
+    assert.deepEqual(
+      service
+        .list(ALICE)
+        .map((s) => s.id)
+        .sort(),
+      [parent.id, ...ids.filter((i) => i !== doomed)].sort(),
+    );
+    assert.equal(backend.live.size, 2, "the parent and the one child kept");
+    assert.equal(admission.usage(ALICE.id).sandboxes, 2);
+  });
+
+  it("a sandbox destroyed while it is created is ended once its VM is live", async () => {
+    await start({ poolSize: 0 });
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => {
+      open = resolve;
+    });
+    const restore = backend.restore.bind(backend);
+    backend.restore = async (i, t, n) => {
+      await gate;
+      return restore(i, t, n);
+    };
+    const creating = service.create(ALICE, {});
+    await eventually("its row", () => service.list(ALICE).some((s) => s.state === "creating"));
+    const id = service.list(ALICE)[0]?.id as string;
+    await service.destroy(ALICE, id);
+    assert.equal(admission.usage(ALICE.id).sandboxes, 1, "charged while its create runs");
+    open();
+    const info = await creating;
+    assert.equal(info.id, id);
+    assert.notEqual(info.state, "ready", "the answer says it is gone");
+    await service.settled();
+    assert.equal(store.getSandbox(id)?.state, "ended");
+    assert.equal(backend.live.size, 0, "its VM is destroyed");
+    assert.equal(admission.usage(ALICE.id).sandboxes, 0);
+  });
+
   it("a failing fork leaves no child row, charge or hold", async () => {
     await start({ poolSize: 0 });
     const parent = await service.create(ALICE, {});

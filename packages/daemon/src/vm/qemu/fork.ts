@@ -40,6 +40,13 @@ export async function forkVm(
   const dir = join(engine.forksDir, `fork_${randomBytes(6).toString("hex")}`);
   engine.makeDir(dir); // the daemon's: no VM uid writes in it
   cleanup.defer("remove the fork's directory", () => rm(dir, { recursive: true, force: true }));
+  // The fork's own references on what its children will map and open: the parent may be
+  // destroyed (or flattened) before a child has taken its own.
+  const memory = lineage.memory;
+  if (memory) {
+    const release = memory.retain();
+    cleanup.defer("release the lineage's template memory", () => release());
+  }
   const capture: Steps = {};
   const childSteps: Steps[] = childIds.map(() => ({}));
   try {
@@ -56,6 +63,9 @@ export async function forkVm(
     pagesReady.catch(() => {});
     let children: Promise<PromiseSettledResult<Vm>[]> = Promise.resolve([]);
     const startChildren = (files: TemplateFiles) => {
+      const layers = files.layers ?? [];
+      engine.layers.retain(layers);
+      cleanup.defer("release the children's disk layers", () => engine.layers.release(layers));
       children = Promise.allSettled(
         childIds.map((id, i) =>
           engine.restore(id, files, 0, {
@@ -63,7 +73,8 @@ export async function forkVm(
             beforeLoad: async (qemu, ram) => {
               const p = await pagesReady;
               const pid = qemu.pid;
-              if (!pid) throw new Error(`child ${id} has no QEMU process`);
+              // Checked after the await: an exited (reaped) child's pid may be reused.
+              if (!pid || qemu.hasExited) throw new Error(`child ${id} has no QEMU process`);
               await writePages(pid, ramAddress(pid, ram), p);
             },
           }),
@@ -169,11 +180,14 @@ async function captureParent(
     overlay = await addOverlayNode(parent.qemu, parent.disk, next, made);
     lap("prepareOverlays");
     started = t;
-    await qmp.execute("stop", {});
-    lap("stop");
-    crashPoint("fork:parent-paused");
     let pages: CapturedPages;
     try {
+      // Inside the try: a stop that times out (it drains the disk) may still take effect
+      // later, and the finally's cont then resumes the parent (cont on a running VM is a
+      // no-op).
+      await qmp.execute("stop", {});
+      lap("stop");
+      crashPoint("fork:parent-paused");
       await qmp.execute("blockdev-snapshot", { node: "root", overlay: overlay.node });
       snapshotted = true;
       engine.layers.retain([next]);
@@ -198,6 +212,8 @@ async function captureParent(
       });
       await saveDevicesOnly(parent.qemu, stateSet, statePath);
       lap("deviceState");
+      // A parent that exited (and was reaped) meanwhile: its pid may name another process.
+      if (parent.qemu.hasExited) throw new Error(`VM ${parent.id}'s QEMU exited during the fork`);
       pages = await capturePrivatePages(pid, ram, lineage.ram.bytes);
       steps.pagemapScan = pages.scanMs;
       steps.pageRead = pages.readMs;

@@ -28,6 +28,12 @@ const SCAN_CHUNK = 1 << 18;
 const IO_CHUNK = 8 << 20;
 /** Page copies give the event loop a turn this often. */
 const YIELD_BYTES = 4 << 20;
+/**
+ * The parent's read runs in one go for the usual tens of MiB (every turn given away
+ * lengthens its pause), but a guest that dirtied gigabytes must not hold the daemon's
+ * event loop for seconds (about 1 ms per MiB here): it yields every 256 MiB.
+ */
+const READ_YIELD_BYTES = 256 << 20;
 
 /** What identifies the template memory a VM maps privately. */
 export interface RamSource {
@@ -122,7 +128,7 @@ export async function capturePrivatePages(
   const total = runs.reduce((sum, r) => sum + r.length, 0);
   const data = Buffer.allocUnsafe(total);
   // In one go: the parent is paused meanwhile (the children start once it resumes).
-  await eachChunk(pid, addr, "r", runs, Number.POSITIVE_INFINITY, (fd, at, len, position) =>
+  await eachChunk(pid, addr, "r", runs, READ_YIELD_BYTES, (fd, at, len, position) =>
     readSync(fd, data, at, len, position),
   );
   return { runs, data, scanMs: t1 - t0, readMs: performance.now() - t1 };
@@ -164,10 +170,11 @@ async function eachChunk(
         done += n;
         at += n;
         sinceYield += n;
-      }
-      if (sinceYield >= yieldBytes) {
-        sinceYield = 0;
-        await new Promise((resolve) => setImmediate(resolve));
+        if (sinceYield >= yieldBytes) {
+          // Also inside a run: one run may be the whole of guest RAM.
+          sinceYield = 0;
+          await new Promise((resolve) => setImmediate(resolve));
+        }
       }
     }
   } finally {
