@@ -2,6 +2,17 @@ import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { loadConfig } from "./config.js";
 
+/** Runs `fn`, then puts process.env back as it was (the tests set PODFLARE_* in it). */
+function withRestoredEnv(fn: () => void): void {
+  const saved = { ...process.env };
+  try {
+    fn();
+  } finally {
+    for (const k of Object.keys(process.env)) if (!(k in saved)) delete process.env[k];
+    Object.assign(process.env, saved);
+  }
+}
+
 describe("HTTP settings", () => {
   it("have generous defaults: uploads get an hour, headers 20 s", () => {
     const c = loadConfig({ stateDir: "/nonexistent" });
@@ -14,8 +25,7 @@ describe("HTTP settings", () => {
   });
 
   it("read PODFLARE_* and refuse a headers timeout longer than the request timeout", () => {
-    const saved = { ...process.env };
-    try {
+    withRestoredEnv(() => {
       process.env.PODFLARE_ALLOWED_HOSTS = " Sandbox-Host.internal, ,b.internal";
       process.env.PODFLARE_HTTP_MAX_CONNECTIONS = "7";
       const c = loadConfig({ stateDir: "/nonexistent" });
@@ -27,10 +37,7 @@ describe("HTTP settings", () => {
       assert.equal(loadConfig({ stateDir: "/nonexistent" }).httpRequestTimeoutMs, 0);
       process.env.PODFLARE_HTTP_MAX_CONNECTIONS = "-1";
       assert.throws(() => loadConfig({ stateDir: "/nonexistent" }), /non-negative integer/);
-    } finally {
-      for (const k of Object.keys(process.env)) if (!(k in saved)) delete process.env[k];
-      Object.assign(process.env, saved);
-    }
+    });
   });
 
   it("resolve every path once, from the directories as overridden", () => {
@@ -54,8 +61,7 @@ describe("HTTP settings", () => {
   });
 
   it("take the crash point and the host Python from the environment, once", () => {
-    const saved = { ...process.env };
-    try {
+    withRestoredEnv(() => {
       process.env.PODFLARE_CRASH_AT = "fork:admitted";
       process.env.PODFLARE_PYTHON = "/opt/py/bin/python3";
       const c = loadConfig({ stateDir: "/nonexistent" });
@@ -68,9 +74,6 @@ describe("HTTP settings", () => {
       );
       delete process.env.PODFLARE_CRASH_AT;
       assert.equal(loadConfig({ stateDir: "/nonexistent" }).crashAt, null);
-    } finally {
-      for (const k of Object.keys(process.env)) if (!(k in saved)) delete process.env[k];
-      Object.assign(process.env, saved);
-    }
+    });
   });
 });
