@@ -24,6 +24,8 @@ export interface DiskPauseHooks {
 
 export class DiskGuard {
   private readonly paused = new Map<Vm, DiskPauseHooks>();
+  /** VMs an operation (a fork's capture) has paused itself: not the guard's to resume. */
+  private readonly held = new Set<Vm>();
   private timer: NodeJS.Timeout | null = null;
 
   constructor(
@@ -62,6 +64,20 @@ export class DiskGuard {
     void vm.exited.then(() => this.paused.delete(vm));
   }
 
+  /**
+   * Runs `fn` (a fork) with `vm` kept from the guard: a resume in the middle of a fork's
+   * capture would save device state, disk and pages from different instants. A VM paused
+   * for disk space meanwhile is resumed at the first check after `fn` ends.
+   */
+  async whileHeld<T>(vm: Vm, fn: () => Promise<T>): Promise<T> {
+    this.held.add(vm);
+    try {
+      return await fn();
+    } finally {
+      this.held.delete(vm);
+    }
+  }
+
   get pausedCount(): number {
     return this.paused.size;
   }
@@ -75,6 +91,7 @@ export class DiskGuard {
     const free = await this.freeMib().catch(() => 0);
     if (free < this.minFreeMib) return;
     for (const [vm, hooks] of [...this.paused]) {
+      if (this.held.has(vm)) continue;
       this.paused.delete(vm);
       const sandboxId = hooks.sandboxId();
       hooks.onResume();

@@ -339,7 +339,8 @@ export class SandboxService {
     let children: Vm[];
     try {
       crashPoint("fork:admitted");
-      const result = await this.source.fork(parent, n);
+      const fork = () => this.source.fork(parent, n);
+      const result = await (this.disk ? this.disk.whileHeld(parent, fork) : fork());
       crashPoint("fork:children-started");
       children = result.children;
       this.log.info({ sandbox: id, n, pausedMs: Math.round(result.pausedMs) }, "forked");

@@ -324,6 +324,36 @@ describe("sandbox service (fake backend)", () => {
     assert.equal(store.getSandbox(info.id)?.state, "ended");
   });
 
+  it("the disk guard does not resume a parent while its fork runs", async () => {
+    await start({ poolSize: 0 });
+    const parent = await service.create(ALICE, {});
+    const vm = vmOf(parent.id);
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => {
+      open = resolve;
+    });
+    const fork = backend.fork.bind(backend);
+    let forking = false;
+    backend.fork = async (p, ids) => {
+      forking = true;
+      vm.fillDisk(); // QEMU paused it for a full host disk during the capture
+      await gate;
+      return fork(p, ids);
+    };
+    const forked = service.fork(ALICE, parent.id, 1);
+    await eventually("the fork", () => forking);
+    // The guard checks every second (min free here: 0 MiB, so there is room): it waits.
+    await new Promise((resolve) => setTimeout(resolve, 1_500));
+    assert.ok(vm.paused, "not resumed in the middle of the fork");
+    open();
+    await forked;
+    await eventually(
+      "the resume after the fork",
+      () => !vm.paused && disk.pausedCount === 0,
+      3_000,
+    );
+  });
+
   it("a VM paused on a full host disk gets a 503 until the guard resumes it", async () => {
     await start();
     const info = await service.create(ALICE, {});
