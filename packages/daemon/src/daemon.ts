@@ -225,6 +225,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
       bodyIdleTimeoutMs: config.httpBodyIdleTimeoutMs,
       keepAliveTimeoutMs: config.httpKeepAliveTimeoutMs,
       maxConnections: config.httpMaxConnections,
+      streamHeartbeatMs: config.httpStreamHeartbeatMs,
     },
     metrics: () => metrics.render(),
     capacity: async (caller) => {

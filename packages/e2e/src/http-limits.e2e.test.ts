@@ -147,7 +147,7 @@ describe("HTTP timeouts (set low)", () => {
       .split("\n")
       .map((l) => JSON.parse(l) as { type: string; data?: string; code?: number });
     const ms = Date.now() - t0;
-    console.log(`# quiet exec: ${ms} ms with no byte on the wire, completed`);
+    console.log(`# quiet exec: ${ms} ms with no event on the wire, completed`);
     assert.ok(ms >= quietS * 1000, `${ms} ms`);
     assert.deepEqual(
       events.filter((e) => e.type === "stdout").map((e) => e.data),
@@ -270,5 +270,71 @@ describe("HTTP connection cap", () => {
     console.log(
       `# upload ${mib} MiB: ${s.toFixed(1)} s, ${(mib / s).toFixed(1)} MiB/s (1 GiB at this rate: ${Math.round(1024 / (mib / s))} s; request timeout ${d.config.httpRequestTimeoutMs / 1000} s)`,
     );
+  });
+});
+
+describe("quiet exec streams", () => {
+  const HEARTBEAT_MS = 300;
+  const CLIENT_IDLE_MS = 1000; // a client (or proxy) that cuts a response idle this long
+  let d: TestDaemon;
+  before(async () => {
+    d = await startTestDaemon({ poolSize: 1, httpStreamHeartbeatMs: HEARTBEAT_MS });
+  });
+  after(async () => {
+    await d?.close();
+  });
+
+  it("answer at once and keep the line busy while the code is silent", async () => {
+    const id = await createSandbox(d.url);
+    const { request } = await import("node:http");
+    const silentS = 3.5; // 3.5 times the client's idle limit
+    const t0 = performance.now();
+    const result = await new Promise<{ headersMs: number; chunks: string[]; cut: boolean }>(
+      (resolve, reject) => {
+        const body = JSON.stringify({
+          code: `import time\ntime.sleep(${silentS})\nprint("done")`,
+        });
+        const req = request(
+          `${d.url}/v1/sandboxes/${id}/exec`,
+          {
+            method: "POST",
+            headers: { "content-type": "application/json", "content-length": body.length },
+            timeout: CLIENT_IDLE_MS, // fires after this long without a byte
+          },
+          (res) => {
+            const headersMs = performance.now() - t0;
+            const chunks: string[] = [];
+            res.setEncoding("utf8");
+            res.on("data", (c: string) => chunks.push(c));
+            res.on("end", () => resolve({ headersMs, chunks, cut: false }));
+            res.on("error", reject);
+          },
+        );
+        req.on("timeout", () => {
+          req.destroy();
+          resolve({ headersMs: Number.NaN, chunks: [], cut: true });
+        });
+        req.on("error", (err) => (req.destroyed ? undefined : reject(err)));
+        req.end(body);
+      },
+    );
+    const text = result.chunks.join("");
+    const lines = text.split("\n");
+    const empty = lines.slice(0, -1).filter((l) => l === "").length;
+    console.log(
+      `# quiet exec (${silentS} s silent): headers after ${result.headersMs.toFixed(0)} ms, ${empty} empty lines, cut by the client: ${result.cut}`,
+    );
+    assert.equal(result.cut, false, "a client idle limit of 1 s never fired");
+    assert.ok(result.headersMs < 1000, `headers after ${result.headersMs} ms`);
+    assert.ok(empty >= 5, `${empty} empty lines`); // one at once, then one a 300 ms
+    const events = lines
+      .filter(Boolean)
+      .map((l) => JSON.parse(l) as { type: string; data?: string; code?: number });
+    assert.deepEqual(
+      events.filter((e) => e.type === "stdout").map((e) => e.data),
+      ["done\n"],
+    );
+    assert.equal(events.at(-1)?.type, "exit");
+    assert.equal(events.at(-1)?.code, 0);
   });
 });

@@ -2,6 +2,7 @@
  * The HTTP transport: parse, validate, call one service method, serialize. Errors map to
  * statuses and bodies in api/errors.ts only; this module wires its answers in.
  */
+
 import { pipeline, Readable } from "node:stream";
 import type { TypeBoxTypeProvider } from "@fastify/type-provider-typebox";
 import Fastify, { type FastifyReply, type FastifyRequest, LogController } from "fastify";
@@ -20,6 +21,7 @@ import {
   routeNotFound,
   toHttpError,
 } from "./errors.js";
+import { withHeartbeat } from "./heartbeat.js";
 import {
   CreateBody,
   ExecBody,
@@ -62,6 +64,8 @@ export interface HttpLimits {
   keepAliveTimeoutMs: number;
   /** Connections open at once; past it, new ones are closed at once. */
   maxConnections: number;
+  /** An exec stream with nothing to send gets an empty line this often (api/heartbeat.ts; 0: never). */
+  streamHeartbeatMs: number;
 }
 
 export const DEFAULT_HTTP_LIMITS: HttpLimits = {
@@ -70,6 +74,7 @@ export const DEFAULT_HTTP_LIMITS: HttpLimits = {
   bodyIdleTimeoutMs: 60_000,
   keepAliveTimeoutMs: 10_000,
   maxConnections: 1024,
+  streamHeartbeatMs: 15_000,
 };
 
 export function buildServer(deps: ServerDeps) {
@@ -237,7 +242,10 @@ export function buildServer(deps: ServerDeps) {
       });
       reply.raw.once("close", () => gone.abort());
       // Bytes, not objects: readableLength then counts what the buffer holds.
-      body = Readable.from(ndjson(events), { objectMode: false, highWaterMark: 64 * 1024 });
+      body = Readable.from(withHeartbeat(ndjson(events), limits.streamHeartbeatMs), {
+        objectMode: false,
+        highWaterMark: 64 * 1024,
+      });
       return reply.type("application/x-ndjson").send(body);
     },
   );

@@ -103,6 +103,11 @@ export interface Config {
   readonly httpKeepAliveTimeoutMs: number;
   /** HTTP: connections open at once (0: no cap). */
   readonly httpMaxConnections: number;
+  /**
+   * HTTP: an exec stream whose code prints nothing gets an empty line this often (ms; 0:
+   * never), so no client or proxy cuts a quiet call; its headers leave at once regardless.
+   */
+  readonly httpStreamHeartbeatMs: number;
   readonly logLevel: string;
   /**
    * Host Python for the QEMU backend's fd helpers (PODFLARE_PYTHON; default Debian's
@@ -231,6 +236,7 @@ export function loadConfig(overrides: Partial<Omit<Config, "paths">> = {}): Conf
     httpBodyIdleTimeoutMs: envInt("PODFLARE_HTTP_BODY_IDLE_TIMEOUT_MS", 60_000),
     httpKeepAliveTimeoutMs: envInt("PODFLARE_HTTP_KEEP_ALIVE_TIMEOUT_MS", 10_000),
     httpMaxConnections: envInt("PODFLARE_HTTP_MAX_CONNECTIONS", 1024),
+    httpStreamHeartbeatMs: envInt("PODFLARE_HTTP_STREAM_HEARTBEAT_MS", 15_000),
     logLevel: env.PODFLARE_LOG_LEVEL || "info",
     hostPython: env.PODFLARE_PYTHON || defaultHostPython(),
     crashAt: envCrashPoint(),

@@ -21,6 +21,7 @@ describe("HTTP settings", () => {
     assert.equal(c.httpBodyIdleTimeoutMs, 60_000);
     assert.equal(c.httpKeepAliveTimeoutMs, 10_000);
     assert.equal(c.httpMaxConnections, 1024);
+    assert.equal(c.httpStreamHeartbeatMs, 15_000);
     assert.deepEqual(c.allowedHosts, []);
   });
 
