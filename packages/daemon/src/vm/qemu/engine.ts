@@ -506,7 +506,9 @@ export class VmEngine {
           hostname: id.replaceAll("_", "-").slice(0, 63),
           machineId: randomBytes(16).toString("hex"),
         },
-        10_000,
+        // Part of the VM's start, bounded like a boot (PODFLARE_BOOT_TIMEOUT_MS): on a
+        // loaded TCG host a restore's first guest work has taken more than 10 s.
+        this.opts.bootTimeoutMs,
       );
       if (steps) steps.restoreRequest = performance.now() - restoreStarted;
       const vm = new Vm(
