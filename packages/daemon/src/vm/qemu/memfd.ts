@@ -14,49 +14,36 @@ import { spawn } from "node:child_process";
 import { closeSync, constants, openSync } from "node:fs";
 import { createInterface } from "node:readline";
 
-const HELPER = String.raw`
+const HELPER = `
 import fcntl, os, sys
 fd = os.memfd_create("podflare-mem", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
-if sys.argv[1] == "copy":
-    # Copy only the data extents (SEEK_DATA/SEEK_HOLE): the file is sparse.
-    src = os.open(sys.argv[2], os.O_RDONLY)
-    size = os.fstat(src).st_size
-    os.ftruncate(fd, size)
-    off = 0
-    while off < size:
-        try:
-            data = os.lseek(src, off, os.SEEK_DATA)
-        except OSError:
+# Copy only the data extents (SEEK_DATA/SEEK_HOLE): the file is sparse.
+src = os.open(sys.argv[1], os.O_RDONLY)
+size = os.fstat(src).st_size
+os.ftruncate(fd, size)
+off = 0
+while off < size:
+    try:
+        data = os.lseek(src, off, os.SEEK_DATA)
+    except OSError:
+        break
+    hole = os.lseek(src, data, os.SEEK_HOLE)
+    while data < hole:
+        buf = os.pread(src, min(hole - data, 4 << 20), data)
+        if not buf:
             break
-        hole = os.lseek(src, data, os.SEEK_HOLE)
-        while data < hole:
-            buf = os.pread(src, min(hole - data, 4 << 20), data)
-            if not buf:
-                break
-            os.pwrite(fd, buf, data)
-            data += len(buf)
-        off = hole
-    os.close(src)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-    sealed = True
-else:
-    sealed = False
-    os.ftruncate(fd, int(sys.argv[2]))
+        os.pwrite(fd, buf, data)
+        data += len(buf)
+    off = hole
+os.close(src)
+fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
 print("ready", fd, flush=True)
-for line in sys.stdin:
-    if line.strip() == "seal":
-        if not sealed:
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-            sealed = True
-        print("sealed", flush=True)
+sys.stdin.read()  # alive until the daemon has opened the memfd and closes our stdin
 `;
 
-/** A memfd held by the daemon; `fd` is ours to pass to QEMU. */
+/** A sealed memfd held by the daemon; `fd` is ours to pass to QEMU. */
 export interface MemFd {
   fd: number;
-  /** Forbid writes from now on (fails while a shared writable mapping exists). */
-  seal(): Promise<void>;
   close(): void;
 }
 
@@ -80,8 +67,9 @@ export function python(): string {
   return hostPython;
 }
 
-async function helper(args: string[], writable: boolean): Promise<MemFd> {
-  const child = spawn(python(), ["-c", HELPER, ...args], { stdio: ["pipe", "pipe", "pipe"] });
+/** A sealed copy of a (sparse) memory file: what clones of a template map. */
+export async function sealedCopy(path: string): Promise<MemFd> {
+  const child = spawn(python(), ["-c", HELPER, path], { stdio: ["pipe", "pipe", "pipe"] });
   let stderr = "";
   child.stderr.on("data", (c: Buffer) => {
     stderr = (stderr + c.toString()).slice(-2000);
@@ -89,47 +77,29 @@ async function helper(args: string[], writable: boolean): Promise<MemFd> {
   const exited = new Promise<void>((resolve) => child.once("close", () => resolve()));
   child.on("error", () => {});
   const lines = createInterface({ input: child.stdout })[Symbol.asyncIterator]();
-  const nextLine = async (what: string): Promise<string> => {
+  try {
     const r = await lines.next();
     if (r.done) {
       await exited;
-      throw new Error(`memfd helper: no '${what}' (${stderr.trim() || "it exited"})`);
+      throw new Error(`memfd helper: no 'ready' (${stderr.trim() || "it exited"})`);
     }
-    return r.value;
-  };
-  let fd = -1;
-  try {
-    const ready = /^ready (\d+)$/.exec(await nextLine("ready"));
+    const ready = /^ready (\d+)$/.exec(r.value);
     if (!ready) throw new Error("memfd helper: unexpected answer");
-    fd = openSync(
-      `/proc/${child.pid}/fd/${ready[1]}`,
-      writable ? constants.O_RDWR : constants.O_RDONLY, // Node opens every fd close-on-exec
-    );
+    // Node opens every fd close-on-exec.
+    const fd = openSync(`/proc/${child.pid}/fd/${ready[1]}`, constants.O_RDONLY);
+    let closed = false;
+    return {
+      fd,
+      close: () => {
+        if (closed) return;
+        closed = true;
+        closeSync(fd);
+      },
+    };
   } catch (err) {
     child.kill("SIGKILL");
     throw err;
+  } finally {
+    child.stdin.end(); // the helper exits
   }
-  let closed = false;
-  return {
-    fd,
-    seal: async () => {
-      child.stdin.write("seal\n");
-      const answer = await nextLine("sealed");
-      if (answer !== "sealed") throw new Error(`memfd helper: ${answer}`);
-      child.stdin.end();
-    },
-    close: () => {
-      if (closed) return;
-      closed = true;
-      child.stdin.end();
-      closeSync(fd);
-    },
-  };
-}
-
-/** A sealed copy of a (sparse) memory file: what clones of a template map. */
-export async function sealedCopy(path: string): Promise<MemFd> {
-  const m = await helper(["copy", path], false);
-  await m.seal(); // already sealed by the helper: this only confirms it and ends the helper
-  return m;
 }
