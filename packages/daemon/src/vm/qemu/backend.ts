@@ -68,16 +68,7 @@ export class QemuBackend implements VmBackend {
   }
 
   removeLeftovers(log: Logger): Promise<LeftoversReport> {
-    const { engine } = this;
-    return removeLeftovers(
-      {
-        vmsDir: engine.vmsDir,
-        vmMemDir: engine.vmMemDir,
-        layersDir: engine.layers.dir,
-        forksDir: engine.forksDir,
-      },
-      log,
-    );
+    return removeLeftovers(this.engine.opts.paths, log);
   }
 
   boot(id: string, shape: VmShape, options?: BootOptions): Promise<Vm> {
