@@ -13,26 +13,24 @@ export async function* withHeartbeat(
   yield "\n";
   const it = lines[Symbol.asyncIterator]();
   try {
+    let next = it.next();
     for (;;) {
-      const next = it.next();
-      for (;;) {
-        let timer: NodeJS.Timeout | undefined;
-        const beat =
-          everyMs > 0
-            ? new Promise<"beat">((resolve) => {
-                timer = setTimeout(() => resolve("beat"), everyMs);
-              })
-            : null;
-        const r = await (beat ? Promise.race([next, beat]) : next);
-        clearTimeout(timer);
-        if (r === "beat") {
-          yield "\n";
-          continue;
-        }
-        if (r.done) return;
-        yield r.value;
-        break;
+      let timer: NodeJS.Timeout | undefined;
+      const beat =
+        everyMs > 0
+          ? new Promise<"beat">((resolve) => {
+              timer = setTimeout(() => resolve("beat"), everyMs);
+            })
+          : null;
+      const r = await (beat ? Promise.race([next, beat]) : next);
+      clearTimeout(timer);
+      if (r === "beat") {
+        yield "\n";
+        continue;
       }
+      if (r.done) return;
+      yield r.value;
+      next = it.next();
     }
   } finally {
     await it.return?.();
