@@ -56,14 +56,17 @@ export interface SharedMemFd {
   release(): void;
 }
 
-let hostPython = "/usr/bin/python3";
+let hostPython: string | null = null;
 
 /** The host Python the fd helpers run (config.hostPython: PODFLARE_PYTHON, resolved once). */
 export function useHostPython(path: string): void {
   hostPython = path;
 }
 
+/** Set by the engine from the configuration; its default lives in config.ts only. */
 export function python(): string {
+  if (hostPython === null)
+    throw new Error("the host Python for the fd helpers is not set (useHostPython)");
   return hostPython;
 }
 
