@@ -177,6 +177,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
       admission.heldMib({ kind: "template" }) + admission.heldMib({ kind: "template_build" }),
     forksMib: admission.heldMib({ kind: "fork" }),
   });
+  metrics.forkLayers = () => backend.forkLayers();
   const pool = new WarmPool(
     backend,
     templates,
@@ -230,6 +231,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     metrics: () => metrics.render(),
     capacity: async (caller) => {
       const diskFreeMib = await disk.freeMib().catch(() => null);
+      const layers = await backend.forkLayers();
       const host = admission.usage();
       const mine = admission.usage(caller?.id ?? null);
       const streamsHost = streams.usage();
@@ -243,6 +245,8 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
           free_mib: diskFreeMib,
           min_free_mib: config.minFreeDiskMib,
           paused_sandboxes: disk.pausedCount,
+          fork_layers: layers.count,
+          fork_layers_mib: Math.ceil(layers.bytes / 2 ** 20),
         },
         memory: {
           budget_mib: config.memoryBudgetMib,

@@ -1,9 +1,12 @@
 /**
- * Everything a fork uses is charged. The memory file behind a fork (which its children map
- * privately, alive until the last of them is gone) is held against the host's budget and
- * the forking tenant's quota, shown in /v1/capacity and /metrics, and freed with the last
- * child. The disk a sandbox holds through its fork layers counts against the per-sandbox
- * disk limit: a sandbox that fills its disk past the limit across forks cannot fork again.
+ * Everything a fork uses is charged. While a fork runs, the parent's private pages it
+ * buffers count against the host's budget and the forking tenant's quota (the unit test
+ * on the fake backend holds a fork in flight to see it); after the call nothing of it is
+ * left in memory: each child's copy of the pages is its own charge, and the template
+ * memory the lineage maps stays its template's. The disk layers a fork freezes are shown
+ * in /v1/capacity and /metrics until the last VM stacking each is gone, and the disk a
+ * sandbox holds through them counts against the per-sandbox disk limit: a sandbox that
+ * fills its disk past the limit across forks cannot fork again.
  */
 import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
@@ -14,16 +17,17 @@ const LIMIT_MIB = 128;
 
 interface Capacity {
   running: number;
+  disk: { fork_layers: number; fork_layers_mib: number };
   memory: { forks_mib: number; budget_mib: number; sandboxes_mib: number };
-  tenant: { forks_mib: number };
+  tenant: { forks_mib: number; mem_mib: number; sandboxes: number };
 }
 
 describe("fork accounting", () => {
   let d: TestDaemon;
   const capacity = async () => (await (await fetch(`${d.url}/v1/capacity`)).json()) as Capacity;
-  const forksMetric = async () => {
+  const metric = async (name: string) => {
     const text = await (await fetch(`${d.url}/metrics`)).text();
-    return Number(/^podflare_forks_memory_mib (\d+)/m.exec(text)?.[1]);
+    return Number(new RegExp(`^${name} (\\d+)`, "m").exec(text)?.[1]);
   };
 
   before(async () => {
@@ -33,39 +37,53 @@ describe("fork accounting", () => {
     await d?.close();
   });
 
-  it("charges a fork's memory until its last child ends, then frees it", async () => {
+  it("holds nothing in memory after a fork; its frozen layers are reported until their last VM is gone", async () => {
     const parent = await Sandbox.create({ host: d.url });
     const mem = parent.info.mem_size_mib;
     const boxes: Sandbox[] = [parent];
+    const layersGone = (n: number) =>
+      eventually(`${n} fork layers left`, async () => (await capacity()).disk.fork_layers === n);
     try {
-      assert.equal((await capacity()).memory.forks_mib, 0);
+      let cap = await capacity();
+      assert.equal(cap.memory.forks_mib, 0);
+      assert.equal(cap.disk.fork_layers, 0);
+      const mine = cap.tenant.mem_mib;
+      // 24 MiB on the parent's disk: frozen into the fork's layer.
+      await parent.runCode(
+        "import os\nwith open('/root/blob', 'wb') as f:\n    f.write(os.urandom(24 << 20))\n    f.flush()\n    os.fsync(f.fileno())",
+      );
       const [a, b] = await parent.fork(2);
       assert.ok(a && b);
       boxes.push(a, b);
-      let cap = await capacity();
-      assert.equal(cap.memory.forks_mib, mem, "one fork: one memory file");
-      assert.equal(cap.tenant.forks_mib, mem, "charged to the forking tenant");
-      assert.equal(await forksMetric(), mem);
+      cap = await capacity();
+      assert.equal(cap.memory.forks_mib, 0, "the page buffer went with the call");
+      assert.equal(cap.tenant.forks_mib, 0);
+      assert.equal(cap.tenant.mem_mib, mine + 2 * mem, "each child is charged as a sandbox");
+      assert.equal(cap.disk.fork_layers, 1, "one frozen layer");
+      assert.ok(
+        cap.disk.fork_layers_mib >= 24,
+        `the layer holds the blob: ${cap.disk.fork_layers_mib} MiB`,
+      );
+      assert.equal(await metric("podflare_fork_layers"), 1);
+      assert.ok((await metric("podflare_fork_layers_bytes")) >= 24 * 2 ** 20);
+      assert.equal(await metric("podflare_forks_memory_mib"), 0);
       const [c] = await a.fork(1);
       assert.ok(c);
       boxes.push(c);
-      assert.equal((await capacity()).memory.forks_mib, 2 * mem, "a second fork: a second file");
+      assert.equal((await capacity()).disk.fork_layers, 2, "a's fork froze a's layer too");
 
-      await c.close(); // the second fork's only child: its memory goes once its QEMU exits
-      await eventually("the second fork's memory to be freed", async () => {
-        return (await capacity()).memory.forks_mib === mem;
-      });
-      await a.close();
+      await c.close();
       await d.daemon.service.settled();
-      cap = await capacity();
-      assert.equal(cap.memory.forks_mib, mem, "b still maps the first fork's memory");
-      await parent.runCode("print('the parent holds no fork memory')");
+      assert.equal((await capacity()).disk.fork_layers, 2, "a still stacks its frozen layer");
+      await a.close();
+      await layersGone(1); // a's frozen layer: no VM stacks it now
       await b.close();
-      await eventually("the first fork's memory to be freed", async () => {
-        return (await capacity()).memory.forks_mib === 0;
-      });
-      assert.equal(await forksMetric(), 0);
-      assert.equal((await capacity()).tenant.forks_mib, 0);
+      await d.daemon.service.settled();
+      assert.equal((await capacity()).disk.fork_layers, 1, "the parent still stacks the first");
+      await parent.close();
+      await layersGone(0);
+      assert.equal(await metric("podflare_fork_layers"), 0);
+      assert.equal((await capacity()).tenant.mem_mib, mine - mem);
     } finally {
       await Promise.all(boxes.map((s) => s.close()));
     }

@@ -75,9 +75,12 @@ describe("fork pages", () => {
       const children = await parent.fork(2);
       assert.equal(children.length, 2);
       boxes.push(...children);
-      assert.ok(
-        (await capacity()).memory.forks_mib > start.memory.forks_mib,
-        "what the fork keeps alive is charged while its children live",
+      const held = await capacity();
+      assert.equal(held.memory.forks_mib, start.memory.forks_mib, "no page buffer after the call");
+      assert.equal(
+        held.tenant.mem_mib,
+        start.tenant.mem_mib + 3 * parent.info.mem_size_mib,
+        "the parent and each child charged as sandboxes (a child's copy of the pages is its own)",
       );
       // The parent changes its objects at once: the children must not see it.
       await parent.runCode("blobs[0] = b'changed'\ntable.clear()");

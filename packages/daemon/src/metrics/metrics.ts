@@ -103,9 +103,26 @@ export class Metrics {
   });
   readonly forksMib: Gauge = new Gauge({
     name: "podflare_forks_memory_mib",
-    help: "Memory budget (MiB) held by the memory files behind forks until their last child ends",
+    help: "Memory budget (MiB) held by forks in progress (the parent's pages, buffered until every child has its copy)",
     registers: [this.registry],
     collect: (): void => this.forksMib.set(this.holds().forksMib),
+  });
+  /** Read at each scrape: the disk layers forks froze that VMs still stack. */
+  forkLayers: () => Promise<{ count: number; bytes: number }> = async () => ({
+    count: 0,
+    bytes: 0,
+  });
+  readonly forkLayersGauge: Gauge = new Gauge({
+    name: "podflare_fork_layers",
+    help: "Disk layers frozen by forks that VMs still stack (freed with the last VM of the lineage stacking each)",
+    registers: [this.registry],
+    collect: async (): Promise<void> => this.forkLayersGauge.set((await this.forkLayers()).count),
+  });
+  readonly forkLayersBytes: Gauge = new Gauge({
+    name: "podflare_fork_layers_bytes",
+    help: "Host disk (bytes allocated) taken by the disk layers forks froze that VMs still stack",
+    registers: [this.registry],
+    collect: async (): Promise<void> => this.forkLayersBytes.set((await this.forkLayers()).bytes),
   });
   readonly templateEvictions = new Counter({
     name: "podflare_template_evictions_total",

@@ -15,7 +15,8 @@
  *
  * Memory that is not a sandbox's VM but lives because of one is charged too, as holds:
  * templates' memory files in /dev/shm and the VMs that build them (pool/templates.ts),
- * and the memory file behind a fork, alive until its last child is gone. A hold counts
+ * and the parent's pages a fork buffers while it runs (the children's copies are theirs,
+ * and the template memory a lineage maps is its template's hold). A hold counts
  * against the budget like a sandbox, and against its owner's memory quota when it has
  * one (a fork's memory is its tenant's), but is no sandbox.
  */
@@ -118,8 +119,7 @@ export class Admission {
     const maxMem = quota.maxMemMib ?? this.limits.tenantMaxMemMib;
     const mineHeld = this.heldMib({ owner, kind: "fork" });
     if (mine.memMib + mineHeld + n * shape.memSizeMib + extra > maxMem) {
-      const forks =
-        mineHeld > 0 ? ` (${mineHeld} MiB of it behind forks until their last child ends)` : "";
+      const forks = mineHeld > 0 ? ` (${mineHeld} MiB of it buffered by forks in progress)` : "";
       const more = extra > 0 ? ` plus ${extra} MiB for the fork's memory` : "";
       throw new OverLimitError(
         `your key may hold ${maxMem} MiB of sandbox memory and holds ${mine.memMib + mineHeld} MiB${forks}; ${n} more of ${shape.memSizeMib} MiB${more} would exceed it: destroy some or ask for smaller ones (mem_size_mib)`,

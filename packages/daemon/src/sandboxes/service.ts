@@ -318,7 +318,11 @@ export class SandboxService {
     );
     const row = this.store.getSandbox(id) as SandboxRow;
     const ids = Array.from({ length: n }, newSandboxId);
-    // Charged until its last child is gone (the pages they inherited; vm/qemu/fork.ts): its tenant's.
+    // What the fork itself holds while it runs: the parent's private pages, read into the
+    // daemon's memory until every child has its copy (vm/qemu/fork.ts), at most the
+    // parent's guest memory; its tenant's. After the call nothing is left of it in memory:
+    // each child's copy is its own charge, and the template memory the lineage maps is
+    // charged as its template (kept in use while any VM maps it).
     const forkHold = `fork:${ids[0]}`;
     this.admission.admit(ids, row.owner, caller?.quota ?? NO_QUOTA, parent.shape, {
       id: forkHold,
@@ -350,14 +354,10 @@ export class SandboxService {
         this.doomed.delete(childId);
         ignoreFailure(() => this.lifecycle.abandon(childId));
       }
-      this.admission.unhold(forkHold); // the children are destroyed: the memory is gone
       throw translateHostError(err, "fork");
+    } finally {
+      this.admission.unhold(forkHold); // the page buffer is gone with the call
     }
-    // Each child maps the memory; it is freed once every child's QEMU has exited.
-    void Promise.all(children.map((vm) => vm.exited)).then(() => {
-      this.admission.unhold(forkHold);
-      this.log.info({ sandbox: id, forkHold }, "fork memory released: its last child ended");
-    });
     for (const [i, vm] of children.entries()) this.goLive(ids[i] as string, vm, row.expires_at);
     return ids;
   }

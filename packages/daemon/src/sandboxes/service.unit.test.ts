@@ -201,10 +201,26 @@ describe("sandbox service (fake backend)", () => {
     assert.equal(backend.live.size, 0);
   });
 
-  it("fork: n children with the parent's shape and expiry; the fork's hold lasts until the last child ends", async () => {
+  it("fork: n children with the parent's shape and expiry; the fork's hold lasts while the call runs", async () => {
     await start();
     const parent = await service.create(ALICE, {});
-    const ids = await service.fork(ALICE, parent.id, 2);
+    let inFlight!: () => void;
+    const gate = new Promise<void>((resolve) => {
+      inFlight = resolve;
+    });
+    let entered = false;
+    backend.forkGate = () => {
+      entered = true;
+      return gate;
+    };
+    const forking = service.fork(ALICE, parent.id, 2);
+    await eventually("the fork to reach the backend", () => entered);
+    // The parent's pages are buffered while the fork runs: its guest memory at most, the tenant's.
+    assert.equal(admission.heldMib({ kind: "fork" }), 1024);
+    assert.equal(admission.heldMib({ kind: "fork", owner: ALICE.id }), 1024);
+    inFlight();
+    const ids = await forking;
+    backend.forkGate = null;
     assert.equal(ids.length, 2);
     assert.equal(backend.forks, 1);
     for (const id of ids) {
@@ -215,13 +231,12 @@ describe("sandbox service (fake backend)", () => {
       assert.equal((await run(service.exec(ALICE, id, { code: "print('child')" }))).out, "child\n");
     }
     assert.equal(admission.usage(ALICE.id).sandboxes, 3);
-    assert.equal(admission.heldMib({ kind: "fork" }), 1024);
+    assert.equal(admission.usage(ALICE.id).memMib, 3 * 1024, "each child its own charge");
+    assert.equal(admission.heldMib({ kind: "fork" }), 0, "nothing of the fork is held after it");
     await service.destroy(ALICE, ids[0] as string);
-    await service.settled();
-    assert.equal(admission.heldMib({ kind: "fork" }), 1024, "one child still maps it");
     await service.destroy(ALICE, ids[1] as string);
     await service.settled();
-    await eventually("the fork hold's release", () => admission.heldMib({ kind: "fork" }) === 0);
+    assert.equal(admission.usage(ALICE.id).sandboxes, 1);
     assert.equal(service.info(ALICE, parent.id).state, "ready", "the parent runs on");
     await assert.rejects(service.fork(ALICE, parent.id, 0), BadRequestError);
   });

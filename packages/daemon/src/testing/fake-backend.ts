@@ -259,10 +259,14 @@ export class FakeBackend implements VmBackend {
 
   async exposeTemplate(): Promise<void> {}
 
+  /** Awaited inside each fork before its children are made (tests look at a fork in flight). */
+  forkGate: (() => Promise<void>) | null = null;
+
   async fork(parent: VmHandle, childIds: readonly string[]): Promise<ForkResult> {
     this.forks++;
     const children: FakeVm[] = [];
     try {
+      await this.forkGate?.();
       for (const id of childIds)
         children.push(await this.restore(id, { key: `fork-${parent.id}`, shape: parent.shape }));
     } catch (err) {
@@ -274,6 +278,10 @@ export class FakeBackend implements VmBackend {
 
   async flatten(vm: VmHandle): Promise<void> {
     if (vm instanceof FakeVm) vm.diskChain = vm.diskChain.slice(0, 1);
+  }
+
+  async forkLayers(): Promise<{ count: number; bytes: number }> {
+    return { count: 0, bytes: 0 };
   }
 
   private async start(id: string, shape: VmShape, nice: number): Promise<FakeVm> {

@@ -133,4 +133,9 @@ export interface VmBackend {
   fork(parent: VmHandle, childIds: readonly string[]): Promise<ForkResult>;
   /** Merge a VM's stacked disk layers into its own (frees the layers only it held). */
   flatten(vm: VmHandle): Promise<void>;
+  /**
+   * The disk layers forks froze that VMs still stack (each lives until the last VM of its
+   * lineage that stacks it is gone): how many, and the host disk they take.
+   */
+  forkLayers(): Promise<{ count: number; bytes: number }>;
 }

@@ -152,4 +152,8 @@ export class QemuBackend implements VmBackend {
   flatten(vm: VmHandle): Promise<void> {
     return this.engine.flatten(qemuVm(vm));
   }
+
+  forkLayers(): Promise<{ count: number; bytes: number }> {
+    return this.engine.layers.frozenUsage();
+  }
 }

@@ -91,13 +91,15 @@ export async function settleFdsets(qmp: QmpClient, disk: VmDisk): Promise<void> 
  * sent over QMP read-write and read-only in a new fdset, then, once `formatted` resolves
  * (the file may still be being written when its descriptors go), the node. Returns the
  * node's name and the fdset for `blockdev-snapshot`; `undo` removes both if the snapshot
- * does not happen.
+ * does not happen. `before` are other files to hand over first, by the same helper (a
+ * fork's device-state file); removing their fdsets is the caller's.
  */
 export async function addOverlayNode(
   qemu: QemuProcess,
   disk: VmDisk,
   path: string,
   formatted: Promise<unknown> = Promise.resolve(),
+  before: readonly { fdset: number; fd: number; opaque: string }[] = [],
 ): Promise<{ node: string; fdset: number; undo: () => Promise<void> }> {
   const fdset = disk.nextFdset++;
   const node = `layer${fdset}`;
@@ -109,8 +111,11 @@ export async function addOverlayNode(
     await qmp.execute("remove-fd", { "fdset-id": fdset }).catch(() => {});
   };
   try {
-    await qemu.addFd(fdset, fds[0] as number, "rw");
-    await qemu.addFd(fdset, fds[1] as number, "ro");
+    await qemu.addFds([
+      ...before,
+      { fdset, fd: fds[0] as number, opaque: "rw" },
+      { fdset, fd: fds[1] as number, opaque: "ro" },
+    ]);
     await formatted;
     await qmp.execute("blockdev-add", {
       driver: "qcow2",

@@ -12,7 +12,8 @@
  */
 
 import { randomBytes } from "node:crypto";
-import { chmod, rm } from "node:fs/promises";
+import { closeSync, constants } from "node:fs";
+import { chmod, copyFile, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { CleanupStack } from "../../util/cleanup.js";
 import { crashPoint } from "../../util/crash-points.js";
@@ -21,8 +22,8 @@ import type { ForkResult } from "../backend.js";
 import { addOverlayNode, settleFdsets } from "./disk-fds.js";
 import type { TemplateFiles, VmEngine } from "./engine.js";
 import { type CapturedPages, capturePrivatePages, ramAddress, writePages } from "./guest-ram.js";
-import { createOverlay, createOverlayFile, formatOverlay } from "./overlay.js";
-import { addStateFd, saveDevicesOnly } from "./snapshot.js";
+import { createOverlayFile, formatOverlay } from "./overlay.js";
+import { openStateFd, saveDevicesOnly } from "./snapshot.js";
 import { type Vm, type VmLineage, withDisk } from "./vm.js";
 
 type Steps = Record<string, number>;
@@ -156,10 +157,11 @@ async function captureParent(
   const next = engine.layers.pathFor(`${parent.id}-${randomBytes(4).toString("hex")}`);
   const cloneOverlay = join(dir, "clone.qcow2");
   await createOverlayFile(next);
-  const made = Promise.all([
-    formatOverlay(next, frozen, "qcow2"),
-    createOverlay(cloneOverlay, frozen, "qcow2"),
-  ]);
+  // One qemu-img: both are the same empty overlay on `frozen`. The copy is made before
+  // QEMU gets the node (addOverlayNode waits for `made`), so it is still empty.
+  const made = formatOverlay(next, frozen, "qcow2").then(() =>
+    copyFile(next, cloneOverlay, constants.COPYFILE_EXCL),
+  );
   made.catch(() => {});
   let snapshotted = false;
   let overlay: Awaited<ReturnType<typeof addOverlayNode>> | null = null;
@@ -173,12 +175,15 @@ async function captureParent(
   let started = t;
   let pausedMs = 0;
   try {
-    // The state file's and the next overlay's descriptors, sent before the pause while
-    // qemu-img writes the overlays; then the overlay's node.
-    await addStateFd(parent.qemu, stateSet, statePath);
-    lap("prepareStateFd");
-    overlay = await addOverlayNode(parent.qemu, parent.disk, next, made);
-    lap("prepareOverlays");
+    // The state file's and the next overlay's descriptors (one helper), sent before the
+    // pause while qemu-img writes the overlay; then the overlay's node.
+    const state = openStateFd(stateSet, statePath);
+    try {
+      overlay = await addOverlayNode(parent.qemu, parent.disk, next, made, [state]);
+    } finally {
+      closeSync(state.fd);
+    }
+    lap("prepare");
     started = t;
     let pages: CapturedPages;
     try {
@@ -197,6 +202,7 @@ async function captureParent(
       // Frozen now: QEMU reopened it read-only (from its fdset's read-only fd). It stays
       // root's and 0600: the children get it as an fd like the rest of their chain.
       await chmod(frozen, 0o600);
+      engine.layers.markFrozen(frozen);
       lap("diskFreeze");
       // The children open the frozen layer: they start now (their QEMUs spawn while the
       // pages are read and the parent resumes; the read itself runs in one go).

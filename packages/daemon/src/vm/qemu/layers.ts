@@ -4,11 +4,13 @@
  * reference to each layer of its chain (its active overlay first); a layer is deleted
  * when the last VM whose chain contains it is gone. Templates keep their own disks.
  */
-import { rm } from "node:fs/promises";
+import { rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 
 export class DiskLayers {
   private readonly refs = new Map<string, number>();
+  /** Layers a fork froze (read-only now, shared by its lineage). */
+  private readonly frozen = new Set<string>();
 
   constructor(readonly dir: string) {}
 
@@ -28,8 +30,24 @@ export class DiskLayers {
         continue;
       }
       this.refs.delete(p);
+      this.frozen.delete(p);
       await rm(p, { force: true });
     }
+  }
+
+  /** `path`, a referenced layer, was frozen by a fork. */
+  markFrozen(path: string): void {
+    if (this.refs.has(path)) this.frozen.add(path);
+  }
+
+  /** The frozen layers still referenced, and the disk they take (allocated blocks). */
+  async frozenUsage(): Promise<{ count: number; bytes: number }> {
+    let bytes = 0;
+    for (const p of this.frozen) {
+      const st = await stat(p).catch(() => null);
+      if (st) bytes += st.blocks * 512;
+    }
+    return { count: this.frozen.size, bytes };
   }
 
   /** Layers still referenced (diagnostics and tests). */

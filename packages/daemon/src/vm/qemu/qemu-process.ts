@@ -9,7 +9,7 @@ import type { Socket } from "node:net";
 import { setPriority } from "node:os";
 import type { Duplex } from "node:stream";
 import { ConsoleLog } from "./console-log.js";
-import { sendWithFd } from "./fd-pass.js";
+import { FdCourier } from "./fd-pass.js";
 import { FD_AGENT, FD_CONSOLE, FD_QMP, type QemuCredentials, qemuCommand } from "./qemu-args.js";
 import { QmpClient } from "./qmp-client.js";
 
@@ -81,14 +81,33 @@ export class QemuProcess {
   }
 
   /**
-   * Give QEMU an open file in fdset `fdsetId` (QMP add-fd, the fd sent over the QMP
-   * socketpair); returns QEMU's number for it (for remove-fd). `fd` stays ours to close.
+   * Give QEMU open files, each in its fdset (QMP add-fd, one after the other, all sent
+   * by one helper over the QMP socketpair); returns QEMU's number for each (for
+   * remove-fd). The fds stay ours to close.
    */
-  async addFd(fdsetId: number, fd: number, opaque: string): Promise<number> {
-    const r = await this.qmp.executeWith("add-fd", { "fdset-id": fdsetId, opaque }, (line) =>
-      sendWithFd(this.qmpSocket, line, fd),
+  async addFds(files: readonly { fdset: number; fd: number; opaque: string }[]): Promise<number[]> {
+    const courier = new FdCourier(
+      this.qmpSocket,
+      files.map((f) => f.fd),
     );
-    return r.fd;
+    try {
+      const numbers: number[] = [];
+      for (const f of files) {
+        const r = await this.qmp.executeWith(
+          "add-fd",
+          { "fdset-id": f.fdset, opaque: f.opaque },
+          (line) => courier.send(line),
+        );
+        numbers.push(r.fd);
+      }
+      return numbers;
+    } finally {
+      courier.close();
+    }
+  }
+
+  async addFd(fdsetId: number, fd: number, opaque: string): Promise<number> {
+    return (await this.addFds([{ fdset: fdsetId, fd, opaque }]))[0] as number;
   }
 
   get pid(): number | undefined {

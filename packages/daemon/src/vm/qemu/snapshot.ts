@@ -103,18 +103,16 @@ export async function saveDevicesOnly(
   if ((await stat(statePath)).size === 0) throw new Error("the device state came back empty");
 }
 
-/** Hand QEMU the file its devices are saved into (write-only, in fdset `fdset`). */
-export async function addStateFd(
-  qemu: QemuProcess,
-  fdset: number,
-  statePath: string,
-): Promise<void> {
-  const fd = openSync(statePath, constants.O_WRONLY | constants.O_NOFOLLOW);
-  try {
-    await qemu.addFd(fdset, fd, "state");
-  } finally {
-    closeSync(fd);
-  }
+/**
+ * The file a VM's devices are saved into, opened write-only for QEMU (fdset `fdset`,
+ * handed over with addOverlayNode's `before`); the caller closes the fd once it is sent.
+ */
+export function openStateFd(fdset: number, statePath: string) {
+  return {
+    fdset,
+    fd: openSync(statePath, constants.O_WRONLY | constants.O_NOFOLLOW),
+    opaque: "state",
+  };
 }
 
 /** Start a migration and wait for its end (the `events` capability reports it). */
