@@ -21,7 +21,13 @@ import { createExclusive } from "../../util/safe-file.js";
 import type { ForkResult } from "../backend.js";
 import { addOverlayNode, settleFdsets } from "./disk-fds.js";
 import type { TemplateFiles, VmEngine } from "./engine.js";
-import { type CapturedPages, capturePrivatePages, ramAddress, writePages } from "./guest-ram.js";
+import {
+  type CapturedPages,
+  ramAddress,
+  readPages,
+  scanPrivatePages,
+  writePages,
+} from "./guest-ram.js";
 import { createOverlayFile, formatOverlay } from "./overlay.js";
 import { openStateFd, saveDevicesOnly } from "./snapshot.js";
 import { type Vm, type VmLineage, withDisk } from "./vm.js";
@@ -72,6 +78,7 @@ export async function forkVm(
           engine.restore(id, files, 0, {
             steps: childSteps[i] as Steps,
             beforeLoad: async (qemu, ram) => {
+              // The pages as soon as they are scanned: the write follows the parent's read.
               const p = await pagesReady;
               const pid = qemu.pid;
               // Checked after the await: an exited (reaped) child's pid may be reused.
@@ -93,8 +100,8 @@ export async function forkVm(
           statePath,
           capture,
           startChildren,
+          captured,
         );
-        captured(r.pages);
         return r.pausedMs;
       });
     } catch (err) {
@@ -134,8 +141,10 @@ function rounded(steps: Steps): Steps {
 }
 
 /**
- * Pause the parent, freeze its disk, start the children (`startChildren`, given the
- * files they restore from), save its devices and read its private pages, resume it.
+ * Start the children (`startChildren`, given the files they restore from) once the
+ * parent's next overlay exists; pause the parent, freeze its disk, save its devices, scan
+ * its private pages (handed to `scanned`: the children's writes follow the read) and read
+ * them, resume it.
  */
 async function captureParent(
   engine: VmEngine,
@@ -145,6 +154,7 @@ async function captureParent(
   statePath: string,
   steps: Steps,
   startChildren: (files: TemplateFiles) => void,
+  scanned: (pages: CapturedPages) => void,
 ): Promise<{ pages: CapturedPages; pausedMs: number }> {
   // Read inside the disk queue: a flatten that ran before may have changed the chain.
   const frozen = parent.disk.chain[0] as string;
@@ -184,6 +194,19 @@ async function captureParent(
       closeSync(state.fd);
     }
     lap("prepare");
+    // The children start now: their QEMUs spawn while the parent is captured. They open
+    // the layer about to be frozen, inactive (an incoming VM takes no image locks and
+    // reads the layer afresh when its devices load, after the freeze).
+    startChildren({
+      key: `fork-${parent.id}`,
+      shape: parent.shape,
+      memPath: lineage.memPath,
+      ...(lineage.memory ? { memory: lineage.memory } : {}),
+      statePath,
+      cloneOverlay,
+      layers: [...parent.disk.chain], // the layer to be frozen and those below it
+      baseDisk: parent.disk.base,
+    });
     started = t;
     let pages: CapturedPages;
     try {
@@ -204,23 +227,13 @@ async function captureParent(
       await chmod(frozen, 0o600);
       engine.layers.markFrozen(frozen);
       lap("diskFreeze");
-      // The children open the frozen layer: they start now (their QEMUs spawn while the
-      // pages are read and the parent resumes; the read itself runs in one go).
-      startChildren({
-        key: `fork-${parent.id}`,
-        shape: parent.shape,
-        memPath: lineage.memPath,
-        ...(lineage.memory ? { memory: lineage.memory } : {}),
-        statePath,
-        cloneOverlay,
-        layers: parent.disk.chain.slice(1), // the frozen layer and those below it
-        baseDisk: parent.disk.base,
-      });
       await saveDevicesOnly(parent.qemu, stateSet, statePath);
       lap("deviceState");
       // A parent that exited (and was reaped) meanwhile: its pid may name another process.
       if (parent.qemu.hasExited) throw new Error(`VM ${parent.id}'s QEMU exited during the fork`);
-      pages = await capturePrivatePages(pid, ram, lineage.ram.bytes);
+      pages = scanPrivatePages(pid, ram, lineage.ram.bytes);
+      scanned(pages);
+      await readPages(pid, ram, pages);
       steps.pagemapScan = pages.scanMs;
       steps.pageRead = pages.readMs;
       steps.privateMib = pages.data.length / 2 ** 20;

@@ -4,7 +4,8 @@
  * memory: the pages it changed are anonymous in that mapping (kernel pagemap: present and
  * not a file page, or swapped), every other page still equals the template. The daemon
  * (root) reads and writes them through /proc/<pid>/mem, QEMU's uid notwithstanding.
- * Everything here stays in the daemon's memory: no file holds the pages.
+ * Everything here stays in the daemon's memory: no file holds the pages. The children's
+ * writes run on other threads (page-writer.ts) and follow the parent's read as it goes.
  */
 import {
   closeSync,
@@ -14,8 +15,9 @@ import {
   readFileSync,
   readSync,
   statSync,
-  writeSync,
 } from "node:fs";
+import { advance, finish, newProgress, type PageRun, WRITE_CHUNK } from "./page-stream.js";
+import { PageWriters } from "./page-writer.js";
 
 export const PAGE = 4096;
 /** pagemap entry bits, in the entry's high 32 bits: present, swapped, file-page/shared-anon. */
@@ -24,10 +26,6 @@ const SWAPPED = 0x4000_0000;
 const FILE = 0x2000_0000;
 /** Pagemap is read this many entries at a time (2 MiB: a 1 GiB guest in one read). */
 const SCAN_CHUNK = 1 << 18;
-/** A run of pages is read or written at most this many bytes at a time. */
-const IO_CHUNK = 8 << 20;
-/** Page copies give the event loop a turn this often. */
-const YIELD_BYTES = 4 << 20;
 /**
  * The parent's read runs in one go for the usual tens of MiB (every turn given away
  * lengthens its pause), but a guest that dirtied gigabytes must not hold the daemon's
@@ -77,17 +75,22 @@ export function ramAddress(pid: number, source: RamSource): number {
   return start;
 }
 
-/** The private pages of a guest's RAM: runs (offsets into RAM) and their bytes, back to back. */
+/**
+ * The private pages of a guest's RAM: runs (offsets into RAM) and their bytes, back to
+ * back in shared memory, filled by the reader while writers (other threads) follow it.
+ */
 export interface CapturedPages {
-  runs: { offset: number; length: number }[];
+  runs: PageRun[];
   data: Buffer;
+  /** page-stream.ts's progress words over `data`. */
+  progress: Int32Array;
   scanMs: number;
   readMs: number;
 }
 
 /** Runs of pages in [addr, addr + bytes) that `pid` holds privately (pagemap). */
-function privateRuns(pid: number, addr: number, bytes: number): CapturedPages["runs"] {
-  const runs: CapturedPages["runs"] = [];
+function privateRuns(pid: number, addr: number, bytes: number): PageRun[] {
+  const runs: PageRun[] = [];
   const pages = bytes / PAGE;
   const fd = openSync(`/proc/${pid}/pagemap`, constants.O_RDONLY);
   try {
@@ -116,57 +119,97 @@ function privateRuns(pid: number, addr: number, bytes: number): CapturedPages["r
   return runs;
 }
 
-/** Read the pages QEMU `pid` (stopped) holds privately in its guest RAM at `addr`. */
+/**
+ * Which pages QEMU `pid` (stopped) holds privately in its guest RAM at `addr`, and the
+ * shared buffer they are read into: nothing is read yet (readPages), so the children's
+ * writes can be started on it first.
+ */
+export function scanPrivatePages(pid: number, addr: number, bytes: number): CapturedPages {
+  const t0 = performance.now();
+  const runs = privateRuns(pid, addr, bytes);
+  const total = runs.reduce((sum, r) => sum + r.length, 0);
+  return {
+    runs,
+    data: Buffer.from(new SharedArrayBuffer(total)),
+    progress: newProgress(),
+    scanMs: performance.now() - t0,
+    readMs: 0,
+  };
+}
+
+/**
+ * Read the scanned pages from QEMU `pid` (stopped), in one go for the usual tens of MiB
+ * (the parent is paused meanwhile), advancing `pages.progress` as it goes; writers
+ * waiting on it are released whether it ends or fails.
+ */
+export async function readPages(pid: number, addr: number, pages: CapturedPages): Promise<void> {
+  const t0 = performance.now();
+  let ok = false;
+  try {
+    await eachChunk(pid, addr, pages.runs, READ_YIELD_BYTES, (fd, at, len, position) => {
+      const n = readSync(fd, pages.data, at, len, position);
+      if (n > 0) advance(pages.progress, (at + n) / PAGE);
+      return n;
+    });
+    ok = true;
+  } finally {
+    finish(pages.progress, ok);
+    pages.readMs = performance.now() - t0;
+  }
+}
+
+/** scanPrivatePages, then readPages. */
 export async function capturePrivatePages(
   pid: number,
   addr: number,
   bytes: number,
 ): Promise<CapturedPages> {
-  const t0 = performance.now();
-  const runs = privateRuns(pid, addr, bytes);
-  const t1 = performance.now();
-  const total = runs.reduce((sum, r) => sum + r.length, 0);
-  const data = Buffer.allocUnsafe(total);
-  // In one go: the parent is paused meanwhile (the children start once it resumes).
-  await eachChunk(pid, addr, "r", runs, READ_YIELD_BYTES, (fd, at, len, position) =>
-    readSync(fd, data, at, len, position),
-  );
-  return { runs, data, scanMs: t1 - t0, readMs: performance.now() - t1 };
+  const pages = scanPrivatePages(pid, addr, bytes);
+  await readPages(pid, addr, pages);
+  return pages;
 }
 
-/** Write captured pages into QEMU `pid`'s guest RAM at `addr` (before its devices load). */
-export async function writePages(pid: number, addr: number, pages: CapturedPages): Promise<void> {
-  await eachChunk(pid, addr, "w", pages.runs, YIELD_BYTES, (fd, at, len, position) =>
-    writeSync(fd, pages.data, at, len, position),
-  );
+let writers: PageWriters | null = null;
+
+/**
+ * Write captured pages into QEMU `pid`'s guest RAM at `addr` (before its devices load),
+ * on a writer thread, each chunk as soon as the reader has it: it may start before
+ * readPages. Resolves with the milliseconds the write took once every page is in.
+ */
+export function writePages(pid: number, addr: number, pages: CapturedPages): Promise<number> {
+  writers ??= new PageWriters();
+  return writers.write({
+    pid,
+    addr,
+    page: PAGE,
+    runs: pages.runs,
+    data: pages.data.buffer as SharedArrayBuffer,
+    progress: pages.progress.buffer as SharedArrayBuffer,
+  });
 }
 
 /**
- * `io` over /proc/<pid>/mem for each run (at `addr` + its offset), in chunks, the runs'
- * bytes packed back to back in the buffer. Synchronous calls (one per run: thousands,
+ * `io` (a read) over /proc/<pid>/mem for each run (at `addr` + its offset), in chunks, the
+ * runs' bytes packed back to back in the buffer. Synchronous calls (one per run: thousands,
  * too small for the thread pool's overhead), giving the event loop a turn every
- * `yieldBytes` so the other children of a fork go on meanwhile.
+ * `yieldBytes`.
  */
 async function eachChunk(
   pid: number,
   addr: number,
-  mode: "r" | "w",
-  runs: CapturedPages["runs"],
+  runs: PageRun[],
   yieldBytes: number,
   io: (fd: number, at: number, len: number, position: number) => number,
 ): Promise<void> {
-  const fd = openSync(`/proc/${pid}/mem`, mode === "r" ? constants.O_RDONLY : constants.O_WRONLY);
+  const fd = openSync(`/proc/${pid}/mem`, constants.O_RDONLY);
   try {
     let at = 0;
     let sinceYield = 0;
     for (const run of runs) {
       for (let done = 0; done < run.length; ) {
-        const len = Math.min(IO_CHUNK, run.length - done);
+        const len = Math.min(WRITE_CHUNK, run.length - done);
         const n = io(fd, at, len, addr + run.offset + done);
-        if (n <= 0)
-          throw new Error(
-            `QEMU ${pid}'s guest RAM: ${mode === "r" ? "read" : "write"} stopped short`,
-          );
+        if (n <= 0) throw new Error(`QEMU ${pid}'s guest RAM: read stopped short`);
         done += n;
         at += n;
         sinceYield += n;

@@ -10,7 +10,16 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { after, before, describe, it } from "node:test";
-import { capturePrivatePages, PAGE, ramAddress, ramSource, writePages } from "./guest-ram.js";
+import {
+  capturePrivatePages,
+  PAGE,
+  ramAddress,
+  ramSource,
+  readPages,
+  scanPrivatePages,
+  writePages,
+} from "./guest-ram.js";
+import { finish } from "./page-stream.js";
 
 const PAGES = 64;
 const MAPPER = `
@@ -81,6 +90,42 @@ describe("guest RAM pages", () => {
     const file = await readFile(path);
     assert.equal(file[3 * PAGE], 3, "the file itself is unchanged");
     assert.equal(file[10 * PAGE], 10);
+  });
+
+  it("a write started before the read follows it and ends with the same bytes", async () => {
+    const a = await mapper(path, "dirty");
+    const b = await mapper(path, "clean");
+    mappers.push(a, b);
+    const source = ramSource({ path }, PAGES * PAGE);
+    const pidA = a.child.pid as number;
+    const pidB = b.child.pid as number;
+    const pages = scanPrivatePages(pidA, ramAddress(pidA, source), source.bytes);
+    assert.equal(pages.data.length, 4 * PAGE);
+    // The writer waits for the reader: nothing is read yet.
+    const written = writePages(pidB, ramAddress(pidB, source), pages);
+    let done = false;
+    void written.then(() => {
+      done = true;
+    });
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal(done, false, "the write waits for pages not read yet");
+    await readPages(pidA, ramAddress(pidA, source), pages);
+    assert.equal(typeof (await written), "number");
+    assert.equal(await hashOf(b), await hashOf(a), "b holds a's bytes");
+  });
+
+  it("a write whose read fails is refused", async () => {
+    const b = await mapper(path, "clean");
+    mappers.push(b);
+    const a = await mapper(path, "dirty");
+    mappers.push(a);
+    const source = ramSource({ path }, PAGES * PAGE);
+    const pidA = a.child.pid as number;
+    const pidB = b.child.pid as number;
+    const pages = scanPrivatePages(pidA, ramAddress(pidA, source), source.bytes);
+    const written = writePages(pidB, ramAddress(pidB, source), pages);
+    finish(pages.progress, false); // the reader gave up (the parent died, say)
+    await assert.rejects(written, /could not be read/);
   });
 
   it("refuses a process that does not map the file", () => {
