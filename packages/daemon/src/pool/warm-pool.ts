@@ -117,7 +117,7 @@ export class WarmPool implements VmSource {
       // Synchronous from here to the return: no two callers can take the same VM.
       while (this.ready.length > 0) {
         const vm = this.ready.shift() as Vm;
-        if (!vm.alive) {
+        if (!vm.alive || vm.stoppedForDisk) {
           void vm.destroy();
           continue;
         }
@@ -204,8 +204,8 @@ export class WarmPool implements VmSource {
         await vm.destroy();
         throw err;
       }
-      if (this.closed || !vm.alive) {
-        await vm.destroy();
+      if (this.closed || !vm.alive || vm.stoppedForDisk) {
+        await vm.destroy(); // a VM stopped on a full host disk would hang its first call
         return;
       }
       const waiter = this.handoff.shift();
@@ -224,6 +224,7 @@ export class WarmPool implements VmSource {
       this.metrics.poolReady.set(this.ready.length);
       this.metrics.refillSeconds.observe((performance.now() - started) / 1000);
       vm.exited.then(() => this.onPooledVmExit(vm));
+      vm.onDiskFull(() => this.onPooledVmDiskFull(vm));
     } catch (err) {
       this.failures++;
       this.backoffUntil = Date.now() + backoffMs(this.failures);
@@ -276,6 +277,20 @@ export class WarmPool implements VmSource {
       this.log.info({ vm: vm.id }, "pooled VM destroyed to free memory for a sandbox");
       void vm.destroy();
     }
+  }
+
+  /**
+   * A pooled VM stopped on a full host disk (an idle guest's own write): it holds nothing
+   * of a user's, so it goes (without a refill, which would meet the same full disk; the
+   * next create refills).
+   */
+  private onPooledVmDiskFull(vm: Vm): void {
+    const at = this.ready.indexOf(vm);
+    if (at < 0) return; // handed out already: the sandbox's disk guard has it
+    this.ready.splice(at, 1);
+    this.metrics.poolReady.set(this.ready.length);
+    this.log.warn({ vm: vm.id }, "a pooled VM stopped on a full host disk; destroyed");
+    void vm.destroy();
   }
 
   private onPooledVmExit(vm: Vm): void {

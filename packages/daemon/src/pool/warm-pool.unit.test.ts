@@ -130,6 +130,21 @@ describe("warm pool (fake backend)", () => {
     assert.ok(!pool.readyPids().includes(victim?.pid as number));
   });
 
+  it("never hands out a pooled VM stopped on a full host disk (it would hang its first call)", async () => {
+    const { backend, pool } = setup({ target: 2 });
+    await pool.start();
+    await eventually("the pool to fill", () => pool.stats().ready === 2);
+    const [stopped] = [...backend.live] as FakeVm[];
+    stopped?.fillDisk();
+    await eventually("the stopped VM to go", () => !backend.live.has(stopped as FakeVm));
+    assert.equal(pool.stats().ready, 1, "no refill into the full disk until the next create");
+    const { vm, pooled } = await pool.acquire("default", SHAPE);
+    assert.equal(pooled, true);
+    assert.notEqual(vm, stopped);
+    assert.equal(vm.stoppedForDisk, false);
+    await vm.destroy();
+  });
+
   it("shrinks when sandboxes need the memory it holds", async () => {
     const { backend, pool, admission } = setup({ target: 2 });
     await pool.start();

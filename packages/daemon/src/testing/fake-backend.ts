@@ -153,6 +153,11 @@ export class FakeVm implements VmHandle {
 
   onDiskFull(listener: () => void): void {
     this.diskFull.push(listener);
+    if (this.paused) queueMicrotask(listener);
+  }
+
+  get stoppedForDisk(): boolean {
+    return this.paused;
   }
 
   async resume(): Promise<void> {

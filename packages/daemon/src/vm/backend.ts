@@ -52,9 +52,11 @@ export interface VmHandle {
   readonly diskChain: readonly string[];
   /**
    * `listener` runs when the VM paused itself because a disk write met a full host disk
-   * (the write is kept and retried once it resumes).
+   * (the write is kept and retried once it resumes); at once if it is paused so already.
    */
   onDiskFull(listener: () => void): void;
+  /** Paused by a full host disk now (not to be handed out from a pool). */
+  readonly stoppedForDisk: boolean;
   /** Let a VM paused by a full disk run again. */
   resume(): Promise<void>;
   /** CPU priority of the VM (a nice level: > 0 yields to others). */

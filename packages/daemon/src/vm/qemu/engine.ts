@@ -439,7 +439,7 @@ export class VmEngine {
           await qemu.qmp.connect();
           let t = performance.now();
           if (fork) {
-            fork.steps.spawn = t - started;
+            fork.steps.spawn = t - started; // overlay copy, spawn, cgroup entry, QMP greeting
             await fork.beforeLoad(qemu, lineage.ram);
             fork.steps.pageWrite = performance.now() - t;
             t = performance.now();
@@ -447,7 +447,9 @@ export class VmEngine {
           await loadDeviceState(qemu.qmp);
           await qemu.qmp.execute("cont", {});
           if (fork) fork.steps.deviceLoad = performance.now() - t;
+          t = performance.now();
           await settleFdsets(qemu.qmp, disk);
+          if (fork) fork.steps.settleFds = performance.now() - t;
         } catch (err) {
           await Promise.race([qemu.exited, new Promise((r) => setTimeout(r, 100))]);
           throw new BootError(`restore failed: ${(err as Error).message}\n${qemu.diagnostics()}`, {
@@ -492,6 +494,7 @@ export class VmEngine {
       if (!keepDir)
         cleanup.defer("remove VM directory", () => rm(dir, { recursive: true, force: true }));
       const jail = await this.confine(cleanup, id, shape, nice);
+      if (steps) steps.confine = performance.now() - started;
       if (keepDir && jail.creds) {
         // A template in the making: its files go back to the daemon when the VM ends.
         cleanup.defer("return the VM's files to the daemon", () => chownTree(dir, 0, 0));

@@ -5,7 +5,8 @@
  * not a file page, or swapped), every other page still equals the template. The daemon
  * (root) reads and writes them through /proc/<pid>/mem, QEMU's uid notwithstanding.
  * Everything here stays in the daemon's memory: no file holds the pages. The children's
- * writes run on other threads (page-writer.ts) and follow the parent's read as it goes.
+ * read and the children's writes run on other threads (page-threads.ts), the writes
+ * following the read as it goes.
  */
 import {
   closeSync,
@@ -16,8 +17,8 @@ import {
   readSync,
   statSync,
 } from "node:fs";
-import { advance, finish, newProgress, type PageRun, WRITE_CHUNK } from "./page-stream.js";
-import { PageWriters } from "./page-writer.js";
+import { finish, newProgress, type PageRun } from "./page-stream.js";
+import { PageThreads } from "./page-threads.js";
 
 export const PAGE = 4096;
 /** pagemap entry bits, in the entry's high 32 bits: present, swapped, file-page/shared-anon. */
@@ -26,13 +27,6 @@ const SWAPPED = 0x4000_0000;
 const FILE = 0x2000_0000;
 /** Pagemap is read this many entries at a time (2 MiB: a 1 GiB guest in one read). */
 const SCAN_CHUNK = 1 << 18;
-/**
- * The parent's read runs in one go for the usual tens of MiB (every turn given away
- * lengthens its pause), but a guest that dirtied gigabytes must not hold the daemon's
- * event loop for seconds (about 1 ms per MiB here): it yields every 256 MiB.
- */
-const READ_YIELD_BYTES = 256 << 20;
-
 /** What identifies the template memory a VM maps privately. */
 export interface RamSource {
   /** The memory file's device ("major:minor" in hex, as /proc/<pid>/maps spells it). */
@@ -137,23 +131,36 @@ export function scanPrivatePages(pid: number, addr: number, bytes: number): Capt
   };
 }
 
+let threads: PageThreads | null = null;
+
+/** A job on the page threads over `pages` (their whole buffer, from its start). */
+function pageJob(kind: "read" | "write", pid: number, addr: number, pages: CapturedPages) {
+  threads ??= new PageThreads();
+  return threads.run({
+    kind,
+    dataOffset: 0,
+    pid,
+    addr,
+    page: PAGE,
+    runs: pages.runs,
+    data: pages.data.buffer as SharedArrayBuffer,
+    progress: pages.progress.buffer as SharedArrayBuffer,
+  });
+}
+
 /**
- * Read the scanned pages from QEMU `pid` (stopped), in one go for the usual tens of MiB
- * (the parent is paused meanwhile), advancing `pages.progress` as it goes; writers
- * waiting on it are released whether it ends or fails.
+ * Read the scanned pages from QEMU `pid` (stopped) on the reader thread, advancing
+ * `pages.progress` as it goes; writers waiting on it are released whether it ends or
+ * fails.
  */
 export async function readPages(pid: number, addr: number, pages: CapturedPages): Promise<void> {
   const t0 = performance.now();
-  let ok = false;
   try {
-    await eachChunk(pid, addr, pages.runs, READ_YIELD_BYTES, (fd, at, len, position) => {
-      const n = readSync(fd, pages.data, at, len, position);
-      if (n > 0) advance(pages.progress, (at + n) / PAGE);
-      return n;
-    });
-    ok = true;
+    await pageJob("read", pid, addr, pages);
+  } catch (err) {
+    finish(pages.progress, false); // the thread itself died: release the writers
+    throw err;
   } finally {
-    finish(pages.progress, ok);
     pages.readMs = performance.now() - t0;
   }
 }
@@ -169,58 +176,11 @@ export async function capturePrivatePages(
   return pages;
 }
 
-let writers: PageWriters | null = null;
-
 /**
  * Write captured pages into QEMU `pid`'s guest RAM at `addr` (before its devices load),
  * on a writer thread, each chunk as soon as the reader has it: it may start before
  * readPages. Resolves with the milliseconds the write took once every page is in.
  */
 export function writePages(pid: number, addr: number, pages: CapturedPages): Promise<number> {
-  writers ??= new PageWriters();
-  return writers.write({
-    pid,
-    addr,
-    page: PAGE,
-    runs: pages.runs,
-    data: pages.data.buffer as SharedArrayBuffer,
-    progress: pages.progress.buffer as SharedArrayBuffer,
-  });
-}
-
-/**
- * `io` (a read) over /proc/<pid>/mem for each run (at `addr` + its offset), in chunks, the
- * runs' bytes packed back to back in the buffer. Synchronous calls (one per run: thousands,
- * too small for the thread pool's overhead), giving the event loop a turn every
- * `yieldBytes`.
- */
-async function eachChunk(
-  pid: number,
-  addr: number,
-  runs: PageRun[],
-  yieldBytes: number,
-  io: (fd: number, at: number, len: number, position: number) => number,
-): Promise<void> {
-  const fd = openSync(`/proc/${pid}/mem`, constants.O_RDONLY);
-  try {
-    let at = 0;
-    let sinceYield = 0;
-    for (const run of runs) {
-      for (let done = 0; done < run.length; ) {
-        const len = Math.min(WRITE_CHUNK, run.length - done);
-        const n = io(fd, at, len, addr + run.offset + done);
-        if (n <= 0) throw new Error(`QEMU ${pid}'s guest RAM: read stopped short`);
-        done += n;
-        at += n;
-        sinceYield += n;
-        if (sinceYield >= yieldBytes) {
-          // Also inside a run: one run may be the whole of guest RAM.
-          sinceYield = 0;
-          await new Promise((resolve) => setImmediate(resolve));
-        }
-      }
-    }
-  } finally {
-    closeSync(fd);
-  }
+  return pageJob("write", pid, addr, pages);
 }

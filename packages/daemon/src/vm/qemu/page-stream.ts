@@ -1,8 +1,8 @@
 /**
- * What the reader of a fork's pages (guest-ram.ts, the daemon's main thread) and their
- * writers (page-writer.worker.ts, other threads) share: the pages, back to back in a
- * SharedArrayBuffer, and a progress word pair in another: [0] how many pages are read so
- * far, [1] the reader's state. Writers wait on [0] (Atomics.wait) and write what is read.
+ * What the reader of a fork's pages and their writers (page-io.worker.ts threads) share:
+ * the pages, back to back in a SharedArrayBuffer, and a progress word pair in another:
+ * [0] how many pages are read so far, [1] the reader's state. Writers wait on [0]
+ * (Atomics.wait) and write what is read.
  */
 
 /** A run of pages: offset into guest RAM and length, both page multiples. */
@@ -11,9 +11,15 @@ export interface PageRun {
   length: number;
 }
 
-/** One child's write: the pages of `runs` from `data` into QEMU `pid`'s RAM at `addr`. */
+/**
+ * A read of the parent's pages (`runs`, from QEMU `pid`'s RAM at `addr`) into `data`, or
+ * a child's write of them (into its RAM at `addr`). `runs` may be a part of the whole: its
+ * bytes start at `dataOffset` in `data`.
+ */
 export interface PageJob {
   id: number;
+  kind: "read" | "write";
+  dataOffset: number;
   pid: number;
   addr: number;
   page: number;
@@ -26,8 +32,8 @@ export type PageJobResult =
   | { id: number; ok: true; ms: number }
   | { id: number; ok: false; message: string };
 
-/** A writer's unit: a run is written at most this many bytes at a time. */
-export const WRITE_CHUNK = 8 << 20;
+/** A run is read or written at most this many bytes at a time (the writers' unit). */
+export const IO_CHUNK = 1 << 20;
 
 const DONE = 1;
 const FAILED = 2;

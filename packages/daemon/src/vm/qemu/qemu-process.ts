@@ -11,7 +11,7 @@ import type { Duplex } from "node:stream";
 import { ConsoleLog } from "./console-log.js";
 import { FdCourier } from "./fd-pass.js";
 import { FD_AGENT, FD_CONSOLE, FD_QMP, type QemuCredentials, qemuCommand } from "./qemu-args.js";
-import { QmpClient } from "./qmp-client.js";
+import { QmpClient, type QmpEvent } from "./qmp-client.js";
 
 export interface QemuExit {
   code: number | null;
@@ -27,6 +27,13 @@ export class QemuProcess {
   onRenice: ((nice: number) => Promise<void>) | null = null;
   private stderrTail = "";
   private readonly qmpSocket: Socket;
+  /**
+   * QEMU stopped the guest because a disk write met a full host disk (virtio-blk
+   * `werror=enospc`), and has not run it since. Tracked from QEMU's first event on, so a
+   * stop during the VM's own start (a pooled VM's restore) is not missed.
+   */
+  private diskFullStop = false;
+  private readonly diskFullListeners: (() => void)[] = [];
 
   private constructor(
     private readonly child: ChildProcess,
@@ -40,6 +47,7 @@ export class QemuProcess {
       throw new Error("QEMU channels were not created");
     this.qmp = new QmpClient(qmpStream);
     this.qmpSocket = qmpStream as Socket;
+    this.qmp.on("event", (e: QmpEvent) => this.onEvent(e));
     this.agentStream = agentStream;
     consoleStream.on("data", (chunk: Buffer) => console.write(chunk));
     consoleStream.on("error", () => {});
@@ -112,6 +120,32 @@ export class QemuProcess {
 
   get pid(): number | undefined {
     return this.child.pid;
+  }
+
+  /** QEMU stopped the guest on a full host disk and it has not run since. */
+  get stoppedForDisk(): boolean {
+    return this.diskFullStop;
+  }
+
+  /**
+   * `listener` runs each time QEMU stops the guest on a full host disk; at once (on the
+   * next tick) if it is stopped so now.
+   */
+  onDiskFull(listener: () => void): void {
+    this.diskFullListeners.push(listener);
+    if (this.diskFullStop) queueMicrotask(listener);
+  }
+
+  private onEvent(e: QmpEvent): void {
+    if (e.event === "RESUME") {
+      this.diskFullStop = false;
+      return;
+    }
+    if (e.event !== "BLOCK_IO_ERROR") return;
+    const data = e.data as { nospace?: unknown; action?: unknown } | undefined;
+    if (data?.nospace !== true || data.action !== "stop") return;
+    this.diskFullStop = true;
+    for (const listener of this.diskFullListeners) listener();
   }
 
   get hasExited(): boolean {

@@ -11,7 +11,6 @@ import type { RamSource } from "./guest-ram.js";
 import type { SharedMemFd } from "./memfd.js";
 import type { Accel, QemuCredentials, VmShape } from "./qemu-args.js";
 import type { QemuExit, QemuProcess } from "./qemu-process.js";
-import type { QmpEvent } from "./qmp-client.js";
 
 /** A VM's disk chain in the layers directory: its active overlay first (empty for cold boots). */
 export interface VmDisk {
@@ -101,14 +100,16 @@ export class Vm implements VmHandle {
     return this.disk.chain;
   }
 
-  /** virtio-blk `werror=enospc`: QEMU stops the VM and reports the write it keeps. */
+  /**
+   * virtio-blk `werror=enospc`: QEMU stops the VM and reports the write it keeps. Also
+   * told of a stop that came before (a pooled VM stopped while idle or starting).
+   */
   onDiskFull(listener: () => void): void {
-    this.qemu.qmp.on("event", (e: QmpEvent) => {
-      if (e.event !== "BLOCK_IO_ERROR") return;
-      const data = e.data as { nospace?: unknown; action?: unknown } | undefined;
-      if (data?.nospace !== true || data.action !== "stop") return;
-      listener();
-    });
+    this.qemu.onDiskFull(listener);
+  }
+
+  get stoppedForDisk(): boolean {
+    return this.qemu.stoppedForDisk;
   }
 
   async resume(): Promise<void> {
